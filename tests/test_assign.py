@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from fixture_models import NewModel, OldModel
+from weight_mapper.assign import assign, pair_margins, solve_greedy, solve_optimal
+from weight_mapper.score import validate_weights
+from weight_mapper.table import TensorTable
+
+
+def test_optimal_beats_greedy_on_the_classic_trap():
+    w = np.array([[0.9, 0.8], [0.8, 0.1]])
+    r, c = solve_optimal(w)
+    assert w[r, c].sum() == pytest.approx(1.6)
+    r, c = solve_greedy(w)
+    assert w[r, c].sum() == pytest.approx(1.0)
+
+
+def test_zero_weights_are_never_paired():
+    w = np.array([[0.0, 0.5], [0.0, 0.0]])
+    for solve in (solve_optimal, solve_greedy):
+        r, c = solve(w)
+        assert r.tolist() == [0] and c.tolist() == [1]
+    assert solve_optimal(np.zeros((0, 3)))[0].size == 0
+
+
+def sequential_greedy(w):
+    """Independent reference: take the best remaining pair, ties by (row, col)."""
+    w = w.copy()
+    pairs = []
+    while w.size and w.max() > 0:
+        i, j = np.unravel_index(np.argmax(w), w.shape)
+        pairs.append((int(i), int(j)))
+        w[i, :] = 0
+        w[:, j] = 0
+    return sorted(pairs)
+
+
+weights = arrays(np.float64, st.tuples(st.integers(0, 7), st.integers(0, 7)), elements=st.sampled_from([0.0, 0.2, 0.5, 0.7, 0.9, 1.0]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(weights)
+def test_vectorised_greedy_equals_sequential_greedy(w):
+    r, c = solve_greedy(w)
+    assert sorted(zip(r.tolist(), c.tolist())) == sequential_greedy(w)
+
+
+@settings(max_examples=200, deadline=None)
+@given(weights)
+def test_optimal_total_is_never_below_greedy(w):
+    r1, c1 = solve_optimal(w)
+    r2, c2 = solve_greedy(w)
+    assert w[r1, c1].sum() >= w[r2, c2].sum() - 1e-9
+    for r, c in ((r1, c1), (r2, c2)):
+        assert len(set(r.tolist())) == len(r) and len(set(c.tolist())) == len(c)
+        assert (w[r, c] > 0).all()
+
+
+def test_margins():
+    w = np.array([[0.9, 0.85], [0.1, 0.2]])
+    margin, runner = pair_margins(w, np.array([0, 1]), np.array([0, 1]))
+    assert margin == pytest.approx([0.05, 0.2 - 0.85])
+    assert runner == pytest.approx([0.85, 0.85])
+
+
+def test_assign_reports_levels_rounds_and_components():
+    a = assign(
+        TensorTable.from_module(OldModel()), TensorTable.from_module(NewModel()),
+        weights=validate_weights(None), threshold=0.6,
+    )
+    assert len(a.src) == 8 and set(a.level) == {"group"}
+    assert a.converged and a.rounds[0] >= 2
+    assert set(a.components) == {"shape", "name", "hierarchy", "context"}
+    assert (a.score >= 0.6).all()

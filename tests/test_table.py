@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fixture_models import BatchNormed, Tied
+from weight_mapper import MappingError
+from weight_mapper.table import TensorTable, record_execution_order
+
+
+def test_module_table_has_parameters_and_persistent_buffers_in_order():
+    table = TensorTable.from_module(BatchNormed())
+    assert table.names[:7] == (
+        "conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var",
+        "bn1.num_batches_tracked", "conv2.weight",
+    )
+    assert table.is_buffer.tolist()[:6] == [False, False, False, True, True, True]
+    assert table.module_types[1] == "BatchNorm2d"
+    assert table.shapes[5] == ()
+
+
+def test_non_persistent_buffers_are_left_out():
+    m = nn.Linear(2, 2)
+    m.register_buffer("cache", torch.zeros(3), persistent=False)
+    assert TensorTable.from_module(m).names == ("weight", "bias")
+
+
+def test_tied_weights_are_aliases():
+    table = TensorTable.from_module(Tied())
+    head = table.name2row["head.weight"]
+    assert table.alias_of[head] == table.name2row["embed.weight"]
+    assert table.is_canonical.sum() == len(table) - 1
+
+
+def test_tied_tensors_in_a_state_dict_are_aliases():
+    table = TensorTable.from_state_dict(Tied().state_dict())
+    assert table.alias_of[table.name2row["head.weight"]] == table.name2row["embed.weight"]
+
+
+def test_equal_but_separate_tensors_are_not_aliases():
+    w = torch.zeros(3)
+    table = TensorTable.from_state_dict({"a": w, "b": w.clone(), "c": torch.empty(0), "d": torch.empty(0)})
+    assert (table.alias_of == -1).all()
+
+
+def test_state_dict_skips_non_tensors_with_a_warning():
+    with pytest.warns(UserWarning, match="skipped 2 non-tensor entries: 'epoch', 'note'"):
+        table = TensorTable.from_state_dict({"w": torch.zeros(2), "epoch": 3, "note": "x"})
+    assert table.names == ("w",)
+
+
+def test_empty_or_tensorless_inputs_raise():
+    with pytest.raises(MappingError, match="contains no tensors"):
+        TensorTable.from_state_dict({})
+    with pytest.raises(MappingError, match="ReLU has no parameters"):
+        TensorTable.from_module(nn.ReLU())
+
+
+def test_shapes_and_meta_tensors_need_no_data():
+    with torch.device("meta"):
+        model = BatchNormed()
+    meta = TensorTable.from_module(model)
+    real = TensorTable.from_module(BatchNormed())
+    assert meta.shapes == real.shapes and meta.names == real.names
+    assert (meta.alias_of == -1).all()
+    shapes = TensorTable.from_state_dict({n: s for n, s in zip(real.names, real.shapes)})
+    assert shapes.shapes == real.shapes
+
+
+def test_derived_columns():
+    table = TensorTable.from_state_dict({"a.b.weight": (3, 2), "c": (4,)})
+    assert table.modules == ("a.b", "")
+    assert table.ndim.tolist() == [2, 1]
+    assert table.numel.tolist() == [6, 4]
+    assert table.shape_matrix.tolist() == [[3, 2], [4, -1]]
+
+
+def test_execution_order_is_recorded_and_the_model_left_as_it_was():
+    model = BatchNormed().train()
+    order = record_execution_order(model, torch.randn(1, 3, 4, 4))
+    assert order["conv1"] < order["bn1"] < order["conv2"] < order["fc"]
+    assert model.training
+    table = TensorTable.from_module(model, exec_order=order)
+    assert not np.isnan(table.exec_pos).any()

@@ -1,0 +1,26 @@
+from fixture_models import BatchNormed, OldModel
+from weight_mapper.table import TensorTable
+from weight_mapper.tree import GroupTable, ModuleTree
+
+
+def test_tree_has_every_module_path_in_definition_order():
+    tree = ModuleTree(TensorTable.from_module(OldModel()))
+    assert tree.paths == ("", "backbone", "backbone.0", "backbone.2", "classifier", "classifier.0", "classifier.2")
+    assert list(tree.graph.successors("backbone")) == ["backbone.0", "backbone.2"]
+    assert tree.sibling_pos[tree.path2id["backbone.2"]] == 1.0
+    assert tree.parent_id[tree.path2id["classifier.0"]] == tree.path2id["classifier"]
+
+
+def test_ancestor_ids_stop_at_the_root():
+    tree = ModuleTree(TensorTable.from_module(OldModel()))
+    ids = tree.ancestor_ids([tree.path2id["backbone.0"]], 4)
+    assert [tree.paths[i] for i in ids[0]] == ["backbone.0", "backbone", "", ""]
+
+
+def test_groups_and_signatures():
+    table = TensorTable.from_module(BatchNormed())
+    groups = GroupTable.from_table(table, ModuleTree(table))
+    assert groups.paths == ("conv1", "bn1", "conv2", "bn2", "fc")
+    assert groups.signatures[1] == "bias:8|num_batches_tracked:|running_mean:8|running_var:8|weight:8"
+    assert groups.signatures[1] == groups.signatures[3]
+    assert groups.members[4].tolist() == [table.name2row["fc.weight"], table.name2row["fc.bias"]]

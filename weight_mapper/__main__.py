@@ -1,0 +1,5 @@
+import sys
+
+from weight_mapper.cli import main
+
+sys.exit(main())

@@ -1,0 +1,129 @@
+"""Stage 6: apply a plan to a checkpoint's tensors, and check the result against a model.
+
+Nothing here scores or guesses: :func:`apply_plan` executes a :class:`MappingPlan` entry by
+entry, and :func:`validate_state_dict` compares the result with a target module in the words
+``torch.nn.Module.load_state_dict`` uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from weight_mapper.errors import ConversionError, PlanError
+from weight_mapper.plan import MappingPlan
+from weight_mapper.transforms import get_transform
+
+__all__ = ["apply_plan", "validate_state_dict", "ValidationReport"]
+
+
+def apply_plan(plan: MappingPlan, tensors: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Build the target state dict from ``tensors`` as ``plan`` says.
+
+    Entries that copy the same source unchanged share one tensor, so tied weights stay tied.
+
+    Args:
+        plan: The mapping plan.
+        tensors: Source name -> tensor (a state dict or a lazily loading mapping).
+        source: Name of the checkpoint, for error messages.
+
+    Raises:
+        PlanError: If a source key is missing or a transform yields the wrong shape.
+
+    >>> from weight_mapper.plan import PlanEntry
+    >>> p = MappingPlan((PlanEntry(("a",), "b", None, 1.0, 1.0, "tensor", (1,), (1,)),))
+    >>> list(apply_plan(p, {"a": torch.zeros(1)}))
+    ['b']
+    """
+    out: dict[str, torch.Tensor] = {}
+    produced: dict[tuple[str, str | None], torch.Tensor] = {}
+    for entry in plan.entries:
+        if len(entry.source) != 1:
+            raise PlanError(f"entry for {entry.target!r} combines {list(entry.source)}; this version applies 1:1 entries only")
+        key = (entry.source[0], entry.transform)
+        if key not in produced:
+            value = _lookup(tensors, entry.source[0], source)
+            result = get_transform(entry.transform).apply(value)
+            if entry.target_shape and tuple(result.shape) != tuple(entry.target_shape):
+                raise PlanError(
+                    f"{source}: {entry.source[0]!r} has shape {list(value.shape)}; after "
+                    f"{entry.transform or 'copy'} it is {list(result.shape)}, but the plan expects "
+                    f"{list(entry.target_shape)} for {entry.target!r}. The plan was made for another checkpoint; "
+                    "run `weight-mapper map` again on this one."
+                )
+            produced[key] = result
+        out[entry.target] = produced[key]
+    return out
+
+
+def _lookup(tensors: Mapping[str, torch.Tensor], key: str, source: str) -> torch.Tensor:
+    if key in tensors:
+        return tensors[key]
+    raise PlanError(
+        f"{source} has no tensor {key!r} that the plan needs; the plan was made for another "
+        "checkpoint. Run `weight-mapper map` again on this one."
+    )
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """How a converted state dict fits a target module, in ``load_state_dict``'s terms.
+
+    Attributes:
+        missing_keys: Target keys the state dict does not provide.
+        unexpected_keys: State dict keys the target does not have.
+        mismatched: ``(key, checkpoint shape, model shape)`` for size mismatches.
+    """
+
+    missing_keys: tuple[str, ...] = ()
+    unexpected_keys: tuple[str, ...] = ()
+    mismatched: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing_keys or self.unexpected_keys or self.mismatched)
+
+    def message(self, model_name: str = "Module") -> str:
+        """The error text ``load_state_dict(strict=True)`` would print."""
+        parts = []
+        if self.missing_keys:
+            parts.append("Missing key(s) in state_dict: " + ", ".join(f'"{k}"' for k in self.missing_keys) + ". ")
+        if self.unexpected_keys:
+            parts.append("Unexpected key(s) in state_dict: " + ", ".join(f'"{k}"' for k in self.unexpected_keys) + ". ")
+        for key, got, want in self.mismatched:
+            parts.append(
+                f"size mismatch for {key}: copying a param with shape torch.Size({list(got)}) from checkpoint, "
+                f"the shape in current model is torch.Size({list(want)})."
+            )
+        if not parts:
+            return f"All keys matched successfully for {model_name}"
+        return f"Error(s) in loading state_dict for {model_name}:\n\t" + "\n\t".join(parts)
+
+    def __iter__(self):
+        """Unpack as ``missing, unexpected = report`` like torch's ``load_state_dict``."""
+        return iter((list(self.missing_keys), list(self.unexpected_keys)))
+
+
+def validate_state_dict(
+    state_dict: Mapping[str, torch.Tensor], target: nn.Module, *, strict: bool = False
+) -> ValidationReport:
+    """Compare a converted state dict with the keys and shapes ``target`` expects.
+
+    Raises:
+        ConversionError: With ``strict=True``, worded like ``load_state_dict``'s RuntimeError.
+    """
+    expected = target.state_dict(keep_vars=True)
+    missing = tuple(k for k in expected if k not in state_dict)
+    unexpected = tuple(k for k in state_dict if k not in expected)
+    mismatched = tuple(
+        (k, tuple(state_dict[k].shape), tuple(expected[k].shape))
+        for k in expected
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    )
+    report = ValidationReport(missing, unexpected, mismatched)
+    if strict and not report.ok:
+        raise ConversionError(report.message(type(target).__name__))
+    return report

@@ -1,0 +1,250 @@
+"""``WeightMapper``: the facade users know, over table -> tree -> score -> assign -> plan."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from weight_mapper.assign import MAX_ROUNDS, assign
+from weight_mapper.errors import MappingError
+from weight_mapper.plan import MappingPlan, build_plan
+from weight_mapper.score import validate_incompatible_pairs, validate_weights
+from weight_mapper.table import TensorTable, record_execution_order
+
+__all__ = ["WeightMapper", "STRATEGIES"]
+
+# strategy -> (solver, hierarchy context, minimum threshold, withhold ambiguous, forced weights)
+STRATEGIES: dict[str, tuple[str, bool, float, bool, dict[str, float] | None]] = {
+    "best_match": ("optimal", True, 0.0, False, None),
+    "conservative": ("optimal", True, 0.75, True, None),
+    "shape_only": ("optimal", False, 0.0, False, {"shape": 1.0, "name": 0.0, "hierarchy": 0.0}),
+    "greedy": ("greedy", True, 0.0, False, None),
+}
+
+
+class WeightMapper:
+    """Suggest where every tensor of a source model goes in a target model.
+
+    Args:
+        source_module: The model (or state dict, or :class:`TensorTable`) holding the weights.
+        target_module: The model (or state dict of names to tensors/shapes) to fill.
+        shape_tolerance: Relative difference per dimension under which two shapes still count
+            as a (weak) match; 0 accepts only equal or transposed shapes.
+        dummy_input: Input to run both models once and record execution order (a tensor, a
+            tuple of arguments or a dict of keyword arguments); None skips it.
+        incompatible_pairs: Pairs of module names whose tensors must never be matched across,
+            e.g. ``[("encoder", "decoder")]``; None or ``[]`` allows everything.
+
+    Raises:
+        MappingError: On bad options or a side without tensors.
+
+    >>> from torch import nn
+    >>> old = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    >>> new = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    >>> WeightMapper(old, new).suggest_mapping()["2.weight"]
+    '1.weight'
+    """
+
+    def __init__(
+        self,
+        source_module: nn.Module | Mapping[str, Any] | TensorTable,
+        target_module: nn.Module | Mapping[str, Any] | TensorTable,
+        shape_tolerance: float = 0.0,
+        dummy_input: Any = None,
+        incompatible_pairs: Sequence[tuple[str, str]] | None = None,
+        *,
+        source_prefix: str | None = None,
+    ):
+        if not isinstance(shape_tolerance, (int, float)) or not 0 <= shape_tolerance < 1:
+            raise MappingError(f"shape_tolerance must be a number in [0, 1), got {shape_tolerance!r}")
+        self.shape_tolerance = float(shape_tolerance)
+        self.incompatible_pairs = validate_incompatible_pairs(incompatible_pairs)
+        self.dummy_input = dummy_input
+        self.source_module = source_module if isinstance(source_module, nn.Module) else None
+        self.target_module = target_module if isinstance(target_module, nn.Module) else None
+        self.source_table = _to_table(source_module, dummy_input, "source")
+        self.target_table = _to_table(target_module, dummy_input, "target")
+        self.source_prefix = _strip_prefix(self, source_prefix)
+        self.plan: MappingPlan | None = None
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_state_dict(
+        cls,
+        state_dict: Mapping[str, Any],
+        target_module: nn.Module | Mapping[str, Any],
+        *,
+        key: str | None = None,
+        shape_tolerance: float = 0.0,
+        dummy_input: Any = None,
+        incompatible_pairs: Sequence[tuple[str, str]] | None = None,
+    ) -> WeightMapper:
+        """Map a state dict (or anything ``torch.load`` returned, envelope included).
+
+        Args:
+            state_dict: Flat state dict, or a checkpoint dict (Lightning, ``{"model": ...}``).
+            target_module: The model to fill.
+            key: Envelope key to take the state dict from when there are several candidates.
+        """
+        from weight_mapper.checkpoint import unwrap_state_dict
+
+        tensors, _, _, _ = unwrap_state_dict(state_dict, key=key)
+        return cls(tensors, target_module, shape_tolerance, dummy_input, incompatible_pairs)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        target_module: nn.Module | Mapping[str, Any],
+        *,
+        key: str | None = None,
+        trust_pickle: bool = False,
+        shape_tolerance: float = 0.0,
+        dummy_input: Any = None,
+        incompatible_pairs: Sequence[tuple[str, str]] | None = None,
+    ) -> WeightMapper:
+        """Map a checkpoint file or sharded folder; only shapes are read for matching.
+
+        Raises:
+            CheckpointError: If the file is missing, corrupt, or needs ``trust_pickle=True``.
+        """
+        from weight_mapper.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(path, key=key, trust_pickle=trust_pickle)
+        table = TensorTable.from_state_dict(ckpt.tensors.meta(), label=Path(path).name)
+        return cls(table, target_module, shape_tolerance, dummy_input, incompatible_pairs)
+
+    # ------------------------------------------------------------------ matching
+    def suggest_mapping(
+        self,
+        threshold: float = 0.6,
+        strategy: str = "best_match",
+        weights: Mapping[str, float] | None = None,
+        *,
+        max_rounds: int = MAX_ROUNDS,
+    ) -> dict[str, str]:
+        """Match source tensors to target tensors and return ``{source_name: target_name}``.
+
+        Args:
+            threshold: Minimum combined score of a match, in [0, 1].
+            strategy: ``"best_match"`` (optimal assignment with hierarchy context),
+                ``"conservative"`` (the same, threshold at least 0.75, ambiguous matches left
+                out), ``"shape_only"`` (shapes and definition order only, like timm's
+                positional remap), or ``"greedy"`` (highest score first; for comparison).
+            weights: Component weights, default ``{"shape": 0.5, "name": 0.3, "hierarchy": 0.2}``.
+            max_rounds: Bound on hierarchy-context rounds.
+
+        Raises:
+            MappingError: On an unknown strategy, a threshold outside [0, 1] or bad weights.
+        """
+        if strategy not in STRATEGIES:
+            raise MappingError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise MappingError(f"threshold must be a number in [0, 1], got {threshold!r}")
+        if not isinstance(max_rounds, int) or max_rounds < 1:
+            raise MappingError(f"max_rounds must be an integer >= 1, got {max_rounds!r}")
+        solver, use_context, min_threshold, withhold, forced = STRATEGIES[strategy]
+        weights = validate_weights(forced if forced is not None else weights)
+        threshold = max(float(threshold), min_threshold)
+        assignment = assign(
+            self.source_table,
+            self.target_table,
+            weights=weights,
+            threshold=threshold,
+            solver=solver,
+            use_context=use_context,
+            tolerance=self.shape_tolerance,
+            incompatible_pairs=self.incompatible_pairs,
+            max_rounds=max_rounds,
+        )
+        self.plan = build_plan(
+            assignment,
+            self.source_table,
+            self.target_table,
+            strategy=strategy,
+            threshold=threshold,
+            weights=weights,
+            withhold_ambiguous=withhold,
+            source_prefix=self.source_prefix,
+        )
+        return self.plan.mapping
+
+    def _require_plan(self) -> MappingPlan:
+        if self.plan is None:
+            self.suggest_mapping()
+        assert self.plan is not None
+        return self.plan
+
+    def get_plan(self) -> MappingPlan:
+        """The full :class:`MappingPlan` (runs ``suggest_mapping()`` with defaults if needed)."""
+        return self._require_plan()
+
+    def get_mapping_dict(self) -> dict[str, str]:
+        """``{source_name: target_name}`` of the last suggestion."""
+        return self._require_plan().mapping
+
+    def get_mapping_with_scores(self) -> dict[str, tuple[str, float]]:
+        """``{source_name: (target_name, score)}`` of the last suggestion."""
+        out: dict[str, tuple[str, float]] = {}
+        for e in self._require_plan().entries:
+            for s in e.source:
+                out.setdefault(s, (e.target, e.score))
+        return out
+
+    def get_unmatched(self) -> dict[str, list[str]]:
+        """``{"source": [...], "target": [...]}``: tensors the last suggestion left out."""
+        plan = self._require_plan()
+        return {"source": list(plan.unmatched_source), "target": list(plan.unmatched_target)}
+
+    # ------------------------------------------------------------------ reporting
+    def print_analysis(self, top_n: int = 10, show_unmatched: bool = True, *, console: Any = None) -> None:
+        """Print a short summary: counts, coverage, the top matches, ambiguity, unmatched."""
+        from weight_mapper.report import print_analysis
+
+        print_analysis(self._require_plan(), top_n=top_n, show_unmatched=show_unmatched, console=console)
+
+    def export_mapping_report(self, path: str | Path) -> Path:
+        """Write the JSON report (the plan plus counts and coverage) atomically to ``path``."""
+        from weight_mapper.report import export_report
+
+        return export_report(self._require_plan(), path)
+
+
+def _to_table(side: Any, dummy_input: Any, which: str) -> TensorTable:
+    if isinstance(side, TensorTable):
+        return side
+    if isinstance(side, nn.Module):
+        order = record_execution_order(side, dummy_input) if dummy_input is not None else None
+        return TensorTable.from_module(side, exec_order=order)
+    if isinstance(side, Mapping):
+        return TensorTable.from_state_dict(side, label=f"{which} state_dict")
+    raise MappingError(
+        f"{which} must be an nn.Module, a state dict or a TensorTable, got {type(side).__name__}; "
+        "for a file use WeightMapper.from_checkpoint"
+    )
+
+
+def _strip_prefix(mapper: WeightMapper, given: str | None) -> str:
+    """Detect a wrapper prefix (``module.``) on the source that the target lacks, and strip it."""
+    from weight_mapper.checkpoint import detect_wrapper_prefix
+
+    src, tgt = mapper.source_table, mapper.target_table
+    prefix = given if given is not None else detect_wrapper_prefix(src.names)
+    if not prefix or detect_wrapper_prefix(tgt.names) == prefix:
+        return ""
+    if not all(n.startswith(prefix) for n in src.names):
+        raise MappingError(f"source_prefix {prefix!r} is not a prefix of every source key")
+    mapper.source_table = TensorTable(
+        names=tuple(n[len(prefix):] for n in src.names),
+        shapes=src.shapes,
+        dtypes=src.dtypes,
+        is_buffer=src.is_buffer,
+        module_types=src.module_types,
+        exec_pos=src.exec_pos,
+        alias_of=src.alias_of,
+        label=src.label,
+    )
+    return prefix

@@ -1,0 +1,352 @@
+"""Stage 5: the mapping plan, a frozen JSON-serialisable record of what goes where.
+
+Matching produces a :class:`MappingPlan`; applying it (:mod:`weight_mapper.apply`) never
+scores anything. Entries carry source keys (a tuple, so that fused tensors can come later),
+the target key, a transform from :mod:`weight_mapper.transforms`, the score and its margin.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from weight_mapper.assign import AMBIGUITY_MARGIN, Assignment
+from weight_mapper.errors import PlanError
+from weight_mapper.table import TensorTable
+from weight_mapper.transforms import get_transform
+
+__all__ = ["PlanEntry", "MappingPlan", "build_plan", "PLAN_FORMAT_VERSION"]
+
+PLAN_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One target tensor and where its values come from.
+
+    Attributes:
+        source: Source key(s) the target is built from (one for a rename).
+        target: Target key.
+        transform: Name of a registered transform, ``None`` for a plain copy.
+        score: Combined similarity in [0, 1]; 1.0 for aliases of a matched tensor.
+        margin: Score minus the best alternative's; small means ambiguous.
+        level: ``"group"``, ``"tensor"`` or ``"alias"`` (tied weight filled from its twin).
+        source_shape, target_shape: Shapes on both sides.
+        components: ``shape``, ``name``, ``hierarchy`` and ``context`` scores (NaN: not used).
+    """
+
+    source: tuple[str, ...]
+    target: str
+    transform: str | None
+    score: float
+    margin: float
+    level: str
+    source_shape: tuple[int, ...]
+    target_shape: tuple[int, ...]
+    components: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def ambiguous(self) -> bool:
+        """True when the runner-up scored within :data:`AMBIGUITY_MARGIN` of this match."""
+        return self.level != "alias" and self.margin < AMBIGUITY_MARGIN
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["source"] = list(self.source)
+        out["source_shape"] = list(self.source_shape)
+        out["target_shape"] = list(self.target_shape)
+        out["components"] = {k: _json_float(v) for k, v in self.components.items()}
+        out["ambiguous"] = self.ambiguous
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PlanEntry:
+        try:
+            source = data["source"]
+            return cls(
+                source=(source,) if isinstance(source, str) else tuple(source),
+                target=str(data["target"]),
+                transform=data.get("transform"),
+                score=float(data.get("score", 1.0)),
+                margin=float(data.get("margin", 1.0)),
+                level=str(data.get("level", "tensor")),
+                source_shape=tuple(int(d) for d in data.get("source_shape", ())),
+                target_shape=tuple(int(d) for d in data.get("target_shape", ())),
+                components={k: float("nan") if v is None else float(v) for k, v in data.get("components", {}).items()},
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanError(f"malformed plan entry {dict(data)!r}: {exc}") from None
+
+
+def _json_float(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), 6)
+
+
+@dataclass(frozen=True)
+class MappingPlan:
+    """The result of matching: entries, what stayed unmatched, and how it was obtained.
+
+    Attributes:
+        entries: One per filled target tensor, in target definition order.
+        unmatched_source: Source keys not used by any entry.
+        unmatched_target: Target keys no entry fills.
+        ambiguous: Entries withheld as ambiguous (strategy ``conservative``).
+        strategy, threshold, weights: The options that produced the plan.
+        rounds: Hierarchy-context rounds (group level, tensor level).
+        converged: Whether the context rounds reached a fixed point.
+        source_label, target_label: Where the two sides came from.
+        source_prefix: Wrapper prefix (``module.``) found on every source key and ignored
+            while matching; entries keep the full checkpoint keys.
+    """
+
+    entries: tuple[PlanEntry, ...]
+    unmatched_source: tuple[str, ...] = ()
+    unmatched_target: tuple[str, ...] = ()
+    ambiguous: tuple[PlanEntry, ...] = ()
+    strategy: str = "best_match"
+    threshold: float = 0.6
+    weights: Mapping[str, float] = field(default_factory=dict)
+    rounds: tuple[int, int] = (0, 0)
+    converged: bool = True
+    source_label: str = ""
+    target_label: str = ""
+    source_prefix: str = ""
+
+    # ------------------------------------------------------------------ views
+    @property
+    def mapping(self) -> dict[str, str]:
+        """Source key -> target key, the plain dict ``suggest_mapping`` returns.
+
+        A source that fills several targets (tied on the target side only) maps to the first.
+        """
+        out: dict[str, str] = {}
+        for e in self.entries:
+            for s in e.source:
+                out.setdefault(s, e.target)
+        return out
+
+    @property
+    def n_source(self) -> int:
+        return len({s for e in self.entries for s in e.source}) + len(self.unmatched_source)
+
+    @property
+    def n_target(self) -> int:
+        return len(self.entries) + len(self.unmatched_target)
+
+    @property
+    def coverage(self) -> float:
+        """Fraction of target tensors the plan fills."""
+        return len(self.entries) / self.n_target if self.n_target else 1.0
+
+    def inverse(self) -> MappingPlan:
+        """The plan that maps the converted checkpoint back onto the source names.
+
+        Raises:
+            PlanError: If an entry cannot be inverted (several sources, or one source feeding
+                several targets, which has no unique way back).
+
+        >>> e = PlanEntry(("a",), "b", "transpose", 1.0, 1.0, "tensor", (2, 3), (3, 2))
+        >>> MappingPlan((e,)).inverse().entries[0].source
+        ('b',)
+        """
+        seen: set[str] = set()
+        entries = []
+        for e in self.entries:
+            if len(e.source) != 1:
+                raise PlanError(f"entry for {e.target!r} combines {list(e.source)}; it has no 1:1 inverse")
+            if e.source[0] in seen:
+                continue  # a source copied to several targets comes back once
+            seen.add(e.source[0])
+            entries.append(
+                replace(
+                    e,
+                    source=(e.target,),
+                    target=e.source[0],
+                    transform=get_transform(e.transform).inverse if e.transform else None,
+                    source_shape=e.target_shape,
+                    target_shape=e.source_shape,
+                )
+            )
+        return replace(
+            self,
+            entries=tuple(entries),
+            unmatched_source=self.unmatched_target,
+            unmatched_target=self.unmatched_source,
+            ambiguous=(),
+            source_label=self.target_label,
+            target_label=self.source_label,
+            source_prefix="",
+        )
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": "weight_mapper.plan",
+            "version": PLAN_FORMAT_VERSION,
+            "source_label": self.source_label,
+            "target_label": self.target_label,
+            "source_prefix": self.source_prefix,
+            "strategy": self.strategy,
+            "threshold": self.threshold,
+            "weights": dict(self.weights),
+            "rounds": list(self.rounds),
+            "converged": self.converged,
+            "coverage": round(self.coverage, 6),
+            "entries": [e.to_dict() for e in self.entries],
+            "ambiguous": [e.to_dict() for e in self.ambiguous],
+            "unmatched_source": list(self.unmatched_source),
+            "unmatched_target": list(self.unmatched_target),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MappingPlan:
+        """Rebuild a plan from :meth:`to_dict` output.
+
+        Raises:
+            PlanError: If ``data`` is not a weight_mapper plan.
+        """
+        if not isinstance(data, Mapping) or data.get("format") != "weight_mapper.plan" or "entries" not in data:
+            raise PlanError("not a weight_mapper plan: expected a JSON object with format 'weight_mapper.plan'")
+        if data.get("version", PLAN_FORMAT_VERSION) > PLAN_FORMAT_VERSION:
+            raise PlanError(
+                f"plan format version {data['version']} is newer than this weight_mapper understands "
+                f"({PLAN_FORMAT_VERSION}); upgrade weight-mapper"
+            )
+        return cls(
+            entries=tuple(PlanEntry.from_dict(e) for e in data["entries"]),
+            unmatched_source=tuple(data.get("unmatched_source", ())),
+            unmatched_target=tuple(data.get("unmatched_target", ())),
+            ambiguous=tuple(PlanEntry.from_dict(e) for e in data.get("ambiguous", ())),
+            strategy=str(data.get("strategy", "best_match")),
+            threshold=float(data.get("threshold", 0.6)),
+            weights=dict(data.get("weights", {})),
+            rounds=tuple(data.get("rounds", (0, 0))),
+            converged=bool(data.get("converged", True)),
+            source_label=str(data.get("source_label", "")),
+            target_label=str(data.get("target_label", "")),
+            source_prefix=str(data.get("source_prefix", "")),
+        )
+
+    def to_json(self, path: str | Path | None = None, *, indent: int = 2) -> str:
+        """Serialise; write atomically to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            from weight_mapper.checkpoint import write_text_atomic
+
+            write_text_atomic(Path(path), text)
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> MappingPlan:
+        """Load a plan from a JSON string or file.
+
+        Raises:
+            PlanError: If the file is missing or is not valid plan JSON.
+        """
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            path = Path(text_or_path)
+            if not path.is_file():
+                raise PlanError(f"No such plan file: {path}")
+            text = path.read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"plan is not valid JSON ({exc}); regenerate it with `weight-mapper map`") from None
+        return cls.from_dict(data)
+
+
+# ---------------------------------------------------------------------------- building
+def build_plan(
+    assignment: Assignment,
+    src_table: TensorTable,
+    tgt_table: TensorTable,
+    *,
+    strategy: str,
+    threshold: float,
+    weights: Mapping[str, float],
+    withhold_ambiguous: bool = False,
+    source_prefix: str = "",
+) -> MappingPlan:
+    """Turn matched rows into named entries, expand tied weights, collect the unmatched.
+
+    Args:
+        assignment: Output of :func:`weight_mapper.assign.assign`.
+        src_table, tgt_table: The tables it was computed from.
+        strategy, threshold, weights: Recorded in the plan.
+        withhold_ambiguous: Move ambiguous entries to ``plan.ambiguous`` instead of using them.
+        source_prefix: Wrapper prefix stripped from the source table; put back on entry keys.
+    """
+    entries: list[PlanEntry] = []
+    withheld: list[PlanEntry] = []
+    used_src: set[int] = set()
+    filled_tgt: set[int] = set()
+    src_aliases = _alias_lists(src_table)
+    tgt_aliases = _alias_lists(tgt_table)
+    for k in range(len(assignment.src)):
+        s, t = int(assignment.src[k]), int(assignment.tgt[k])
+        components = {c: float(v[k]) for c, v in assignment.components.items()}
+        entry = _entry(src_table, tgt_table, s, t, float(assignment.score[k]), float(assignment.margin[k]),
+                       str(assignment.level[k]), components, source_prefix)
+        if withhold_ambiguous and entry.ambiguous:
+            withheld.append(entry)
+            continue
+        entries.append(entry)
+        used_src.add(s)
+        filled_tgt.add(t)
+        # Tied weights: pair the aliases of both sides in order; extra target aliases are
+        # filled from the same source, extra source aliases carry the same data anyway.
+        s_names, t_names = src_aliases.get(s, [s]), tgt_aliases.get(t, [t])
+        for i, t_alias in enumerate(t_names[1:], start=1):
+            s_alias = s_names[min(i, len(s_names) - 1)]
+            entries.append(_entry(src_table, tgt_table, s_alias, t_alias, 1.0, 1.0, "alias", {}, source_prefix))
+            filled_tgt.add(t_alias)
+        used_src.update(s_names)
+    entries.sort(key=lambda e: tgt_table.name2row[e.target])
+    unmatched_src = tuple(source_prefix + n for r, n in enumerate(src_table.names) if r not in used_src and src_table.is_canonical[r])
+    unmatched_tgt = tuple(n for r, n in enumerate(tgt_table.names) if r not in filled_tgt)
+    return MappingPlan(
+        entries=tuple(entries),
+        unmatched_source=unmatched_src,
+        unmatched_target=unmatched_tgt,
+        ambiguous=tuple(withheld),
+        strategy=strategy,
+        threshold=threshold,
+        weights=dict(weights),
+        rounds=tuple(int(r) for r in assignment.rounds),
+        converged=bool(assignment.converged),
+        source_label=src_table.label,
+        target_label=tgt_table.label,
+        source_prefix=source_prefix,
+    )
+
+
+def _alias_lists(table: TensorTable) -> dict[int, list[int]]:
+    """Canonical row -> [canonical row, alias rows...] for tensors that have aliases."""
+    out: dict[int, list[int]] = {}
+    for row in np.flatnonzero(~table.is_canonical):
+        owner = int(table.alias_of[row])
+        out.setdefault(owner, [owner]).append(int(row))
+    return out
+
+
+def _entry(src_table, tgt_table, s, t, score, margin, level, components, prefix) -> PlanEntry:
+    s_shape, t_shape = src_table.shapes[s], tgt_table.shapes[t]
+    transform = "transpose" if s_shape != t_shape and len(s_shape) == 2 and s_shape[::-1] == t_shape else None
+    return PlanEntry(
+        source=(prefix + src_table.names[s],),
+        target=tgt_table.names[t],
+        transform=transform,
+        score=score,
+        margin=margin,
+        level=level,
+        source_shape=s_shape,
+        target_shape=t_shape,
+        components=components,
+    )

@@ -1,0 +1,439 @@
+"""Stage 3: similarity of every source candidate to every target candidate, as matrices.
+
+Each scorer is a small pure function ``(src: Items, tgt: Items) -> ndarray[n_src, n_tgt]``
+answering one question with values in [0, 1]. :func:`score_matrices` combines them with the
+weights of one place, :data:`NAME_WEIGHTS`, :data:`HIERARCHY_WEIGHTS` and the user's
+component weights. Nothing here loops over source x target pairs in Python.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+from rapidfuzz import process
+from rapidfuzz.distance import LCSseq, Levenshtein
+from scipy import sparse
+
+from weight_mapper.errors import MappingError
+from weight_mapper.names import name_indices, name_skeleton, name_tokens, pad_indices, semantic_chunks
+from weight_mapper.table import TensorTable
+from weight_mapper.tree import GroupTable, ModuleTree
+
+__all__ = [
+    "DEFAULT_WEIGHTS",
+    "NAME_WEIGHTS",
+    "HIERARCHY_WEIGHTS",
+    "HIERARCHY_WEIGHTS_EXEC",
+    "CONTEXT_WEIGHT",
+    "TRANSPOSED_SCORE",
+    "Items",
+    "validate_weights",
+    "shape_score",
+    "token_score",
+    "edit_score",
+    "lcs_score",
+    "index_score",
+    "leaf_score",
+    "depth_score",
+    "sibling_score",
+    "order_score",
+    "exec_score",
+    "context_score",
+    "with_context",
+    "forbidden_mask",
+    "score_matrices",
+]
+
+# The user-facing component weights (documented defaults of the reference design).
+DEFAULT_WEIGHTS: dict[str, float] = {"shape": 0.5, "name": 0.3, "hierarchy": 0.2}
+# How the name score is made of its sub-scores.
+NAME_WEIGHTS: dict[str, float] = {"tokens": 0.3, "edit": 0.2, "lcs": 0.15, "index": 0.25, "leaf": 0.1}
+# How the hierarchy score is made; with execution order known on both sides, what runs when
+# says more than where it was defined, so "exec" takes most of "order"'s weight.
+HIERARCHY_WEIGHTS: dict[str, float] = {"depth": 0.15, "sibling": 0.15, "order": 0.7}
+HIERARCHY_WEIGHTS_EXEC: dict[str, float] = {"depth": 0.15, "sibling": 0.15, "order": 0.2, "exec": 0.5}
+# Share of the hierarchy context in the score from the second round on (80 % base + 20 %).
+# Context only adds evidence: a parent mapped elsewhere (a regrouping refactor) or not yet
+# mapped counts as the base score itself, so context never pushes a match under threshold.
+CONTEXT_WEIGHT = 0.2
+TRANSPOSED_SCORE = 0.7  # shape score of a 2-D tensor whose target has the reversed shape
+NEAR_SCORE = 0.5  # shape score of a near shape accepted by shape_tolerance
+UNKNOWN_CONTEXT = 0.5  # context of a candidate whose parent has no mapped counterpart yet
+CONTEXT_LEVELS = 2  # parent and grandparent
+VOTE_LEVELS = 4  # how far up a match votes for its ancestors' mapping
+
+
+@dataclass(frozen=True, eq=False)
+class Items:
+    """Match candidates of one side (module groups or single tensors) as columns.
+
+    Attributes:
+        labels: The names compared (group module path or full tensor name).
+        tokens, skeletons, indices: Normalised name pieces (see :mod:`weight_mapper.names`).
+        leaves: Normalised leaf name (``""`` for groups, whose leaves the signature fixed).
+        shapes: Tensor shapes, or None for groups (a bucket holds equal signatures only).
+        depth: Number of dotted components of the label.
+        sibling_pos: Position of the (owning) module among its siblings in [0, 1].
+        order: Definition order (row of the first tensor).
+        global_pos: ``order`` scaled to [0, 1] over the whole side.
+        exec_pos: First-execution position in [0, 1], NaN when unknown.
+        ancestors: ``[n, CONTEXT_LEVELS]`` module ids whose mapping gives the context.
+        chain: ``[n, VOTE_LEVELS]`` the candidate's own module and its ancestors; a match
+            votes for mapping these onto the target's, level by level.
+        rows: Row of each candidate in its group table or tensor table.
+    """
+
+    labels: tuple[str, ...]
+    tokens: tuple[tuple[str, ...], ...]
+    skeletons: tuple[str, ...]
+    indices: tuple[tuple[int, ...], ...]
+    leaves: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...] | None
+    depth: np.ndarray
+    sibling_pos: np.ndarray
+    order: np.ndarray
+    global_pos: np.ndarray
+    exec_pos: np.ndarray
+    ancestors: np.ndarray
+    chain: np.ndarray
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, idx: Sequence[int] | np.ndarray) -> Items:
+        """The candidates at positions ``idx``, same columns."""
+        idx = np.asarray(idx, dtype=np.int64)
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                out[f.name] = None
+            elif isinstance(value, np.ndarray):
+                out[f.name] = value[idx]
+            else:
+                out[f.name] = tuple(value[i] for i in idx)
+        return Items(**out)
+
+    @classmethod
+    def of_groups(cls, table: TensorTable, tree: ModuleTree, groups: GroupTable) -> Items:
+        """One candidate per module group."""
+        first = np.array([m[0] for m in groups.members], dtype=np.int64)
+        paths = groups.paths
+        return cls(
+            labels=paths,
+            tokens=tuple(name_tokens(p) for p in paths),
+            skeletons=tuple(name_skeleton(p) for p in paths),
+            indices=tuple(name_indices(p) for p in paths),
+            leaves=("",) * len(paths),
+            shapes=None,
+            depth=np.array([p.count(".") + 1 if p else 0 for p in paths], dtype=np.int64),
+            sibling_pos=tree.sibling_pos[groups.module_ids],
+            order=first,
+            global_pos=first / max(len(table) - 1, 1),
+            exec_pos=table.exec_pos[first],
+            ancestors=tree.ancestor_ids(tree.parent_id[groups.module_ids], CONTEXT_LEVELS),
+            chain=tree.ancestor_ids(groups.module_ids, VOTE_LEVELS),
+            rows=np.arange(len(paths), dtype=np.int64),
+        )
+
+    @classmethod
+    def of_tensors(cls, table: TensorTable, tree: ModuleTree, rows: Sequence[int] | np.ndarray) -> Items:
+        """One candidate per tensor row."""
+        rows = np.asarray(rows, dtype=np.int64)
+        module_ids = np.array([tree.path2id[table.modules[r]] for r in rows], dtype=np.int64)
+        return cls(
+            labels=tuple(table.names[r] for r in rows),
+            tokens=tuple(table.tokens[r] for r in rows),
+            skeletons=tuple(table.skeletons[r] for r in rows),
+            indices=tuple(table.indices[r] for r in rows),
+            leaves=tuple(table.leaves[r] for r in rows),
+            shapes=tuple(table.shapes[r] for r in rows),
+            depth=np.array([table.names[r].count(".") + 1 for r in rows], dtype=np.int64),
+            sibling_pos=tree.sibling_pos[module_ids] if len(rows) else np.zeros(0),
+            order=rows,
+            global_pos=rows / max(len(table) - 1, 1),
+            exec_pos=table.exec_pos[rows],
+            ancestors=tree.ancestor_ids(module_ids, CONTEXT_LEVELS),
+            chain=tree.ancestor_ids(module_ids, VOTE_LEVELS),
+            rows=rows,
+        )
+
+
+def validate_weights(weights: Mapping[str, float] | None) -> dict[str, float]:
+    """Check user component weights and scale them to sum to 1.
+
+    Missing components weigh 0; ``None`` gives :data:`DEFAULT_WEIGHTS`.
+
+    Raises:
+        MappingError: On an unknown component, a negative or non-finite weight, or all zeros.
+
+    >>> validate_weights({"shape": 1, "name": 1})
+    {'shape': 0.5, 'name': 0.5, 'hierarchy': 0.0}
+    """
+    if weights is None:
+        return dict(DEFAULT_WEIGHTS)
+    if not isinstance(weights, Mapping):
+        raise MappingError(f"weights must be a dict like {DEFAULT_WEIGHTS}, got {type(weights).__name__}")
+    unknown = sorted(set(weights) - set(DEFAULT_WEIGHTS))
+    if unknown:
+        raise MappingError(
+            f"unknown score component(s) {unknown} in weights; valid components are "
+            f"{sorted(DEFAULT_WEIGHTS)} (e.g. {DEFAULT_WEIGHTS})"
+        )
+    out = {}
+    for key in DEFAULT_WEIGHTS:
+        value = weights.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise MappingError(f"weights[{key!r}] must be a finite number >= 0, got {value!r}")
+        out[key] = float(value)
+    total = sum(out.values())
+    if total <= 0:
+        raise MappingError(f"weights must not all be zero, got {dict(weights)}; the default is {DEFAULT_WEIGHTS}")
+    return {k: v / total for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------- shape
+def shape_score(src: Items, tgt: Items, *, tolerance: float = 0.0) -> np.ndarray:
+    """1.0 for equal shapes, 0.7 for a transposed 2-D shape, 0.5 for a near shape, else 0.
+
+    A near shape has the same number of dimensions and every dimension within ``tolerance``
+    (relative). Groups (``shapes is None``) are bucketed by signature, so they score 1.
+    """
+    if src.shapes is None or tgt.shapes is None:
+        return np.ones((len(src), len(tgt)))
+    a, b = _shape_matrix(src.shapes), _shape_matrix(tgt.shapes)
+    width = max(a.shape[1], b.shape[1], 2)
+    a, b = _pad_cols(a, width), _pad_cols(b, width)
+    exact = (a[:, None, :] == b[None, :, :]).all(-1)
+    nd_a = (a >= 0).sum(1)
+    nd_b = (b >= 0).sum(1)
+    both_2d = (nd_a[:, None] == 2) & (nd_b[None, :] == 2)
+    transposed = both_2d & (a[:, None, 0] == b[None, :, 1]) & (a[:, None, 1] == b[None, :, 0]) & ~exact
+    out = np.where(exact, 1.0, np.where(transposed, TRANSPOSED_SCORE, 0.0))
+    if tolerance > 0:
+        same_nd = nd_a[:, None] == nd_b[None, :]
+        fa, fb = a[:, None, :].astype(float), b[None, :, :].astype(float)
+        rel = np.abs(fa - fb) / np.maximum(np.maximum(fa, fb), 1.0)
+        near = same_nd & (rel <= tolerance).all(-1) & (out == 0)
+        out = np.where(near, NEAR_SCORE, out)
+    return out
+
+
+def _shape_matrix(shapes: Sequence[tuple[int, ...]]) -> np.ndarray:
+    width = max((len(s) for s in shapes), default=0)
+    out = np.full((len(shapes), max(width, 1)), -1, dtype=np.int64)
+    for i, s in enumerate(shapes):
+        out[i, : len(s)] = s
+    return out
+
+
+def _pad_cols(m: np.ndarray, width: int) -> np.ndarray:
+    if m.shape[1] == width:
+        return m
+    return np.pad(m, ((0, 0), (0, width - m.shape[1])), constant_values=-1)
+
+
+# ---------------------------------------------------------------------------- name
+def _incidence(token_lists: Sequence[Sequence[str]], vocab: dict[str, int]) -> sparse.csr_matrix:
+    rows, cols = [], []
+    for i, tokens in enumerate(token_lists):
+        for t in set(tokens):
+            rows.append(i)
+            cols.append(vocab.setdefault(t, len(vocab)))
+    data = np.ones(len(rows))
+    return sparse.csr_matrix((data, (rows, cols)), shape=(len(token_lists), max(len(vocab), 1)))
+
+
+def token_score(src: Items, tgt: Items) -> np.ndarray:
+    """Jaccard overlap of the normalised word tokens of the two names."""
+    vocab: dict[str, int] = {}
+    a = _incidence(src.tokens, vocab)
+    b = _incidence(tgt.tokens, vocab)
+    a.resize((len(src), max(len(vocab), 1)))
+    b.resize((len(tgt), max(len(vocab), 1)))
+    inter = (a @ b.T).toarray()
+    union = np.asarray(a.sum(1)).reshape(-1, 1) + np.asarray(b.sum(1)).reshape(1, -1) - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def edit_score(src: Items, tgt: Items) -> np.ndarray:
+    """Normalised Levenshtein similarity of the digit-free name skeletons."""
+    return process.cdist(src.skeletons, tgt.skeletons, scorer=Levenshtein.normalized_similarity, dtype=np.float64)
+
+
+def lcs_score(src: Items, tgt: Items) -> np.ndarray:
+    """Normalised longest-common-subsequence similarity of the name skeletons."""
+    return process.cdist(src.skeletons, tgt.skeletons, scorer=LCSseq.normalized_similarity, dtype=np.float64)
+
+
+def index_score(src: Items, tgt: Items) -> np.ndarray:
+    """Agreement of the numeric positions in the names (``layer3.2`` -> ``(3, 2)``).
+
+    Positions are compared left-aligned; the score is the fraction of equal positions over the
+    longer tuple, and 1.0 when neither name has a number.
+    """
+    width = max(max((len(i) for i in src.indices), default=0), max((len(i) for i in tgt.indices), default=0))
+    if width == 0:
+        return np.ones((len(src), len(tgt)))
+    a = np.array(pad_indices(src.indices, width), dtype=np.int64).reshape(len(src), width)
+    b = np.array(pad_indices(tgt.indices, width), dtype=np.int64).reshape(len(tgt), width)
+    equal = ((a[:, None, :] == b[None, :, :]) & (a[:, None, :] >= 0)).sum(-1)
+    longer = np.maximum((a >= 0).sum(1)[:, None], (b >= 0).sum(1)[None, :])
+    return np.where(longer > 0, equal / np.maximum(longer, 1), 1.0)
+
+
+def leaf_score(src: Items, tgt: Items) -> np.ndarray:
+    """1 when the normalised leaf names (parameter types) agree, else 0."""
+    a = np.array(src.leaves, dtype=object)
+    b = np.array(tgt.leaves, dtype=object)
+    return (a[:, None] == b[None, :]).astype(float)
+
+
+# ---------------------------------------------------------------------------- hierarchy
+def _closeness(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return 1.0 - np.abs(a[:, None] - b[None, :])
+
+
+def _rank_pos(order: np.ndarray) -> np.ndarray:
+    """Rank of each candidate within this set by definition order, scaled to [0, 1]."""
+    n = len(order)
+    ranks = np.empty(n)
+    ranks[np.argsort(order, kind="stable")] = np.arange(n)
+    return ranks / (n - 1) if n > 1 else np.full(n, 0.5)
+
+
+def depth_score(src: Items, tgt: Items) -> np.ndarray:
+    """1 - |depth difference| / larger depth."""
+    da, db = src.depth[:, None].astype(float), tgt.depth[None, :].astype(float)
+    return 1.0 - np.abs(da - db) / np.maximum(np.maximum(da, db), 1.0)
+
+
+def sibling_score(src: Items, tgt: Items) -> np.ndarray:
+    """Closeness of the positions among siblings."""
+    return _closeness(src.sibling_pos, tgt.sibling_pos)
+
+
+def order_score(src: Items, tgt: Items) -> np.ndarray:
+    """Closeness of relative definition order: rank within this bucket and place in the model."""
+    return 0.5 * _closeness(_rank_pos(src.order), _rank_pos(tgt.order)) + 0.5 * _closeness(
+        src.global_pos, tgt.global_pos
+    )
+
+
+def exec_score(src: Items, tgt: Items) -> np.ndarray | None:
+    """Closeness of relative execution order, or None unless every candidate ran."""
+    if np.isnan(src.exec_pos).any() or np.isnan(tgt.exec_pos).any():
+        return None
+    return 0.5 * _closeness(_rank_pos(src.exec_pos), _rank_pos(tgt.exec_pos)) + 0.5 * _closeness(
+        src.exec_pos, tgt.exec_pos
+    )
+
+
+def context_score(src: Items, tgt: Items, src2tgt_module: np.ndarray | None) -> np.ndarray:
+    """How consistently the candidates' parents are already mapped onto each other.
+
+    ``src2tgt_module[m]`` is the target module id that source module ``m`` maps to (-1 if
+    none). Per ancestor level: 1 if the mapped source ancestor is the target ancestor, 0 if it
+    maps elsewhere, :data:`UNKNOWN_CONTEXT` if it is unmapped; levels are averaged.
+    """
+    if src2tgt_module is None:
+        return np.full((len(src), len(tgt)), UNKNOWN_CONTEXT)
+    mapped = src2tgt_module[src.ancestors]  # [n_src, levels]
+    agree = mapped[:, None, :] == tgt.ancestors[None, :, :]
+    per_level = np.where(mapped[:, None, :] < 0, UNKNOWN_CONTEXT, agree.astype(float))
+    return per_level.mean(-1)
+
+
+def with_context(base: np.ndarray, context: np.ndarray) -> np.ndarray:
+    """``80 % base + 20 % context``, where context below the base counts as the base.
+
+    >>> with_context(np.array([0.5, 0.5]), np.array([1.0, 0.0])).round(3).tolist()
+    [0.6, 0.5]
+    """
+    return (1 - CONTEXT_WEIGHT) * base + CONTEXT_WEIGHT * np.maximum(base, context)
+
+
+# ---------------------------------------------------------------------------- rules
+def forbidden_mask(src: Items, tgt: Items, incompatible_pairs: Sequence[tuple[str, str]] | None) -> np.ndarray:
+    """True where an ``incompatible_pairs`` rule forbids the match (symmetrically).
+
+    A rule ``("yolo_backbone", "resnet")`` forbids a source whose name contains every chunk of
+    one side (``{yolo, backbone}``) from matching a target containing every chunk of the other,
+    in both directions.
+    """
+    out = np.zeros((len(src), len(tgt)), dtype=bool)
+    if not incompatible_pairs:
+        return out
+    src_chunks = [semantic_chunks(n) for n in src.labels]
+    tgt_chunks = [semantic_chunks(n) for n in tgt.labels]
+    for left, right in incompatible_pairs:
+        lc, rc = semantic_chunks(left), semantic_chunks(right)
+        s_left = np.array([lc <= c for c in src_chunks], dtype=bool)
+        s_right = np.array([rc <= c for c in src_chunks], dtype=bool)
+        t_left = np.array([lc <= c for c in tgt_chunks], dtype=bool)
+        t_right = np.array([rc <= c for c in tgt_chunks], dtype=bool)
+        out |= np.outer(s_left, t_right) | np.outer(s_right, t_left)
+    return out
+
+
+def validate_incompatible_pairs(pairs) -> tuple[tuple[str, str], ...]:
+    """Check ``incompatible_pairs``: None or a sequence of 2-tuples of non-empty strings.
+
+    Raises:
+        MappingError: Naming the malformed rule.
+    """
+    if pairs is None:
+        return ()
+    out = []
+    for rule in pairs:
+        if (
+            not isinstance(rule, (tuple, list))
+            or len(rule) != 2
+            or not all(isinstance(r, str) and semantic_chunks(r) for r in rule)
+        ):
+            raise MappingError(
+                f"incompatible_pairs entry {rule!r} must be a pair of module names such as "
+                "('encoder', 'decoder')"
+            )
+        out.append((rule[0], rule[1]))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------- combination
+def score_matrices(
+    src: Items, tgt: Items, *, weights: Mapping[str, float], tolerance: float = 0.0
+) -> dict[str, np.ndarray]:
+    """Every sub-score, the three components and their weighted ``base`` combination.
+
+    Args:
+        src, tgt: Candidates of one bucket.
+        weights: Validated component weights (see :func:`validate_weights`).
+        tolerance: ``shape_tolerance`` of the mapper.
+
+    Returns:
+        Dict with the sub-scores (``tokens``, ``edit``, ``lcs``, ``index``, ``leaf``, ``depth``,
+        ``sibling``, ``order`` and ``exec`` when known), the components ``shape``, ``name``,
+        ``hierarchy`` and ``base``. ``shape == 0`` marks an infeasible pair.
+    """
+    out: dict[str, np.ndarray] = {"shape": shape_score(src, tgt, tolerance=tolerance)}
+    out["tokens"] = token_score(src, tgt)
+    out["edit"] = edit_score(src, tgt)
+    out["lcs"] = lcs_score(src, tgt)
+    out["index"] = index_score(src, tgt)
+    out["leaf"] = leaf_score(src, tgt)
+    out["name"] = sum(w * out[k] for k, w in NAME_WEIGHTS.items())
+    out["depth"] = depth_score(src, tgt)
+    out["sibling"] = sibling_score(src, tgt)
+    out["order"] = order_score(src, tgt)
+    hier_weights = HIERARCHY_WEIGHTS
+    executed = exec_score(src, tgt)
+    if executed is not None:
+        out["exec"] = executed
+        hier_weights = HIERARCHY_WEIGHTS_EXEC
+    out["hierarchy"] = sum(w * out[k] for k, w in hier_weights.items())
+    out["base"] = weights["shape"] * out["shape"] + weights["name"] * out["name"] + weights["hierarchy"] * out["hierarchy"]
+    return out

@@ -1,0 +1,294 @@
+"""Stage 1: a model or state dict as a column table of tensors (names, shapes, kinds, order).
+
+The table never holds tensor *data*: only what matching needs. A meta-device model, a
+safetensors header or a ``{name: shape}`` dict give the same table as real weights.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from weight_mapper.errors import MappingError
+from weight_mapper.names import name_indices, name_skeleton, name_tokens, normalise_leaf, split_name
+
+__all__ = ["TensorTable", "record_execution_order"]
+
+_CANONICAL = -1  # alias_of value of a tensor that owns its storage
+
+
+@dataclass(frozen=True, eq=False)
+class TensorTable:
+    """Every tensor of one side, one row each, in definition (state dict) order.
+
+    Attributes:
+        names: Full tensor names, as in the state dict.
+        shapes: Shapes, as tuples.
+        dtypes: dtype names (``"float32"``), ``""`` when only a shape was given.
+        is_buffer: True for persistent buffers (BatchNorm running stats), False for parameters.
+        module_types: Class name of the owning module, ``""`` when unknown (state dicts).
+        exec_pos: First-execution position of the owning module in [0, 1], NaN when unknown.
+        alias_of: Row of the tensor whose storage this one shares (tied weights), -1 if none.
+        label: A short description of where the table came from (model class or file).
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...]
+    is_buffer: np.ndarray
+    module_types: tuple[str, ...]
+    exec_pos: np.ndarray
+    alias_of: np.ndarray
+    label: str = ""
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_module(
+        cls, module: nn.Module, *, exec_order: Mapping[str, float] | None = None, label: str | None = None
+    ) -> TensorTable:
+        """Build the table of a module's parameters and persistent buffers.
+
+        Tied weights (one Parameter registered under two names) become two rows, the second
+        pointing at the first through ``alias_of``. Meta-device modules work: no data is read.
+
+        Args:
+            module: The model.
+            exec_order: Module path -> position in [0, 1] from :func:`record_execution_order`.
+            label: Description shown in reports; defaults to the module's class name.
+
+        Raises:
+            MappingError: If the module has no parameters or buffers.
+
+        >>> TensorTable.from_module(nn.Linear(2, 3)).names
+        ('weight', 'bias')
+        """
+        entries = module.state_dict(keep_vars=True)
+        param_ids = {id(p) for _, p in module.named_parameters(remove_duplicate=False)}
+        owner_types = {path: type(m).__name__ for path, m in module.named_modules(remove_duplicate=False)}
+        names, shapes, dtypes, is_buffer, types, identities = [], [], [], [], [], []
+        for name, value in entries.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            names.append(name)
+            shapes.append(tuple(value.shape))
+            dtypes.append(str(value.dtype).removeprefix("torch."))
+            is_buffer.append(id(value) not in param_ids)
+            types.append(owner_types.get(split_name(name)[0], ""))
+            identities.append(id(value))
+        if not names:
+            raise MappingError(
+                f"{type(module).__name__} has no parameters or buffers to map; pass the model "
+                "whose weights you want to convert."
+            )
+        return cls._build(
+            names, shapes, dtypes, is_buffer, types, identities, exec_order,
+            label if label is not None else type(module).__name__,
+        )
+
+    @classmethod
+    def from_state_dict(
+        cls, state_dict: Mapping[str, Any], *, label: str = "state_dict"
+    ) -> TensorTable:
+        """Build the table of a flat state dict.
+
+        Values may be tensors (real or meta), or bare shapes (``torch.Size``, tuple or list of
+        ints) when only names and shapes are known. Other values are skipped with a warning.
+
+        Raises:
+            MappingError: If no entry is a tensor or a shape.
+
+        >>> TensorTable.from_state_dict({"fc.weight": (3, 2)}).shapes
+        ((3, 2),)
+        """
+        names, shapes, dtypes, identities, skipped = [], [], [], [], []
+        for name, value in state_dict.items():
+            if isinstance(value, torch.Tensor):
+                shapes.append(tuple(value.shape))
+                dtypes.append(str(value.dtype).removeprefix("torch."))
+                identities.append(_storage_identity(value))
+            elif isinstance(value, (tuple, list, torch.Size)) and all(
+                isinstance(d, int) and d >= 0 for d in value
+            ):
+                shapes.append(tuple(int(d) for d in value))
+                dtypes.append("")
+                identities.append(("shape", name))
+            else:
+                skipped.append(str(name))
+                continue
+            names.append(str(name))
+        if skipped:
+            shown = ", ".join(repr(s) for s in skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+            warnings.warn(f"{label}: skipped {len(skipped)} non-tensor entries: {shown}", stacklevel=2)
+        if not names:
+            raise MappingError(
+                f"{label} contains no tensors; expected a state dict mapping names to tensors "
+                "(or to shapes)."
+            )
+        n = len(names)
+        return cls._build(names, shapes, dtypes, [False] * n, [""] * n, identities, None, label)
+
+    @classmethod
+    def _build(cls, names, shapes, dtypes, is_buffer, types, identities, exec_order, label) -> TensorTable:
+        first_row: dict[Any, int] = {}
+        alias_of = np.full(len(names), _CANONICAL, dtype=np.int64)
+        for row, ident in enumerate(identities):
+            owner = first_row.setdefault(ident, row)
+            if owner != row:
+                alias_of[row] = owner
+        exec_pos = np.full(len(names), np.nan)
+        if exec_order:
+            for row, name in enumerate(names):
+                exec_pos[row] = _lookup_exec(exec_order, split_name(name)[0])
+        return cls(
+            names=tuple(names),
+            shapes=tuple(shapes),
+            dtypes=tuple(dtypes),
+            is_buffer=np.asarray(is_buffer, dtype=bool),
+            module_types=tuple(types),
+            exec_pos=exec_pos,
+            alias_of=alias_of,
+            label=label,
+        )
+
+    # ------------------------------------------------------------------ derived columns
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @cached_property
+    def name2row(self) -> dict[str, int]:
+        return {name: row for row, name in enumerate(self.names)}
+
+    @cached_property
+    def modules(self) -> tuple[str, ...]:
+        """Module path owning each tensor (``""`` for the root)."""
+        return tuple(split_name(n)[0] for n in self.names)
+
+    @cached_property
+    def leaves(self) -> tuple[str, ...]:
+        """Normalised leaf name of each tensor (``gamma`` -> ``weight``)."""
+        return tuple(normalise_leaf(split_name(n)[1]) for n in self.names)
+
+    @cached_property
+    def ndim(self) -> np.ndarray:
+        return np.fromiter((len(s) for s in self.shapes), dtype=np.int64, count=len(self))
+
+    @cached_property
+    def numel(self) -> np.ndarray:
+        return np.fromiter((int(np.prod(s, dtype=np.int64)) for s in self.shapes), dtype=np.int64, count=len(self))
+
+    @cached_property
+    def shape_matrix(self) -> np.ndarray:
+        """Shapes padded with -1 to ``[n, max_ndim]`` for vectorised comparison."""
+        width = int(self.ndim.max(initial=0))
+        out = np.full((len(self), max(width, 1)), -1, dtype=np.int64)
+        for row, shape in enumerate(self.shapes):
+            out[row, : len(shape)] = shape
+        return out
+
+    @cached_property
+    def is_canonical(self) -> np.ndarray:
+        return self.alias_of == _CANONICAL
+
+    @cached_property
+    def tokens(self) -> tuple[tuple[str, ...], ...]:
+        return tuple(name_tokens(n) for n in self.names)
+
+    @cached_property
+    def skeletons(self) -> tuple[str, ...]:
+        return tuple(name_skeleton(n) for n in self.names)
+
+    @cached_property
+    def indices(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(name_indices(n) for n in self.names)
+
+    @cached_property
+    def n_parameters(self) -> int:
+        """Number of scalar values over canonical tensors (tied weights counted once)."""
+        return int(self.numel[self.is_canonical].sum())
+
+
+def _storage_identity(t: torch.Tensor) -> Any:
+    """A key equal for two tensors that are the same view of the same storage."""
+    if t.device.type == "meta":
+        return ("id", id(t))
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return ("id", id(t))
+    if ptr == 0:  # empty storage: every empty tensor would look tied
+        return ("id", id(t))
+    return ("storage", ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def _lookup_exec(exec_order: Mapping[str, float], module_path: str) -> float:
+    """Position of the module, or of its nearest executed ancestor."""
+    path = module_path
+    while True:
+        if path in exec_order:
+            return float(exec_order[path])
+        if not path:
+            return float("nan")
+        path = path.rpartition(".")[0]
+
+
+def record_execution_order(module: nn.Module, dummy_input: Any) -> dict[str, float] | None:
+    """Run ``module`` once on ``dummy_input`` and record when each submodule first runs.
+
+    The model runs in eval mode under ``torch.no_grad()`` (so BatchNorm statistics are not
+    updated) and its training flag is restored afterwards. ``dummy_input`` is a tensor, a
+    tuple/list of positional arguments, or a dict of keyword arguments.
+
+    Returns:
+        Module path -> first-call position scaled to [0, 1], or None (with a warning) if the
+        forward pass failed.
+
+    >>> order = record_execution_order(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), torch.ones(1, 2))
+    >>> order["0"] < order["1"]
+    True
+    """
+    first_call: dict[str, int] = {}
+    handles = []
+
+    def make_hook(path: str):
+        def hook(_mod, _args):
+            first_call.setdefault(path, len(first_call))
+
+        return hook
+
+    for path, sub in module.named_modules():
+        handles.append(sub.register_forward_pre_hook(make_hook(path)))
+    was_training = module.training
+    try:
+        module.eval()
+        with torch.no_grad():
+            if isinstance(dummy_input, Mapping):
+                module(**dummy_input)
+            elif isinstance(dummy_input, (tuple, list)):
+                module(*dummy_input)
+            else:
+                module(dummy_input)
+    except Exception as exc:  # noqa: BLE001 - any failure of user code only disables this signal
+        warnings.warn(
+            f"forward pass of {type(module).__name__} on dummy_input failed ({type(exc).__name__}: "
+            f"{exc}); continuing without execution order",
+            stacklevel=2,
+        )
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+        module.train(was_training)
+    scale = max(len(first_call) - 1, 1)
+    return {path: pos / scale for path, pos in first_call.items()}
+
+
+def take_names(table: TensorTable, rows: Sequence[int] | np.ndarray) -> list[str]:
+    """Names of the given rows."""
+    return [table.names[int(r)] for r in rows]

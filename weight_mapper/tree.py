@@ -1,0 +1,124 @@
+"""Stage 2: the module tree of one side, and its tensors grouped by owning module.
+
+A :class:`ModuleTree` is a networkx ``DiGraph`` of module paths (root ``""``), children in
+definition order. A :class:`GroupTable` holds one row per module that owns tensors directly
+(a ``ParameterGroup``): its member tensor rows and a *signature* (normalised leaf names and
+shapes) under which groups are bucketed for matching.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import networkx as nx
+import numpy as np
+
+from weight_mapper.table import TensorTable
+
+__all__ = ["ModuleTree", "GroupTable", "ROOT"]
+
+ROOT = ""
+
+
+def _parent(path: str) -> str:
+    return path.rpartition(".")[0]
+
+
+class ModuleTree:
+    """The module hierarchy implied by a table's tensor names.
+
+    Attributes:
+        graph: ``networkx.DiGraph`` with an edge parent -> child for every module path; node
+            attribute ``type`` (class name or ``""``) and ``depth``.
+        paths: Every module path, root first, in definition order.
+        path2id: Module path -> integer id (row in :attr:`paths`).
+    """
+
+    def __init__(self, table: TensorTable):
+        graph = nx.DiGraph()
+        graph.add_node(ROOT, type="", depth=0)
+        types: dict[str, str] = {}
+        for module, mtype in zip(table.modules, table.module_types):
+            types.setdefault(module, mtype)
+        for module in table.modules:
+            path = module
+            chain = []
+            while path != ROOT and path not in graph:
+                chain.append(path)
+                path = _parent(path)
+            for node in reversed(chain):
+                graph.add_node(node, type=types.get(node, ""), depth=node.count(".") + 1)
+                graph.add_edge(_parent(node), node)
+        self.graph = graph
+        self.paths: tuple[str, ...] = tuple(graph.nodes)
+        self.path2id: dict[str, int] = {p: i for i, p in enumerate(self.paths)}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @cached_property
+    def parent_id(self) -> np.ndarray:
+        """Id of each module's parent; the root is its own parent."""
+        return np.array([self.path2id[_parent(p)] if p else 0 for p in self.paths], dtype=np.int64)
+
+    @cached_property
+    def sibling_pos(self) -> np.ndarray:
+        """Position of each module among its parent's children, scaled to [0, 1]."""
+        out = np.zeros(len(self.paths))
+        for node in self.paths:
+            children = list(self.graph.successors(node))
+            if len(children) > 1:
+                for i, child in enumerate(children):
+                    out[self.path2id[child]] = i / (len(children) - 1)
+        return out
+
+    def ancestor_ids(self, module_ids: np.ndarray, levels: int) -> np.ndarray:
+        """``[n, levels]`` ids of the module itself (level 0) and its ancestors; root repeats."""
+        out = np.empty((len(module_ids), levels), dtype=np.int64)
+        current = np.asarray(module_ids, dtype=np.int64)
+        for level in range(levels):
+            out[:, level] = current
+            current = self.parent_id[current]
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class GroupTable:
+    """Canonical tensors grouped by the module that owns them, one row per module.
+
+    Attributes:
+        paths: Module path of each group.
+        members: Tensor rows of each group, in definition order.
+        signatures: Sorted ``leaf:shape`` list joined by ``|``; equal signatures form a bucket.
+        module_ids: Id of each group's module in the tree.
+    """
+
+    paths: tuple[str, ...]
+    members: tuple[np.ndarray, ...]
+    signatures: tuple[str, ...]
+    module_ids: np.ndarray
+
+    @classmethod
+    def from_table(cls, table: TensorTable, tree: ModuleTree) -> GroupTable:
+        """Group the canonical rows of ``table`` by owning module (aliases are left out).
+
+        >>> from torch import nn
+        >>> t = TensorTable.from_module(nn.Sequential(nn.Linear(2, 3)))
+        >>> GroupTable.from_table(t, ModuleTree(t)).signatures
+        ('bias:3|weight:3x2',)
+        """
+        rows_of: dict[str, list[int]] = {}
+        for row in np.flatnonzero(table.is_canonical):
+            rows_of.setdefault(table.modules[row], []).append(int(row))
+        paths = tuple(rows_of)
+        members = tuple(np.asarray(rows, dtype=np.int64) for rows in rows_of.values())
+        signatures = tuple(
+            "|".join(sorted(f"{table.leaves[r]}:{'x'.join(map(str, table.shapes[r]))}" for r in rows))
+            for rows in rows_of.values()
+        )
+        module_ids = np.array([tree.path2id[p] for p in paths], dtype=np.int64)
+        return cls(paths=paths, members=members, signatures=signatures, module_ids=module_ids)
+
+    def __len__(self) -> int:
+        return len(self.paths)

@@ -72,3 +72,19 @@ def test_meta_device_llama_maps_from_shapes_alone():
         hf = transformers.LlamaForCausalLM(config)
         tune = TransformerDecoder(VOCAB, DIM, HIDDEN, N_LAYERS, HEADS, KV_HEADS)
     assert WeightMapper(hf, tune).suggest_mapping() == hf_to_tune_truth(N_LAYERS)
+
+
+def test_from_safetensors_no_definition_order_wrong_matches_are_flagged(llama_pair, tmp_path):
+    """A safetensors header is sorted: without definition order, what stays unsure is flagged."""
+    from safetensors.torch import save_file
+
+    hf, tune, _ = llama_pair
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, path)
+    truth = hf_to_tune_truth(N_LAYERS)
+    mapper = WeightMapper.from_checkpoint(path, tune)
+    mapper.suggest_mapping()
+    wrong = [e for e in mapper.get_plan().entries if truth[e.source[0]] != e.target]
+    assert all(e.ambiguous for e in wrong)
+    conservative = mapper.suggest_mapping(strategy="conservative")
+    assert conservative and all(truth[k] == v for k, v in conservative.items())

@@ -82,3 +82,16 @@ def test_execution_order_is_recorded_and_the_model_left_as_it_was():
     assert model.training
     table = TensorTable.from_module(model, exec_order=order)
     assert not np.isnan(table.exec_pos).any()
+
+
+def test_safetensors_rows_are_in_natural_order_and_marked_unordered(tmp_path):
+    from safetensors.torch import save_file
+
+    from weight_mapper import load_checkpoint
+
+    path = tmp_path / "m.safetensors"
+    save_file({"layers.10.w": torch.zeros(1), "layers.2.w": torch.zeros(1), "head.w": torch.zeros(1)}, path)
+    table = TensorTable.from_checkpoint(load_checkpoint(path))
+    assert table.names == ("head.w", "layers.2.w", "layers.10.w")
+    assert not table.ordered
+    assert TensorTable.from_state_dict({"a": (1,)}).ordered

@@ -126,8 +126,15 @@ def _make_bucket(key, src_items, tgt_items, src_idx, tgt_idx, *, weights, tolera
     s, t = src_items.take(src_idx), tgt_items.take(tgt_idx)
     scores = score_matrices(s, t, weights=weights, tolerance=tolerance)
     allowed = (scores["shape"] > 0) & ~forbidden_mask(s, t, incompatible_pairs)
-    tie = _TIE_EPS * scores["order"]
+    # Exact ties go to the pair closest in relative row order (deterministic either way).
+    tie = _TIE_EPS * (1.0 - np.abs(_rank(s.order)[:, None] - _rank(t.order)[None, :]))
     return _Bucket(key, np.asarray(src_idx), np.asarray(tgt_idx), scores, allowed, tie)
+
+
+def _rank(order: np.ndarray) -> np.ndarray:
+    ranks = np.empty(len(order))
+    ranks[np.argsort(order, kind="stable")] = np.arange(len(order))
+    return ranks / max(len(order) - 1, 1)
 
 
 def _buckets_by_key(src_keys: Sequence[str], tgt_keys: Sequence[str]) -> list[tuple[str, np.ndarray, np.ndarray]]:

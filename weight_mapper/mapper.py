@@ -114,7 +114,7 @@ class WeightMapper:
         from weight_mapper.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(path, key=key, trust_pickle=trust_pickle)
-        table = TensorTable.from_state_dict(ckpt.tensors.meta(), label=Path(path).name)
+        table = TensorTable.from_checkpoint(ckpt, label=Path(path).name)
         return cls(table, target_module, shape_tolerance, dummy_input, incompatible_pairs)
 
     # ------------------------------------------------------------------ matching
@@ -246,5 +246,6 @@ def _strip_prefix(mapper: WeightMapper, given: str | None) -> str:
         exec_pos=src.exec_pos,
         alias_of=src.alias_of,
         label=src.label,
+        ordered=src.ordered,
     )
     return prefix

@@ -20,6 +20,7 @@ __all__ = [
     "name_skeleton",
     "normalise_leaf",
     "semantic_chunks",
+    "natural_key",
 ]
 
 # Parameter / buffer leaf names that mean the same thing across frameworks and eras.
@@ -135,6 +136,18 @@ def semantic_chunks(name: str) -> frozenset[str]:
     ['backbone', 'yolo']
     """
     return frozenset(t for t in _raw_tokens(name) if not t.isdigit())
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key reading digit runs as numbers, so that ``layers.2`` sorts before ``layers.10``.
+
+    >>> sorted(["layers.10.w", "layers.2.w"], key=natural_key)
+    ['layers.2.w', 'layers.10.w']
+    """
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in _DIGIT_SPLIT.split(name) if p)
+
+
+_DIGIT_SPLIT = re.compile(r"(\d+)")
 
 
 def pad_indices(all_indices: Sequence[Iterable[int]], width: int | None = None) -> list[list[int]]:

@@ -76,7 +76,8 @@ class Items:
         leaves: Normalised leaf name (``""`` for groups, whose leaves the signature fixed).
         shapes: Tensor shapes, or None for groups (a bucket holds equal signatures only).
         depth: Number of dotted components of the label.
-        sibling_pos: Position of the (owning) module among its siblings in [0, 1].
+        sibling_pos: Position of the (owning) module among its siblings in [0, 1]; NaN when
+            the side's order is unknown (like ``global_pos``).
         order: Definition order (row of the first tensor).
         global_pos: ``order`` scaled to [0, 1] over the whole side.
         exec_pos: First-execution position in [0, 1], NaN when unknown.
@@ -131,9 +132,9 @@ class Items:
             leaves=("",) * len(paths),
             shapes=None,
             depth=np.array([p.count(".") + 1 if p else 0 for p in paths], dtype=np.int64),
-            sibling_pos=tree.sibling_pos[groups.module_ids],
+            sibling_pos=_if_ordered(table, tree.sibling_pos[groups.module_ids]),
             order=first,
-            global_pos=first / max(len(table) - 1, 1),
+            global_pos=_if_ordered(table, first / max(len(table) - 1, 1)),
             exec_pos=table.exec_pos[first],
             ancestors=tree.ancestor_ids(tree.parent_id[groups.module_ids], CONTEXT_LEVELS),
             chain=tree.ancestor_ids(groups.module_ids, VOTE_LEVELS),
@@ -153,14 +154,19 @@ class Items:
             leaves=tuple(table.leaves[r] for r in rows),
             shapes=tuple(table.shapes[r] for r in rows),
             depth=np.array([table.names[r].count(".") + 1 for r in rows], dtype=np.int64),
-            sibling_pos=tree.sibling_pos[module_ids] if len(rows) else np.zeros(0),
+            sibling_pos=_if_ordered(table, tree.sibling_pos[module_ids] if len(rows) else np.zeros(0)),
             order=rows,
-            global_pos=rows / max(len(table) - 1, 1),
+            global_pos=_if_ordered(table, rows / max(len(table) - 1, 1)),
             exec_pos=table.exec_pos[rows],
             ancestors=tree.ancestor_ids(module_ids, CONTEXT_LEVELS),
             chain=tree.ancestor_ids(module_ids, VOTE_LEVELS),
             rows=rows,
         )
+
+
+def _if_ordered(table: TensorTable, positions: np.ndarray) -> np.ndarray:
+    """Positions derived from row order, or NaN where row order is not definition order."""
+    return positions if table.ordered else np.full(len(positions), np.nan)
 
 
 def validate_weights(weights: Mapping[str, float] | None) -> dict[str, float]:
@@ -312,13 +318,24 @@ def depth_score(src: Items, tgt: Items) -> np.ndarray:
     return 1.0 - np.abs(da - db) / np.maximum(np.maximum(da, db), 1.0)
 
 
-def sibling_score(src: Items, tgt: Items) -> np.ndarray:
-    """Closeness of the positions among siblings."""
+def _known(*positions: np.ndarray) -> bool:
+    return not any(np.isnan(p).any() for p in positions)
+
+
+def sibling_score(src: Items, tgt: Items) -> np.ndarray | None:
+    """Closeness of the positions among siblings, or None when either side's order is unknown."""
+    if not _known(src.sibling_pos, tgt.sibling_pos):
+        return None
     return _closeness(src.sibling_pos, tgt.sibling_pos)
 
 
-def order_score(src: Items, tgt: Items) -> np.ndarray:
-    """Closeness of relative definition order: rank within this bucket and place in the model."""
+def order_score(src: Items, tgt: Items) -> np.ndarray | None:
+    """Closeness of relative definition order: rank within this bucket and place in the model.
+
+    None when either side's order is unknown (a safetensors file keeps no definition order).
+    """
+    if not _known(src.global_pos, tgt.global_pos):
+        return None
     return 0.5 * _closeness(_rank_pos(src.order), _rank_pos(tgt.order)) + 0.5 * _closeness(
         src.global_pos, tgt.global_pos
     )
@@ -326,7 +343,7 @@ def order_score(src: Items, tgt: Items) -> np.ndarray:
 
 def exec_score(src: Items, tgt: Items) -> np.ndarray | None:
     """Closeness of relative execution order, or None unless every candidate ran."""
-    if np.isnan(src.exec_pos).any() or np.isnan(tgt.exec_pos).any():
+    if not _known(src.exec_pos, tgt.exec_pos):
         return None
     return 0.5 * _closeness(_rank_pos(src.exec_pos), _rank_pos(tgt.exec_pos)) + 0.5 * _closeness(
         src.exec_pos, tgt.exec_pos
@@ -415,7 +432,7 @@ def score_matrices(
         tolerance: ``shape_tolerance`` of the mapper.
 
     Returns:
-        Dict with the sub-scores (``tokens``, ``edit``, ``lcs``, ``index``, ``leaf``, ``depth``,
+        Dict with the sub-scores (``tokens``, ``edit``, ``lcs``, ``index``, ``leaf``, ``depth``;
         ``sibling``, ``order`` and ``exec`` when known), the components ``shape``, ``name``,
         ``hierarchy`` and ``base``. ``shape == 0`` marks an infeasible pair.
     """
@@ -426,14 +443,13 @@ def score_matrices(
     out["index"] = index_score(src, tgt)
     out["leaf"] = leaf_score(src, tgt)
     out["name"] = sum(w * out[k] for k, w in NAME_WEIGHTS.items())
-    out["depth"] = depth_score(src, tgt)
-    out["sibling"] = sibling_score(src, tgt)
-    out["order"] = order_score(src, tgt)
-    hier_weights = HIERARCHY_WEIGHTS
-    executed = exec_score(src, tgt)
-    if executed is not None:
-        out["exec"] = executed
-        hier_weights = HIERARCHY_WEIGHTS_EXEC
-    out["hierarchy"] = sum(w * out[k] for k, w in hier_weights.items())
+    optional = {"depth": depth_score(src, tgt), "sibling": sibling_score(src, tgt),
+                "order": order_score(src, tgt), "exec": exec_score(src, tgt)}
+    out.update({k: v for k, v in optional.items() if v is not None})
+    # Sub-scores a side cannot provide are left out and the remaining weights rescaled.
+    table = HIERARCHY_WEIGHTS_EXEC if "exec" in out else HIERARCHY_WEIGHTS
+    hier_weights = {k: w for k, w in table.items() if k in out}
+    total = sum(hier_weights.values())
+    out["hierarchy"] = sum(w / total * out[k] for k, w in hier_weights.items())
     out["base"] = weights["shape"] * out["shape"] + weights["name"] * out["name"] + weights["hierarchy"] * out["hierarchy"]
     return out

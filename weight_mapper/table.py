@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from weight_mapper.errors import MappingError
-from weight_mapper.names import name_indices, name_skeleton, name_tokens, normalise_leaf, split_name
+from weight_mapper.names import name_indices, name_skeleton, name_tokens, natural_key, normalise_leaf, split_name
 
 __all__ = ["TensorTable", "record_execution_order"]
 
@@ -37,6 +37,8 @@ class TensorTable:
         exec_pos: First-execution position of the owning module in [0, 1], NaN when unknown.
         alias_of: Row of the tensor whose storage this one shares (tied weights), -1 if none.
         label: A short description of where the table came from (model class or file).
+        ordered: Whether row order is definition order (False for safetensors files, whose
+            header is sorted: order-based scores are then left out).
     """
 
     names: tuple[str, ...]
@@ -47,6 +49,7 @@ class TensorTable:
     exec_pos: np.ndarray
     alias_of: np.ndarray
     label: str = ""
+    ordered: bool = True
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -93,13 +96,27 @@ class TensorTable:
         )
 
     @classmethod
+    def from_checkpoint(cls, checkpoint: Any, *, label: str | None = None) -> TensorTable:
+        """Build the table of a :class:`~weight_mapper.checkpoint.Checkpoint` from shapes alone.
+
+        Safetensors files do not keep the order tensors were defined in (their header is
+        sorted), so their rows are put in natural order (``layers.2`` before ``layers.10``),
+        the closest stand-in for definition order.
+        """
+        unordered = checkpoint.format in ("safetensors", "sharded-safetensors")
+        name = label if label is not None else (checkpoint.path.name if checkpoint.path else "checkpoint")
+        return cls.from_state_dict(checkpoint.tensors.meta(), label=name, natural_order=unordered)
+
+    @classmethod
     def from_state_dict(
-        cls, state_dict: Mapping[str, Any], *, label: str = "state_dict"
+        cls, state_dict: Mapping[str, Any], *, label: str = "state_dict", natural_order: bool = False
     ) -> TensorTable:
         """Build the table of a flat state dict.
 
         Values may be tensors (real or meta), or bare shapes (``torch.Size``, tuple or list of
         ints) when only names and shapes are known. Other values are skipped with a warning.
+        ``natural_order=True`` is for sources whose order means nothing: rows are sorted by
+        :func:`~weight_mapper.names.natural_key` and the table is marked ``ordered=False``.
 
         Raises:
             MappingError: If no entry is a tensor or a shape.
@@ -108,7 +125,10 @@ class TensorTable:
         ((3, 2),)
         """
         names, shapes, dtypes, identities, skipped = [], [], [], [], []
-        for name, value in state_dict.items():
+        items = state_dict.items()
+        if natural_order:
+            items = sorted(items, key=lambda kv: natural_key(str(kv[0])))
+        for name, value in items:
             if isinstance(value, torch.Tensor):
                 shapes.append(tuple(value.shape))
                 dtypes.append(str(value.dtype).removeprefix("torch."))
@@ -132,10 +152,10 @@ class TensorTable:
                 "(or to shapes)."
             )
         n = len(names)
-        return cls._build(names, shapes, dtypes, [False] * n, [""] * n, identities, None, label)
+        return cls._build(names, shapes, dtypes, [False] * n, [""] * n, identities, None, label, not natural_order)
 
     @classmethod
-    def _build(cls, names, shapes, dtypes, is_buffer, types, identities, exec_order, label) -> TensorTable:
+    def _build(cls, names, shapes, dtypes, is_buffer, types, identities, exec_order, label, ordered=True) -> TensorTable:
         first_row: dict[Any, int] = {}
         alias_of = np.full(len(names), _CANONICAL, dtype=np.int64)
         for row, ident in enumerate(identities):
@@ -155,6 +175,7 @@ class TensorTable:
             exec_pos=exec_pos,
             alias_of=alias_of,
             label=label,
+            ordered=ordered,
         )
 
     # ------------------------------------------------------------------ derived columns

@@ -7,7 +7,7 @@ entry, and :func:`validate_state_dict` compares the result with a target module 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -17,10 +17,16 @@ from weight_mapper.errors import ConversionError, PlanError
 from weight_mapper.plan import MappingPlan
 from weight_mapper.transforms import get_transform
 
-__all__ = ["apply_plan", "validate_state_dict", "ValidationReport"]
+__all__ = ["apply_plan", "ConvertedTensors", "validate_state_dict", "ValidationReport"]
 
 
-def apply_plan(plan: MappingPlan, tensors: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+def apply_plan(
+    plan: MappingPlan,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    source: str = "checkpoint",
+    targets: Iterable[str] | None = None,
+) -> dict[str, torch.Tensor]:
     """Build the target state dict from ``tensors`` as ``plan`` says.
 
     Entries that copy the same source unchanged share one tensor, so tied weights stay tied.
@@ -29,6 +35,7 @@ def apply_plan(plan: MappingPlan, tensors: Mapping[str, torch.Tensor], *, source
         plan: The mapping plan.
         tensors: Source name -> tensor (a state dict or a lazily loading mapping).
         source: Name of the checkpoint, for error messages.
+        targets: Only build these target keys (one shard's worth when streaming).
 
     Raises:
         PlanError: If a source key is missing or a transform yields the wrong shape.
@@ -40,7 +47,10 @@ def apply_plan(plan: MappingPlan, tensors: Mapping[str, torch.Tensor], *, source
     """
     out: dict[str, torch.Tensor] = {}
     produced: dict[tuple[str, str | None], torch.Tensor] = {}
+    wanted = None if targets is None else set(targets)
     for entry in plan.entries:
+        if wanted is not None and entry.target not in wanted:
+            continue
         if len(entry.source) != 1:
             raise PlanError(f"entry for {entry.target!r} combines {list(entry.source)}; this version applies 1:1 entries only")
         key = (entry.source[0], entry.transform)
@@ -57,6 +67,38 @@ def apply_plan(plan: MappingPlan, tensors: Mapping[str, torch.Tensor], *, source
             produced[key] = result
         out[entry.target] = produced[key]
     return out
+
+
+class ConvertedTensors(Mapping):
+    """The target state dict a plan describes, each tensor computed when it is read.
+
+    Nothing is loaded up front, so a converted 100 GB checkpoint costs no memory until it is
+    saved shard by shard; :meth:`shapes` answers from the plan alone.
+
+    >>> from weight_mapper.plan import PlanEntry
+    >>> p = MappingPlan((PlanEntry(("a",), "b", None, 1.0, 1.0, "tensor", (1,), (1,)),))
+    >>> ConvertedTensors(p, {"a": torch.zeros(1)}).shapes()
+    {'b': (1,)}
+    """
+
+    def __init__(self, plan: MappingPlan, tensors: Mapping[str, torch.Tensor], *, source: str = "checkpoint"):
+        self.plan, self._tensors, self._source = plan, tensors, source
+        self._target2entry = {e.target: e for e in plan.entries}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._target2entry:
+            raise KeyError(key)
+        return apply_plan(self.plan, self._tensors, source=self._source, targets=(key,))[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._target2entry)
+
+    def __len__(self) -> int:
+        return len(self._target2entry)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Target key -> shape, from the plan (no tensor is read)."""
+        return {k: tuple(e.target_shape) for k, e in self._target2entry.items()}
 
 
 def _lookup(tensors: Mapping[str, torch.Tensor], key: str, source: str) -> torch.Tensor:
@@ -116,12 +158,16 @@ def validate_state_dict(
         ConversionError: With ``strict=True``, worded like ``load_state_dict``'s RuntimeError.
     """
     expected = target.state_dict(keep_vars=True)
-    missing = tuple(k for k in expected if k not in state_dict)
-    unexpected = tuple(k for k in state_dict if k not in expected)
+    shapes = (
+        state_dict.shapes() if isinstance(state_dict, ConvertedTensors)
+        else {k: tuple(v.shape) for k, v in state_dict.items()}
+    )
+    missing = tuple(k for k in expected if k not in shapes)
+    unexpected = tuple(k for k in shapes if k not in expected)
     mismatched = tuple(
-        (k, tuple(state_dict[k].shape), tuple(expected[k].shape))
+        (k, shapes[k], tuple(expected[k].shape))
         for k in expected
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+        if k in shapes and shapes[k] != tuple(expected[k].shape)
     )
     report = ValidationReport(missing, unexpected, mismatched)
     if strict and not report.ok:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from weight_mapper.apply import ValidationReport, apply_plan, validate_state_dict
+from weight_mapper.apply import ConvertedTensors, ValidationReport, apply_plan, validate_state_dict
 from weight_mapper.checkpoint import load_checkpoint, save_checkpoint, unwrap_state_dict
-from weight_mapper.errors import ConversionError, PlanError
+from weight_mapper.errors import CheckpointError, ConversionError, PlanError
 from weight_mapper.plan import MappingPlan, PlanEntry
 
 __all__ = ["WeightRenamer"]
@@ -38,20 +43,22 @@ class WeightRenamer:
         if isinstance(checkpoint, (str, Path)):
             ckpt = load_checkpoint(checkpoint, key=key, trust_pickle=trust_pickle)
             self.source_path: Path | None = ckpt.path
+            self.source_files: tuple[Path, ...] = (Path(checkpoint), *ckpt.files)
             self.tensors: Mapping[str, torch.Tensor] = ckpt.tensors
             self.state_key, self.envelope, self.metadata = ckpt.state_key, dict(ckpt.envelope), dict(ckpt.metadata)
             self.source_name = str(checkpoint)
         else:
             tensors, state_key, envelope, _ = unwrap_state_dict(checkpoint, key=key)
             self.source_path = None
+            self.source_files = ()
             self.tensors, self.state_key, self.envelope, self.metadata = tensors, state_key, dict(envelope), {}
             self.source_name = "state_dict"
-        self.renamed: dict[str, torch.Tensor] | None = None
+        self.renamed: ConvertedTensors | None = None
         self.plan: MappingPlan | None = None
 
     def rename_keys(
         self, mapping: Mapping[str, str] | MappingPlan, *, keep_unmapped: bool = False
-    ) -> dict[str, torch.Tensor]:
+    ) -> ConvertedTensors:
         """Apply ``mapping`` (``{old: new}`` or a :class:`MappingPlan`) to the checkpoint.
 
         Args:
@@ -60,22 +67,33 @@ class WeightRenamer:
                 (they would be "unexpected keys" for the target); dropped by default.
 
         Returns:
-            The converted state dict (also kept for :meth:`save` and :meth:`validate`).
+            The converted state dict, a mapping whose tensors are computed when read (also kept
+            for :meth:`save` and :meth:`validate`).
 
         Raises:
             PlanError: If the mapping names a missing key, or two sources land on one target.
         """
         plan = mapping if isinstance(mapping, MappingPlan) else self._plan_from_dict(mapping)
-        out = apply_plan(plan, self.tensors, source=self.source_name)
+        missing = [s for e in plan.entries for s in e.source if s not in self.tensors]
+        if missing:
+            raise PlanError(
+                f"{self.source_name} has no tensor(s) {missing[:5]} that the plan needs; the plan was made "
+                "for another checkpoint. Run `weight-mapper map` again on this one."
+            )
         if keep_unmapped:
             used = {s for e in plan.entries for s in e.source}
+            targets = {e.target for e in plan.entries}
+            extra = []
             for name in self.tensors:
                 if name not in used:
-                    if name in out:
+                    if name in targets:
                         raise PlanError(f"unmapped source key {name!r} collides with a renamed key; map it explicitly")
-                    out[name] = self.tensors[name]
-        self.plan, self.renamed = plan, out
-        return out
+                    shape = tuple(self.tensors[name].shape)
+                    extra.append(PlanEntry((name,), name, None, 1.0, 1.0, "tensor", shape, shape))
+            plan = replace(plan, entries=plan.entries + tuple(extra))
+        self.plan = plan
+        self.renamed = ConvertedTensors(plan, self.tensors, source=self.source_name)
+        return self.renamed
 
     def _plan_from_dict(self, mapping: Mapping[str, str]) -> MappingPlan:
         seen: dict[str, str] = {}
@@ -86,31 +104,83 @@ class WeightRenamer:
             seen[tgt] = src
             if src not in self.tensors:
                 raise PlanError(f"{self.source_name} has no tensor {src!r}; check the mapping's source keys")
-            shape = tuple(self.tensors[src].shape)
+            shape = tuple(self.tensors[src].shape)  # a safetensors source reads only its header here
             entries.append(PlanEntry((src,), tgt, None, 1.0, 1.0, "tensor", shape, shape))
         return MappingPlan(tuple(entries), source_label=self.source_name)
 
-    def _require_renamed(self) -> dict[str, torch.Tensor]:
+    def _require_renamed(self) -> ConvertedTensors:
         if self.renamed is None:
             raise ConversionError("nothing to save yet: call rename_keys(mapping) first")
         return self.renamed
 
-    def save(self, path: str | Path) -> Path:
-        """Save the converted tensors atomically (safetensors by ``.safetensors``, else torch).
+    def _shards(self) -> list[tuple[Path | None, list[str]]]:
+        shards = getattr(self.tensors, "shards", None)
+        return shards() if shards is not None else [(None, list(self.tensors))]
 
-        The envelope (Lightning's epoch, hyper_parameters, ...) is written back around the
-        tensors in torch format. The source checkpoint is never overwritten.
+    def save(self, path: str | Path, *, progress: Any = None) -> Path:
+        """Save the converted tensors atomically.
+
+        - A path ending in ``.safetensors`` writes one safetensors file; any other suffix
+          (``.pt``, ``.pth``, ``.bin``, ``.ckpt``) a torch file with the envelope (Lightning's
+          epoch, hyper_parameters, ...) written back around the tensors.
+        - A path without a suffix writes a sharded safetensors folder, one output shard per
+          source shard plus ``model.safetensors.index.json``, converting shard by shard so
+          that memory is bounded by the largest shard, not the model.
+
+        Args:
+            path: Output file or folder; never the source.
+            progress: Optional callable ``progress(done, total)`` called after each shard.
 
         Raises:
             ConversionError: If :meth:`rename_keys` was not called.
-            CheckpointError: If ``path`` is the source file or cannot be written.
+            CheckpointError: If ``path`` is the source or cannot be written.
         """
-        tensors = self._require_renamed()
-        protected = [self.source_path] if self.source_path is not None else []
-        return save_checkpoint(
+        converted = self._require_renamed()
+        path = Path(path)
+        protected = list(self.source_files)
+        if path.suffix == "":
+            return self._save_sharded(path, converted, progress)
+        tensors = apply_plan(converted.plan, self.tensors, source=self.source_name)
+        out = save_checkpoint(
             tensors, path, envelope=self.envelope, state_key=self.state_key, metadata=self.metadata or None,
             protected=protected,
         )
+        if progress is not None:
+            progress(1, 1)
+        return out
+
+    def _save_sharded(self, folder: Path, converted: ConvertedTensors, progress: Any) -> Path:
+        source_dirs = {p.resolve() for p in self.source_files} | {p.resolve().parent for p in self.source_files}
+        if folder.resolve() in source_dirs:
+            raise CheckpointError(f"Refusing to overwrite the source checkpoint {folder}; choose another output path")
+        if folder.exists():
+            raise CheckpointError(f"{folder} already exists; choose a new folder for the sharded output")
+        if not folder.parent.is_dir():
+            raise CheckpointError(f"cannot write {folder}: folder {folder.parent} does not exist")
+        source2targets: dict[str, list[str]] = {}
+        for e in converted.plan.entries:
+            source2targets.setdefault(e.source[0], []).append(e.target)
+        shards = [[t for name in names for t in source2targets.get(name, [])] for _, names in self._shards()]
+        shards = [s for s in shards if s]
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+        try:
+            weight_map, total_size = {}, 0
+            for i, targets in enumerate(shards, start=1):
+                shard_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                tensors = apply_plan(converted.plan, self.tensors, source=self.source_name, targets=targets)
+                save_checkpoint(tensors, tmp / shard_name, metadata=self.metadata or None)
+                total_size += sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors.values()}.values())
+                weight_map.update({t: shard_name for t in targets})
+                del tensors
+                if progress is not None:
+                    progress(i, len(shards))
+            index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            os.rename(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return folder
 
     def validate(self, target_module: nn.Module, *, strict: bool = False) -> ValidationReport:
         """Compare the converted tensors with ``target_module``'s keys and shapes.

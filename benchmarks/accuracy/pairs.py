@@ -1,0 +1,180 @@
+"""The architecture pairs: how to build each side with random weights, feed it, and the ground truth.
+
+Every pair is data in :data:`PAIRS`. A builder returns ``(source, target)`` freshly initialised
+(never downloaded); ``truth`` turns the source's keys into ``{source_key: target_key}`` through
+a rule table of :mod:`benchmarks.accuracy.rules` or :mod:`benchmarks.accuracy.synthetic`.
+``not_1to1`` lists target tensors that are *concatenations* of source tensors: the matcher
+cannot produce those, so they are excluded from scoring and listed in the report.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from benchmarks.accuracy import rules, synthetic
+
+__all__ = ["Pair", "PAIRS", "REPO_ROOT"]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+Builder = Callable[[], tuple[nn.Module, nn.Module]]
+InputMaker = Callable[[int, torch.Generator], Any]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One source architecture, one target architecture, and what maps to what.
+
+    Attributes:
+        name: Short id used on the command line and in the table.
+        source, target: Human-readable descriptions.
+        build: Returns fresh ``(source_model, target_model)`` with random weights.
+        make_input: ``(batch, generator) -> input`` accepted by both models.
+        truth: Source keys -> the 1:1 ground truth ``{source_key: target_key}``.
+        not_1to1: Target key -> source keys concatenated on dim 0 to make it (scored apart).
+        output: Picks the output tensor out of what either model returns (HF returns an object).
+        requires: Modules that must import for this pair to run.
+        note: One line for the README.
+    """
+
+    name: str
+    source: str
+    target: str
+    build: Builder
+    make_input: InputMaker
+    truth: Callable[[list[str]], dict[str, str]]
+    not_1to1: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    output: Callable[[Any], torch.Tensor] = lambda out: getattr(out, "logits", out)
+    requires: tuple[str, ...] = ()
+    note: str = ""
+
+
+def _image(size: int) -> InputMaker:
+    return lambda batch, gen: torch.randn(batch, 3, size, size, generator=gen)
+
+
+def _tokens(vocab: int, length: int) -> InputMaker:
+    return lambda batch, gen: torch.randint(0, vocab, (batch, length), generator=gen)
+
+
+def _by_rules(table: rules.Rules, *, skip: tuple[str, ...] = ()) -> Callable[[list[str]], dict[str, str]]:
+    return lambda keys: rules.rename_all([k for k in keys if k not in skip], table)
+
+
+def _tv_timm(tv_name: str, timm_name: str) -> Builder:
+    def build():
+        import timm
+        import torchvision
+
+        return getattr(torchvision.models, tv_name)(weights=None), timm.create_model(timm_name, pretrained=False)
+
+    return build
+
+
+# ---------------------------------------------------------------------------- Llama
+_LLAMA = dict(vocab=128, dim=64, hidden=160, layers=4, heads=4, kv_heads=2, eps=1e-6, theta=10000.0)
+
+
+def _reference_llama():
+    """``tests/reference_llama.py``, imported by path (the tests folder is not a package)."""
+    path = REPO_ROOT / "tests" / "reference_llama.py"
+    spec = importlib.util.spec_from_file_location("_benchmark_reference_llama", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _build_llama():
+    import transformers
+
+    c = _LLAMA
+    config = transformers.LlamaConfig(
+        vocab_size=c["vocab"], hidden_size=c["dim"], intermediate_size=c["hidden"],
+        num_hidden_layers=c["layers"], num_attention_heads=c["heads"], num_key_value_heads=c["kv_heads"],
+        max_position_embeddings=64, rms_norm_eps=c["eps"], rope_theta=c["theta"], tie_word_embeddings=False,
+    )
+    ref = _reference_llama()
+    tune = ref.TransformerDecoder(c["vocab"], c["dim"], c["hidden"], c["layers"], c["heads"], c["kv_heads"], c["eps"], c["theta"])
+    return transformers.LlamaForCausalLM(config), tune
+
+
+def _llama_truth(keys: list[str]) -> dict[str, str]:
+    truth = _reference_llama().hf_to_tune_truth(_LLAMA["layers"])
+    missing = sorted(set(keys) - set(truth))
+    if missing:
+        raise KeyError(f"hf_to_tune_truth does not cover source keys {missing[:5]}")
+    return {k: truth[k] for k in keys}
+
+
+# ---------------------------------------------------------------------------- the table
+PAIRS: tuple[Pair, ...] = (
+    Pair(
+        "resnet50", "torchvision resnet50", "timm resnet50",
+        _tv_timm("resnet50", "resnet50"), _image(224), _by_rules(rules.IDENTITY),
+        requires=("torchvision", "timm"), note="identical names on both sides: a sanity check",
+    ),
+    Pair(
+        "mobilenet_v2", "torchvision mobilenet_v2", "timm mobilenetv2_100",
+        _tv_timm("mobilenet_v2", "mobilenetv2_100"), _image(224), _by_rules(rules.tv_mobilenet_v2_to_timm()),
+        requires=("torchvision", "timm"), note="flat features.N -> nested blocks.S.B; stem/head renamed",
+    ),
+    Pair(
+        "vit_b_16", "torchvision vit_b_16", "timm vit_base_patch16_224",
+        _tv_timm("vit_b_16", "vit_base_patch16_224"), _image(224), _by_rules(rules.TV_VIT_TO_TIMM),
+        requires=("torchvision", "timm"), note="both fuse q/k/v as one [3d, d] tensor, so all 1:1",
+    ),
+    Pair(
+        "regnet_y_400mf", "torchvision regnet_y_400mf", "timm regnety_004",
+        _tv_timm("regnet_y_400mf", "regnety_004"), _image(224), _by_rules(rules.TV_REGNET_TO_TIMM),
+        requires=("torchvision", "timm"),
+        note="blockS-B -> sS.b(B+1); shortcut defined first vs last, same shape as conv1 in stage 1",
+    ),
+    Pair(
+        "llama", "HF LlamaForCausalLM (4 layers, d=64, GQA)", "torchtune-style decoder (tests/reference_llama.py)",
+        _build_llama, _tokens(_LLAMA["vocab"], 16), _llama_truth,
+        requires=("transformers",), note="the proven pair of tests/test_real_models.py, 4 layers",
+    ),
+    Pair(
+        "syn_renamed", "OldResNet (synthetic)", "NewResNet (synthetic)",
+        lambda: (synthetic.OldResNet(), synthetic.NewResNet()), _image(32), _by_rules(synthetic.RENAMED_RULES),
+        note="every module renamed; stage1..3 -> layers.0..2",
+    ),
+    Pair(
+        "syn_regrouped", "FlatVGG (synthetic)", "NestedVGG (synthetic)",
+        lambda: (synthetic.FlatVGG(), synthetic.NestedVGG()), _image(32), _by_rules(synthetic.regrouped_rules()),
+        note="flat features.N (counting ReLU/pool) -> stages.S.blocks.B",
+    ),
+    Pair(
+        "syn_reordered", "StackedMLP (synthetic)", "ShuffledMLP (synthetic)",
+        lambda: (synthetic.StackedMLP(), synthetic.ShuffledMLP()),
+        lambda batch, gen: torch.randn(batch, *synthetic.MLP_INPUT_SHAPE, generator=gen),
+        _by_rules(synthetic.REORDERED_RULES),
+        note="6 identical blocks under position-free keys, defined in another order than run: needs dummy_input",
+    ),
+    Pair(
+        "syn_fused_qkv", "SplitQKVTransformer (synthetic)", "FusedQKVTransformer (synthetic)",
+        lambda: (synthetic.SplitQKVTransformer(), synthetic.FusedQKVTransformer()), _tokens(synthetic.ATT_VOCAB, 12),
+        _by_rules(synthetic.FUSED_QKV_RULES, skip=tuple(synthetic.fused_qkv_source_keys_left_out())),
+        not_1to1=synthetic.fused_qkv_not_1to1(),
+        note="q/k/v -> fused qkv is a concatenation: scored on the 1:1 part only",
+    ),
+)
+
+
+def missing_requirements(pair: Pair) -> list[str]:
+    """Modules this pair needs that do not import here (torchvision beside torch 2.13 does not)."""
+    missing = []
+    for name in pair.requires:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - a broken install fails in many ways; all mean "skip"
+            missing.append(name)
+    return missing

@@ -1,0 +1,132 @@
+"""Ground truth as data: rename tables from one architecture's keys to another's.
+
+Each table is a tuple of ``(pattern, replacement)`` rules in the spirit of torchtune's
+``_FROM_HF`` dicts. :func:`rename_all` applies one table to every source key: the first rule
+whose pattern *fully* matches a key rewrites it (``re.sub`` syntax, or a callable taking the
+match). A key that no rule matches is an error, so a table either covers the whole source
+state dict or says loudly which key it forgot.
+
+Nothing here looks at the matcher: the tables were written from the two libraries' module
+definitions, and each one is *proved* by :mod:`benchmarks.accuracy.run` (load the source through
+the table into the target with ``strict=True``, compare outputs).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+
+Replacement = str | Callable[[re.Match], str]
+Rules = Sequence[tuple[str, Replacement]]
+
+__all__ = [
+    "rename_all",
+    "IDENTITY",
+    "TV_VIT_TO_TIMM",
+    "TV_REGNET_TO_TIMM",
+    "tv_mobilenet_v2_to_timm",
+]
+
+
+def rename_all(keys: Iterable[str], rules: Rules) -> dict[str, str]:
+    """``{source_key: target_key}`` for every key, by the first fully matching rule.
+
+    Raises:
+        KeyError: If a key matches no rule (the table is incomplete).
+
+    >>> rename_all(["a.0.w"], [(r"a\\.(\\d+)\\.(.*)", r"b.\\1.\\2")])
+    {'a.0.w': 'b.0.w'}
+    """
+    compiled = [(re.compile(p), r) for p, r in rules]
+    out: dict[str, str] = {}
+    for key in keys:
+        for pattern, replacement in compiled:
+            if pattern.fullmatch(key):
+                out[key] = pattern.sub(replacement, key, count=1)
+                break
+        else:
+            raise KeyError(f"no ground-truth rule matches source key {key!r}")
+    return out
+
+
+# torchvision resnet50 -> timm resnet50: the two libraries use the same names.
+IDENTITY: Rules = ((r"(.*)", r"\1"),)
+
+# torchvision vit_b_16 -> timm vit_base_patch16_224. Both keep q/k/v fused as one [3d, d]
+# projection in the same (q, k, v) order, so every tensor maps 1:1.
+TV_VIT_TO_TIMM: Rules = (
+    (r"class_token", "cls_token"),
+    (r"conv_proj\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"encoder\.pos_embedding", "pos_embed"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.ln_1\.(weight|bias)", r"blocks.\1.norm1.\2"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.in_proj_(weight|bias)", r"blocks.\1.attn.qkv.\2"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.out_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.ln_2\.(weight|bias)", r"blocks.\1.norm2.\2"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.0\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+    (r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.3\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+    (r"encoder\.ln\.(weight|bias)", r"norm.\1"),
+    (r"heads\.head\.(weight|bias)", r"head.\1"),
+)
+
+# torchvision regnet_y_400mf -> timm regnety_004. torchvision counts blocks from 0
+# (block2-0) and defines the shortcut (proj) first; timm counts from 1 (s2.b1) and defines
+# the shortcut (downsample) last.
+_REGNET_BLOCK = r"trunk_output\.block(\d+)\.block\1-(\d+)\."
+
+
+def _regnet_block(leaf: str) -> Callable[[re.Match], str]:
+    return lambda m: f"s{m[1]}.b{int(m[2]) + 1}.{leaf}.{m[3]}"
+
+
+TV_REGNET_TO_TIMM: Rules = (
+    (r"stem\.0\.(.*)", r"stem.conv.\1"),
+    (r"stem\.1\.(.*)", r"stem.bn.\1"),
+    (_REGNET_BLOCK + r"proj\.0\.(.*)", _regnet_block("downsample.conv")),
+    (_REGNET_BLOCK + r"proj\.1\.(.*)", _regnet_block("downsample.bn")),
+    (_REGNET_BLOCK + r"f\.a\.0\.(.*)", _regnet_block("conv1.conv")),
+    (_REGNET_BLOCK + r"f\.a\.1\.(.*)", _regnet_block("conv1.bn")),
+    (_REGNET_BLOCK + r"f\.b\.0\.(.*)", _regnet_block("conv2.conv")),
+    (_REGNET_BLOCK + r"f\.b\.1\.(.*)", _regnet_block("conv2.bn")),
+    (_REGNET_BLOCK + r"f\.se\.fc1\.(.*)", _regnet_block("se.fc1")),
+    (_REGNET_BLOCK + r"f\.se\.fc2\.(.*)", _regnet_block("se.fc2")),
+    (_REGNET_BLOCK + r"f\.c\.0\.(.*)", _regnet_block("conv3.conv")),
+    (_REGNET_BLOCK + r"f\.c\.1\.(.*)", _regnet_block("conv3.bn")),
+    (r"fc\.(weight|bias)", r"head.fc.\1"),
+)
+
+# MobileNetV2's inverted-residual settings: blocks per stage (torchvision and timm agree).
+MOBILENET_V2_BLOCKS = (1, 2, 3, 4, 3, 3, 1)
+
+# Inside one block. The first block has no expansion (timm: DepthwiseSeparableConv).
+_MBV2_FIRST_BLOCK = {"conv.0.0": "conv_dw", "conv.0.1": "bn1", "conv.1": "conv_pw", "conv.2": "bn2"}
+_MBV2_BLOCK = {
+    "conv.0.0": "conv_pw", "conv.0.1": "bn1",
+    "conv.1.0": "conv_dw", "conv.1.1": "bn2",
+    "conv.2": "conv_pwl", "conv.3": "bn3",
+}
+
+
+def tv_mobilenet_v2_to_timm(blocks_per_stage: Sequence[int] = MOBILENET_V2_BLOCKS) -> Rules:
+    """Rules for torchvision ``mobilenet_v2`` -> timm ``mobilenetv2_100``.
+
+    torchvision numbers every layer in one flat ``features`` Sequential (stem = 0, blocks =
+    1..17, head conv = 18); timm nests the blocks as ``blocks.<stage>.<block>`` and names
+    the stem and head.
+    """
+    rules: list[tuple[str, Replacement]] = [
+        (r"features\.0\.0\.(.*)", r"conv_stem.\1"),
+        (r"features\.0\.1\.(.*)", r"bn1.\1"),
+    ]
+    feature = 1
+    for stage, n_blocks in enumerate(blocks_per_stage):
+        for block in range(n_blocks):
+            inner = _MBV2_FIRST_BLOCK if feature == 1 else _MBV2_BLOCK
+            for tv, tm in inner.items():
+                rules.append((rf"features\.{feature}\.{re.escape(tv)}\.(.*)", rf"blocks.{stage}.{block}.{tm}.\1"))
+            feature += 1
+    rules += [
+        (rf"features\.{feature}\.0\.(.*)", r"conv_head.\1"),
+        (rf"features\.{feature}\.1\.(.*)", r"bn2.\1"),
+        (r"classifier\.1\.(.*)", r"classifier.\1"),
+    ]
+    return tuple(rules)

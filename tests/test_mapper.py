@@ -284,3 +284,28 @@ def test_renamer_round_trip_through_a_file(tmp_path):
     new.load_state_dict(load_file(out))
     x = torch.randn(1, 3, 8, 8)
     assert torch.equal(new.eval()(x), old.eval()(x))
+
+
+def test_explain_gives_scores_and_alternatives():
+    mapper = WeightMapper(OldModel(), PartiallyCompatible())
+    mapper.suggest_mapping()
+    why = mapper.explain("classifier.2.weight")
+    assert why["target"] == "classifier.2.weight" and why["level"] == "group"
+    assert set(why["components"]) == {"shape", "name", "hierarchy", "context"}
+    assert {"tokens", "edit", "lcs", "index", "leaf", "depth", "order"} <= set(why["sub_scores"])
+    assert why["score"] == pytest.approx(mapper.get_mapping_with_scores()["classifier.2.weight"][1])
+    assert all(a["score"] <= why["score"] for a in why["alternatives"])
+    lost = mapper.explain("backbone.0.bias")
+    assert lost["target"] is None and lost["score"] is None
+    with pytest.raises(MappingError, match="not a source tensor"):
+        mapper.explain("nope.weight")
+
+
+def test_explain_lists_the_runner_up_of_an_ambiguous_match():
+    src = {"a.weight": torch.zeros(4, 4), "b.weight": torch.zeros(4, 4)}
+    tgt = {"x.weight": torch.zeros(4, 4), "y.weight": torch.zeros(4, 4)}
+    mapper = WeightMapper(src, tgt)
+    mapper.suggest_mapping(threshold=0.0, weights={"shape": 1.0})
+    why = mapper.explain("a.weight")
+    assert len(why["alternatives"]) == 1
+    assert why["alternatives"][0]["score"] == pytest.approx(why["score"])

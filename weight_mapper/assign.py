@@ -163,6 +163,31 @@ def _tensor_bucket_key(shape: tuple[int, ...], tolerance: float) -> str:
 
 # ---------------------------------------------------------------------------- rounds
 @dataclass(frozen=True, eq=False)
+class LevelDetail:
+    """What one level solved, kept to explain a match: candidates, buckets, final totals.
+
+    ``totals[k]`` and ``contexts[k]`` are bucket ``k``'s final score and context matrices;
+    ``src``/``tgt`` the matched candidate positions.
+    """
+
+    src_items: Items
+    tgt_items: Items
+    buckets: tuple[_Bucket, ...]
+    totals: tuple[np.ndarray, ...]
+    contexts: tuple[np.ndarray | None, ...]
+    src: np.ndarray
+    tgt: np.ndarray
+
+    def locate(self, item: int) -> tuple[int, int] | None:
+        """``(bucket, row)`` of source candidate ``item``, or None if it was in no bucket."""
+        for k, b in enumerate(self.buckets):
+            hit = np.flatnonzero(b.src == item)
+            if len(hit):
+                return k, int(hit[0])
+        return None
+
+
+@dataclass(frozen=True, eq=False)
 class _LevelResult:
     src: np.ndarray  # positions in the level's source Items
     tgt: np.ndarray
@@ -173,6 +198,7 @@ class _LevelResult:
     bucket_sizes: list[tuple[int, int]]
     rounds: int
     converged: bool
+    detail: LevelDetail
 
 
 def _module_map(
@@ -222,7 +248,8 @@ def _solve_level(
                 total = base
             weight = np.where(b.allowed & (total >= threshold), total + b.tie + _TIE_EPS, 0.0)
             rows, cols = solve(weight)
-            margin, runner = pair_margins(weight, rows, cols)
+            # Margins count every admissible alternative, also one just under the threshold.
+            margin, runner = pair_margins(np.where(b.allowed, total + _TIE_EPS, 0.0), rows, cols)
             parts.append((b, rows, cols, total, ctx, margin, runner))
         src = np.concatenate([b.src[r] for b, r, *_ in parts]) if parts else np.zeros(0, np.int64)
         tgt = np.concatenate([b.tgt[c] for b, _, c, *_ in parts]) if parts else np.zeros(0, np.int64)
@@ -242,10 +269,13 @@ def _solve_level(
             components[comp].append(b.scores[comp][r, c])
         components["context"].append(ctx[r, c] if ctx is not None else np.full(len(r), np.nan))
     cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)  # noqa: E731
+    detail = LevelDetail(src_items, tgt_items, tuple(buckets), tuple(p[3] for p in parts), tuple(p[4] for p in parts),
+                         src, tgt)
     result = _LevelResult(
         src=src, tgt=tgt, score=cat(scores), margin=cat(margins), runner_up=cat(runners),
         components={k: cat(v) for k, v in components.items()},
         bucket_sizes=[(len(b.src), len(b.tgt)) for b in buckets], rounds=rounds, converged=converged,
+        detail=detail,
     )
     return result, votes
 
@@ -264,6 +294,7 @@ class Assignment:
         rounds: Hierarchy-context rounds run at the group level and the tensor level.
         converged: Whether both levels stopped because the assignment stopped changing.
         largest_bucket: Size ``(n_src, n_tgt)`` of the largest assignment problem solved.
+        levels: ``{"group": LevelDetail, "tensor": LevelDetail}`` for explanations.
     """
 
     src: np.ndarray
@@ -275,6 +306,7 @@ class Assignment:
     rounds: tuple[int, int]
     converged: bool
     largest_bucket: tuple[int, int] = field(default=(0, 0))
+    levels: dict = field(default_factory=dict)
 
 
 def assign(
@@ -359,6 +391,7 @@ def assign(
         rounds=(groups.rounds, tensors.rounds),
         converged=groups.converged and tensors.converged,
         largest_bucket=max(sizes, key=lambda s: s[0] * s[1], default=(0, 0)),
+        levels={"group": groups.detail, "tensor": tensors.detail},
     )
 
 
@@ -366,3 +399,80 @@ def _sorted_members(table: TensorTable, rows: np.ndarray) -> np.ndarray:
     """Members ordered by (leaf, shape), the order their signature lists them in."""
     keys = [f"{table.leaves[r]}:{'x'.join(map(str, table.shapes[r]))}" for r in rows]
     return rows[np.argsort(keys, kind="stable")]
+
+
+def explain(
+    assignment: Assignment, src_table: TensorTable, name: str, *, top_k: int = 5
+) -> dict:
+    """Why source tensor ``name`` was matched as it was: its scores and its best alternatives.
+
+    The explanation is taken at the level the tensor was matched on (its module group, or the
+    tensor alone for fallback matches), from the final round's score matrices.
+
+    Returns:
+        ``{"source", "level", "candidate", "target_label", "score", "components",
+        "sub_scores", "alternatives"}``. ``candidate`` and ``target_label`` are the names
+        compared (module paths at the group level); ``target_label``/``score`` are None when
+        the tensor stayed unmatched; each alternative is ``{"label", "score", "components"}``,
+        best first.
+
+    Raises:
+        MappingError: If ``name`` is not a source tensor.
+    """
+    from weight_mapper.errors import MappingError
+
+    if name not in src_table.name2row:
+        raise MappingError(f"{name!r} is not a source tensor; source tensors are e.g. {list(src_table.names[:3])}")
+    row = int(src_table.name2row[name])
+    if not src_table.is_canonical[row]:
+        row = int(src_table.alias_of[row])
+    candidates = (
+        ("group", src_table.modules[row]),
+        ("tensor", src_table.names[row]),
+    )
+    for level, label in candidates:
+        detail: LevelDetail | None = assignment.levels.get(level)
+        if detail is None:
+            continue
+        positions = [i for i, lab in enumerate(detail.src_items.labels) if lab == label]
+        if level == "tensor":
+            positions = [i for i in positions if detail.src_items.rows[i] == row]
+        if not positions:
+            continue
+        where = detail.locate(positions[0])
+        if where is None:
+            continue
+        k, i = where
+        bucket, total, ctx = detail.buckets[k], detail.totals[k], detail.contexts[k]
+        matched = np.flatnonzero(detail.src == bucket.src[i])
+        chosen = None
+        if len(matched):
+            chosen = int(np.flatnonzero(bucket.tgt == detail.tgt[matched[0]])[0])
+
+        def parts(j: int) -> dict:
+            comps = {c: float(bucket.scores[c][i, j]) for c in ("shape", "name", "hierarchy")}
+            comps["context"] = float(ctx[i, j]) if ctx is not None else None
+            return comps
+
+        sub = {} if chosen is None else {
+            k2: float(v[i, chosen]) for k2, v in bucket.scores.items()
+            if k2 not in ("shape", "name", "hierarchy", "base")
+        }
+        order = np.argsort(-np.where(bucket.allowed[i], total[i], -np.inf), kind="stable")
+        alternatives = [
+            {"label": detail.tgt_items.labels[bucket.tgt[j]], "score": float(total[i, j]), "components": parts(int(j))}
+            for j in order
+            if j != chosen and bucket.allowed[i, j]
+        ][:top_k]
+        return {
+            "source": name,
+            "level": level,
+            "candidate": label,
+            "target_label": None if chosen is None else detail.tgt_items.labels[bucket.tgt[chosen]],
+            "score": None if chosen is None else float(total[i, chosen]),
+            "components": None if chosen is None else parts(chosen),
+            "sub_scores": sub,
+            "alternatives": alternatives,
+        }
+    return {"source": name, "level": None, "candidate": None, "target_label": None, "score": None,
+            "components": None, "sub_scores": {}, "alternatives": []}

@@ -149,7 +149,7 @@ class WeightMapper:
         solver, use_context, min_threshold, withhold, forced = STRATEGIES[strategy]
         weights = validate_weights(forced if forced is not None else weights)
         threshold = max(float(threshold), min_threshold)
-        assignment = assign(
+        self._assignment = assignment = assign(
             self.source_table,
             self.target_table,
             weights=weights,
@@ -198,6 +198,28 @@ class WeightMapper:
         """``{"source": [...], "target": [...]}``: tensors the last suggestion left out."""
         plan = self._require_plan()
         return {"source": list(plan.unmatched_source), "target": list(plan.unmatched_target)}
+
+    def explain(self, source_name: str, *, top_k: int = 5) -> dict:
+        """Why ``source_name`` went where it did: component and sub-scores, top alternatives.
+
+        Adds ``target`` (the target tensor the plan fills from it, or None) and the component
+        ``weights`` to the dict of :func:`weight_mapper.assign.explain`. Runs ``suggest_mapping()`` with defaults first if needed. See
+        :func:`weight_mapper.assign.explain` for the returned dict.
+
+        Raises:
+            MappingError: If ``source_name`` is not a source tensor.
+        """
+        from weight_mapper.assign import explain
+
+        plan = self._require_plan()
+        name = source_name
+        if plan.source_prefix and name.startswith(plan.source_prefix):
+            name = name[len(plan.source_prefix):]
+        out = explain(self._assignment, self.source_table, name, top_k=top_k)
+        out["source"] = source_name
+        out["target"] = plan.mapping.get(source_name)
+        out["weights"] = dict(plan.weights)
+        return out
 
     # ------------------------------------------------------------------ reporting
     def print_analysis(self, top_n: int = 10, show_unmatched: bool = True, *, console: Any = None) -> None:

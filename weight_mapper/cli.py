@@ -1,49 +1,650 @@
-"""The ``weight-mapper`` command line (also ``python -m weight_mapper``)."""
+"""The ``weight-mapper`` command line (also ``python -m weight_mapper``).
+
+The verbs follow the pipeline: ``inspect`` a checkpoint, ``map`` it onto a target (writes a
+plan), ``apply`` the plan (writes the converted checkpoint). ``demo`` runs the whole pipeline
+on a built-in example. Exit codes: 0 on success, 1 on a :class:`WeightMapperError` (its
+message goes to stderr), 2 on a usage error. ``--json`` prints machine-readable output on
+stdout and nothing else.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import json
+import os
+import shlex
 import sys
-from collections.abc import Sequence
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
-from weight_mapper.errors import WeightMapperError
+import networkx as nx
+import torch
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+from rich.tree import Tree
+from torch import nn
+
+from weight_mapper.apply import ValidationReport
+from weight_mapper.checkpoint import Checkpoint, detect_wrapper_prefix, load_checkpoint, write_text_atomic
+from weight_mapper.errors import CheckpointError, ConversionError, MappingError, PlanError, WeightMapperError
+from weight_mapper.mapper import STRATEGIES, WeightMapper
+from weight_mapper.plan import MappingPlan
+from weight_mapper.renamer import WeightRenamer
+from weight_mapper.report import report_dict
+from weight_mapper.table import TensorTable
+from weight_mapper.tree import ROOT, ModuleTree
 
 __all__ = ["main", "build_parser"]
 
+_PROG = "weight-mapper"
+_FACTORY_FORM = "'package.module:callable'"
+_FACTORY_HELP = (f"a model factory {_FACTORY_FORM}: a function or class, importable from the current folder "
+                 "or PYTHONPATH, that builds the model with no arguments")
+# Show a progress bar while converting from this many tensors on (or from several shards).
+_PROGRESS_MIN_TENSORS = 300
+# inspect's module tree lists at most this many children per module, then sums up the rest.
+_TREE_MAX_CHILDREN = 12
+_SAFETENSORS_SUFFIX = ".safetensors"
+_COUNT_SUFFIXES = ("", "K", "M", "B", "T")
+_BYTE_SUFFIXES = (" B", " kB", " MB", " GB", " TB")
+
+
+# ------------------------------------------------------------------------------------ inspect
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    ckpt = load_checkpoint(args.checkpoint, key=args.key, trust_pickle=args.trust_pickle)
+    summary = _inspect_summary(ckpt, Path(args.checkpoint), depth=args.depth)
+    if args.json:
+        _print_json(summary)
+    else:
+        Console().print(_inspect_renderable(summary, ckpt.envelope, depth=args.depth))
+    return 0
+
+
+def _inspect_summary(ckpt: Checkpoint, path: Path, *, depth: int) -> dict[str, Any]:
+    """What ``inspect --json`` prints; reads names, shapes and dtypes only, never tensor data."""
+    table = _table_with_ties(ckpt, label=path.name)
+    name2dtype = ckpt.tensors.dtypes()
+    n_bytes = sum(int(table.numel[row]) * name2dtype[name].itemsize
+                  for row, name in enumerate(table.names) if table.is_canonical[row])
+    dtype2count = Counter(str(name2dtype[name]).removeprefix("torch.") for name in table.names)
+    prefix = detect_wrapper_prefix(table.names)
+    return {
+        "path": str(path),
+        "format": ckpt.format,
+        "n_tensors": len(table),
+        "n_tied": int((~table.is_canonical).sum()),
+        "n_parameters": table.n_parameters,
+        "n_bytes": n_bytes,
+        "dtypes": dict(dtype2count.most_common()),
+        "state_key": ckpt.state_key,
+        "envelope_keys": [str(k) for k in ckpt.envelope],
+        "wrapper_prefix": prefix,
+        "n_shards": len(ckpt.tensors.shards()),
+        "skipped": list(ckpt.skipped),
+        "metadata": dict(ckpt.metadata),
+        # The depth counts below the wrapper prefix: "model." alone would fill a level.
+        "modules": _module_rows(table, depth=depth + prefix.count(".")),
+    }
+
+
+def _table_with_ties(ckpt: Checkpoint, *, label: str) -> TensorTable:
+    """The checkpoint's table without reading tensor data, tied names marked as aliases.
+
+    ``TensorSource.meta()`` gives every name its own meta tensor, so ties would be counted twice.
+    """
+    if ckpt.format == "torch":
+        # Memory-mapped already: the table reads storage pointers, not data, to find ties.
+        return TensorTable.from_state_dict(ckpt.tensors, label=label)
+    name2meta = ckpt.tensors.meta()
+    # Safetensors files record tied names in their metadata; one shared meta tensor marks the tie.
+    for alias, kept in getattr(ckpt.tensors, "_aliases", {}).items():
+        name2meta[alias] = name2meta[kept]
+    # Their headers are sorted by name, so rows go in natural order (as TensorTable.from_checkpoint does).
+    return TensorTable.from_state_dict(name2meta, label=label,
+                                       natural_order=ckpt.format.endswith("safetensors"))
+
+
+def _module_rows(table: TensorTable, *, depth: int) -> list[dict[str, Any]]:
+    """Modules down to ``depth``, in definition order, with the tensors and parameters under each.
+
+    Parameters are counted over canonical tensors, so a tied weight counts once, at its first name.
+    """
+    tree = ModuleTree(table)
+    path2n_tensors: Counter[str] = Counter()
+    path2n_parameters: Counter[str] = Counter()
+    for row, module in enumerate(table.modules):
+        numel = int(table.numel[row]) if table.is_canonical[row] else 0
+        path = module
+        while True:
+            path2n_tensors[path] += 1
+            path2n_parameters[path] += numel
+            if path == ROOT:
+                break
+            path = path.rpartition(".")[0]
+    return [
+        {"path": path, "depth": tree.graph.nodes[path]["depth"],
+         "n_tensors": path2n_tensors[path], "n_parameters": path2n_parameters[path]}
+        for path in nx.dfs_preorder_nodes(tree.graph, ROOT, depth_limit=depth) if path != ROOT
+    ]
+
+
+def _inspect_renderable(summary: Mapping[str, Any], envelope: Mapping, *, depth: int) -> Group:
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold")
+    facts.add_column()
+    n_tensors = f"{summary['n_tensors']:,}"
+    if summary["n_tied"]:
+        n_tensors += f" ({summary['n_tied']} tied to another name)"
+    facts.add_row("format", summary["format"])
+    facts.add_row("tensors", n_tensors)
+    n_parameters = f"{summary['n_parameters']:,}"
+    if summary["n_parameters"] >= 1000:
+        n_parameters += f" ({_human(summary['n_parameters'])})"
+    facts.add_row("parameters", f"{n_parameters}, {_human(summary['n_bytes'], suffixes=_BYTE_SUFFIXES)}")
+    facts.add_row("dtypes", ", ".join(f"{dtype} x{n}" for dtype, n in summary["dtypes"].items()))
+    if summary["n_shards"] > 1:
+        facts.add_row("shards", str(summary["n_shards"]))
+    facts.add_row("state key", Text(repr(summary["state_key"]) if summary["state_key"] else "none (bare state dict)"))
+    if envelope:
+        facts.add_row("envelope", Text(", ".join(f"{k}={_preview(v)}" for k, v in envelope.items())))
+    if summary["wrapper_prefix"]:
+        facts.add_row("wrapper prefix",
+                      Text(f"{summary['wrapper_prefix']!r} (map ignores it when the target lacks it)"))
+    if summary["skipped"]:
+        facts.add_row("skipped", Text(f"{len(summary['skipped'])} non-tensor entries: "
+                                      + ", ".join(summary["skipped"][:5])))
+    if summary["metadata"]:
+        facts.add_row("metadata", Text(", ".join(f"{k}={v}" for k, v in summary["metadata"].items())))
+    title = Text(summary["path"], style="bold")
+    root = Tree(Text.assemble((Path(summary["path"]).name, "bold"), "  ",
+                              _counts(summary["n_tensors"], summary["n_parameters"])))
+    _fill_tree(root, summary["modules"])
+    return Group(Panel(facts, title=title, expand=False), Text(f"Modules (depth {depth})", style="bold"), root)
+
+
+def _fill_tree(root: Tree, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Hang the preorder ``rows`` under ``root``; past the cap, sum a parent's other children up."""
+    path2node: dict[str, Tree] = {ROOT: root}
+    parent2n_shown: Counter[str] = Counter()
+    parent2hidden: dict[str, list[int]] = {}  # parent -> [modules, tensors, parameters] not shown
+    for row in rows:
+        parent = row["path"].rpartition(".")[0]
+        if parent not in path2node:
+            continue  # under a child that was not shown
+        if parent2n_shown[parent] >= _TREE_MAX_CHILDREN:
+            hidden = parent2hidden.setdefault(parent, [0, 0, 0])
+            hidden[0] += 1
+            hidden[1] += row["n_tensors"]
+            hidden[2] += row["n_parameters"]
+            continue
+        parent2n_shown[parent] += 1
+        label = Text.assemble(row["path"].rpartition(".")[2], "  ", _counts(row["n_tensors"], row["n_parameters"]))
+        path2node[row["path"]] = path2node[parent].add(label)
+    for parent, (n_modules, n_tensors, n_parameters) in parent2hidden.items():
+        path2node[parent].add(Text.assemble(f"... {n_modules} more modules  ", _counts(n_tensors, n_parameters)),
+                              style="dim")
+
+
+def _counts(n_tensors: int, n_parameters: int) -> Text:
+    return Text(f"{n_tensors:,} tensor{'' if n_tensors == 1 else 's'}, {_human(n_parameters)} parameters",
+                style="dim")
+
+
+def _human(n: int, *, suffixes: Sequence[str] = _COUNT_SUFFIXES) -> str:
+    """``12345 -> '12.3K'``; with ``suffixes=_BYTE_SUFFIXES``, ``'12.3 kB'``."""
+    value = float(n)
+    for step, suffix in enumerate(suffixes):
+        if abs(value) < 1000 or step == len(suffixes) - 1:
+            return f"{int(value)}{suffix}" if step == 0 else f"{value:.1f}{suffix}"
+        value /= 1000
+    return str(n)
+
+
+def _preview(value: Any) -> str:
+    """A short description of an envelope entry: scalars as they are, containers by size."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 40 else repr(value[:37] + "...")
+    if isinstance(value, torch.Tensor):
+        return f"tensor{list(value.shape)}"
+    if isinstance(value, Mapping):
+        return f"{{{len(value)} key{'' if len(value) == 1 else 's'}}}"
+    if isinstance(value, (list, tuple)):
+        return f"[{len(value)} items]"
+    return f"<{type(value).__name__}>"
+
+
+# ------------------------------------------------------------------------------------ map
+
+
+def _cmd_map(args: argparse.Namespace) -> int:
+    source = load_checkpoint(args.source, key=args.key, trust_pickle=args.trust_pickle)
+    # As WeightMapper.from_checkpoint does, but the checkpoint is read once and its files are
+    # known, so that the plan can never be written over them.
+    source_table = TensorTable.from_checkpoint(source, label=Path(args.source).name)
+    target, target_files = _load_target(args.target, key=args.target_key, trust_pickle=args.trust_pickle)
+    mapper = WeightMapper(source_table, target)
+    mapper.suggest_mapping(threshold=args.threshold, strategy=args.strategy, weights=args.weights)
+    plan = mapper.get_plan()
+    # The JSON of report.export_report, written with the checkpoints protected.
+    output = write_text_atomic(args.output, json.dumps(report_dict(plan), indent=2),
+                               protected=[*source.files, *target_files])
+    if args.json:
+        _print_json({"plan": str(output), **report_dict(plan)["summary"]})
+        return 0
+    console = Console()
+    mapper.print_analysis(top_n=args.top, console=console)
+    next_step = (f"{_PROG} apply {shlex.quote(args.source)} {shlex.quote(str(output))} -o converted.safetensors"
+                 + (f" --validate {shlex.quote(args.target)}" if isinstance(target, nn.Module) else ""))
+    console.print(Text.assemble(("Plan written to ", "green"), (str(output), "bold green"),
+                                f" ({len(plan.entries)} entries). Next:"))
+    console.print(Text(f"  {next_step}"), soft_wrap=True)  # unwrapped, so that it can be copied
+    return 0
+
+
+def _load_target(spec: str, *, key: str | None, trust_pickle: bool) -> tuple[nn.Module | TensorTable, tuple[Path, ...]]:
+    """The target of ``map``: a checkpoint's table (and its files), or a model built by a factory."""
+    path = Path(spec)
+    if path.exists():
+        ckpt = load_checkpoint(path, key=key, trust_pickle=trust_pickle)
+        return TensorTable.from_checkpoint(ckpt, label=path.name), ckpt.files
+    if ":" in spec:
+        return _build_model(spec), ()
+    raise MappingError(f"TARGET {spec!r} is neither an existing checkpoint nor a model factory; pass a "
+                       f"checkpoint path (file, *.index.json or folder of shards) or {_FACTORY_HELP}")
+
+
+def _build_model(spec: str) -> nn.Module:
+    """Import ``package.module:callable`` and build its model on the meta device (no weights in RAM).
+
+    Raises:
+        MappingError: naming ``spec`` and the expected form, whatever step failed.
+    """
+    module_name, _, attr_path = spec.partition(":")
+    if not module_name or not attr_path:
+        raise _factory_error(spec, "is not of the form package.module:callable")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does; the console script does not
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise _factory_error(spec, f"names module {module_name!r}, which cannot be imported "
+                                       f"(no module named {e.name!r})") from None
+        raise _factory_error(spec, f"cannot be imported: importing {module_name!r} failed ({e})") from None
+    except Exception as e:  # noqa: BLE001 - the user's module failed while importing
+        raise _factory_error(spec, f"cannot be imported: importing {module_name!r} raised "
+                                   f"{type(e).__name__}: {e}") from None
+    factory: Any = module
+    for attr in attr_path.split("."):
+        if not hasattr(factory, attr):
+            raise _factory_error(spec, f"names {attr_path!r}, but module {module_name!r} has no "
+                                       f"attribute {attr_path!r}")
+        factory = getattr(factory, attr)
+    if not callable(factory):
+        raise _factory_error(spec, f"names {attr_path!r}, which is not callable (a {type(factory).__name__})")
+    try:
+        with torch.device("meta"):
+            model = factory()
+    except Exception as meta_error:  # noqa: BLE001 - some models cannot be built without data; try the CPU
+        try:
+            model = factory()
+        except Exception as e:  # noqa: BLE001 - user code
+            raise _factory_error(spec, f"raised {type(e).__name__}: {e} when called with no arguments") from None
+        warnings.warn(f"{spec} could not be built on the meta device ({type(meta_error).__name__}: {meta_error}); "
+                      f"it was built on the CPU instead, which allocates its weights", stacklevel=2)
+    if not isinstance(model, nn.Module):
+        raise _factory_error(spec, f"returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _factory_error(spec: str, why: str) -> MappingError:
+    return MappingError(f"model factory {spec!r} {why}; expected {_FACTORY_HELP}")
+
+
+# ------------------------------------------------------------------------------------ apply
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    plan_path = Path(args.plan)
+    plan = _read_plan(plan_path)
+    renamer = WeightRenamer(args.source, key=args.key, trust_pickle=args.trust_pickle)
+    output = Path(args.output)
+    source_files = [renamer.source_path, *(p for p, _ in renamer.tensors.shards() if p is not None)]
+    _refuse_overwrite(output, [(p, "the source checkpoint") for p in source_files if p is not None]
+                      + [(plan_path, "the plan")])
+    model = _build_model(args.validate) if args.validate else None  # a bad factory fails before any read
+
+    console = Console()
+    show_progress = not args.json and console.is_terminal and (
+        len(renamer.tensors) >= _PROGRESS_MIN_TENSORS or len(renamer.tensors.shards()) > 1)
+    # Tensors are read while renaming or while saving, depending on the renamer: count both.
+    with _progress_over_reads(renamer, plan, console=console if show_progress else None):
+        renamer.rename_keys(plan)
+        report = renamer.validate(model) if model is not None else None
+        if report is not None and not report.ok and args.strict:
+            raise ConversionError(f"{report.message(type(model).__name__)}\n"
+                                  f"Nothing was written to {output} (--strict).")
+        output = renamer.save(output)
+
+    fmt = ("sharded-safetensors" if output.is_dir() else
+           "safetensors" if output.suffix == _SAFETENSORS_SUFFIX else "torch")
+    if args.json:
+        _print_json({
+            "output": str(output), "format": fmt, "n_tensors": len(renamer.renamed or {}),
+            "source": args.source, "plan": str(plan_path),
+            "n_unmatched_source": len(plan.unmatched_source), "n_unmatched_target": len(plan.unmatched_target),
+            "validation": None if report is None else _validation_dict(report),
+        })
+        return 0
+    if report is not None:
+        console.print(Text(report.message(type(model).__name__), style="green" if report.ok else "yellow"))
+    if plan.unmatched_source:
+        console.print(Text(f"{len(plan.unmatched_source)} source tensors are not in the plan and were left out",
+                           style="yellow"))
+    if plan.unmatched_target:
+        console.print(Text(f"{len(plan.unmatched_target)} target tensors are not filled by the plan",
+                           style="yellow"))
+    console.print(Text.assemble(("Converted ", "green"), f"{len(renamer.renamed or {})} tensors: ",
+                                args.source, " -> ", (str(output), "bold green"), f" ({fmt})"))
+    return 0
+
+
+def _validation_dict(report: ValidationReport) -> dict[str, Any]:
+    return {
+        "ok": report.ok,
+        "missing_keys": list(report.missing_keys),
+        "unexpected_keys": list(report.unexpected_keys),
+        "mismatched": [{"key": k, "checkpoint_shape": list(got), "model_shape": list(want)}
+                       for k, got, want in report.mismatched],
+    }
+
+
+def _read_plan(path: Path) -> MappingPlan:
+    try:
+        return MappingPlan.from_json(path)
+    except PlanError as e:  # some of its messages do not say which file they are about
+        if str(path) in str(e):
+            raise
+        raise PlanError(f"Plan {path}: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PlanError(f"Plan {path} could not be read ({type(e).__name__}: {e}); pass the JSON file that "
+                        f"`{_PROG} map` wrote") from None
+
+
+def _refuse_overwrite(output: Path, protected: Iterable[tuple[Path, str]]) -> None:
+    """Fail before any tensor is read if ``output`` is one of the inputs (save would refuse later)."""
+    for path, what in protected:
+        same = os.path.samefile(output, path) if output.exists() and path.exists() else \
+            output.resolve() == path.resolve()
+        if same:
+            raise CheckpointError(f"Refusing to overwrite {what} {path} with {output}; choose another output path")
+
+
+class _ReadCounter(Mapping[str, torch.Tensor]):
+    """The source tensors, calling ``on_read`` after every tensor read (drives the progress bar).
+
+    Anything else (``shards()``, ``shapes()``, ...) is passed through to the wrapped source.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], on_read: Callable[[], None]):
+        self._tensors = tensors
+        self._on_read = on_read
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensor = self._tensors[name]
+        self._on_read()
+        return tensor
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_tensors":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self._tensors, name)
+
+
+@contextlib.contextmanager
+def _progress_over_reads(renamer: WeightRenamer, plan: MappingPlan, *, console: Console | None) -> Iterator[None]:
+    """Show a progress bar over the source tensors ``renamer`` reads inside the block; none without ``console``."""
+    if console is None:
+        yield
+        return
+    n_reads = len({(e.source[0], e.transform) for e in plan.entries if e.source})  # each is read once
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    tensors = renamer.tensors
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("Converting", total=n_reads)
+        renamer.tensors = _ReadCounter(tensors, lambda: progress.advance(task))
+        try:
+            yield
+        finally:
+            renamer.tensors = tensors
+
+
+# ------------------------------------------------------------------------------------ demo
+
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from weight_mapper.demo import run_demo
 
     return 0 if run_demo(args.workdir, console=Console()) else 1
 
 
+# ------------------------------------------------------------------------------------ parser
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def _parse_weights(text: str) -> dict[str, float]:
+    """``'shape=0.5,name=0.3'`` -> ``{'shape': 0.5, 'name': 0.3}``; the names are checked later."""
+    name2weight: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            name2weight[name.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT pairs such as shape=0.5,name=0.3,hierarchy=0.2; "
+                                             f"got {part!r}") from None
+    return name2weight
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
+
+
+def _check_apply(args: argparse.Namespace) -> None:
+    if args.strict and not args.validate:
+        args.parser.error("--strict needs --validate TARGET: it fails when validation against TARGET fails")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps prose paragraphs of descriptions and epilogs; keeps indented lines (examples) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n\n".join(
+            paragraph if any(line.startswith(" ") for line in paragraph.splitlines())
+            else super(_HelpFormatter, self)._fill_text(paragraph, width, indent)
+            for paragraph in text.split("\n\n")
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every verb."""
+    from weight_mapper import __version__
+
     parser = argparse.ArgumentParser(
-        prog="weight-mapper",
+        prog=_PROG, formatter_class=_HelpFormatter,
         description="Infer how the tensors of one PyTorch checkpoint map onto another architecture, and convert it.",
+        epilog=f"""workflow (look, infer, convert):
+  {_PROG} inspect old.ckpt
+  {_PROG} map old.ckpt mypkg.models:new_model -o plan.json
+  {_PROG} apply old.ckpt plan.json -o new.safetensors --validate mypkg.models:new_model --strict
+
+Exit codes: 0 success, 1 error (message on stderr), 2 usage error. Run '{_PROG} COMMAND --help' \
+for a command's options and examples.""",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = sub.add_parser("demo", help="run the built-in example: map an old CNN's checkpoint onto its refactored version")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+
+    reading = argparse.ArgumentParser(add_help=False)
+    reading.add_argument("--key", metavar="K", default=None,
+                         help="envelope key holding the source weights, when several hold tensors "
+                              "(e.g. state_dict, model, ema)")
+    reading.add_argument("--trust-pickle", action="store_true",
+                         help="allow torch pickles that need arbitrary code to load; "
+                              "ONLY for files from a trusted source")
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout instead of tables")
+
+    inspect = sub.add_parser(
+        "inspect", parents=[reading, output], formatter_class=_HelpFormatter,
+        help="show what a checkpoint holds: format, tensors, parameters, dtypes, envelope, modules",
+        description="Show what a checkpoint holds without reading tensor data from safetensors files: format, "
+                    "tensor and parameter counts, dtypes, the envelope around the state dict (epoch, "
+                    "hyper_parameters, ...), a wrapper prefix (module., _orig_mod., model.), shards, "
+                    "and the module tree.",
+        epilog=f"""examples:
+  {_PROG} inspect lightning.ckpt
+  {_PROG} inspect model.safetensors --depth 3
+  {_PROG} inspect llama/ --json | jq .n_parameters""",
+    )
+    inspect.add_argument("checkpoint", metavar="CKPT",
+                         help="a .pt/.pth/.bin/.ckpt/.safetensors file, a *.index.json or a folder of shards")
+    inspect.add_argument("--depth", type=_non_negative_int, default=2, metavar="N",
+                         help="levels of the module tree to show (default: %(default)s)")
+    inspect.set_defaults(func=_cmd_inspect)
+
+    mapping = sub.add_parser(
+        "map", parents=[reading, output], formatter_class=_HelpFormatter,
+        help="infer how SOURCE's tensors map onto TARGET and write the plan (JSON)",
+        description="Infer from names, shapes and module structure where every tensor of SOURCE goes in TARGET; "
+                    "print the analysis and write the plan, which 'apply' executes. No tensor data is read: "
+                    "a factory's model is built on the meta device.",
+        epilog=f"""examples:
+  {_PROG} map old.ckpt mypkg.models:new_model -o plan.json
+  {_PROG} map old.pth new_layout.safetensors -o plan.json --strategy conservative
+  {_PROG} map old.pth mypkg.models:NewNet -o plan.json --weights shape=0.6,name=0.4 --json""",
+    )
+    mapping.add_argument("source", metavar="SOURCE",
+                         help="the checkpoint holding the weights (any format inspect reads)")
+    mapping.add_argument("target", metavar="TARGET",
+                         help=f"a checkpoint of the target architecture, or {_FACTORY_HELP}")
+    mapping.add_argument("-o", "--output", required=True, metavar="PLAN",
+                         help="where to write the plan (JSON: the report plus everything apply needs)")
+    mapping.add_argument("--strategy", choices=sorted(STRATEGIES), default="best_match",
+                         help="best_match: optimal assignment; conservative: withhold ambiguous matches, "
+                              "threshold >= 0.75; shape_only: positional baseline; greedy: highest score "
+                              "first (default: %(default)s)")
+    mapping.add_argument("--threshold", type=_unit_interval, default=0.6, metavar="T",
+                         help="minimum score of a match, in [0, 1] (default: %(default)s)")
+    mapping.add_argument("--weights", type=_parse_weights, default=None, metavar="W",
+                         help="score component weights, e.g. shape=0.5,name=0.3,hierarchy=0.2 (the default)")
+    mapping.add_argument("--top", type=_non_negative_int, default=10, metavar="N",
+                         help="matches (lowest scores first) and unmatched tensors to list (default: %(default)s)")
+    mapping.add_argument("--target-key", metavar="K", default=None,
+                         help="like --key, for a TARGET checkpoint")
+    mapping.set_defaults(func=_cmd_map)
+
+    apply = sub.add_parser(
+        "apply", parents=[reading, output], formatter_class=_HelpFormatter,
+        help="convert SOURCE with a plan from 'map' and save it (safetensors or torch, by extension)",
+        description="Rename (and transpose, where the plan says so) SOURCE's tensors as the plan says, and save "
+                    "them atomically to OUT: safetensors for *.safetensors, a folder of safetensors shards for a "
+                    "path without suffix, a torch file otherwise (which keeps the envelope, e.g. Lightning's "
+                    "epoch). SOURCE is never overwritten.",
+        epilog=f"""examples:
+  {_PROG} apply old.ckpt plan.json -o new.safetensors
+  {_PROG} apply old.ckpt plan.json -o new.ckpt --validate mypkg.models:new_model --strict
+  {_PROG} apply llama/ plan.json -o converted/        (sharded in, sharded out)""",
+    )
+    apply.add_argument("source", metavar="SOURCE", help="the checkpoint the plan was made for")
+    apply.add_argument("plan", metavar="PLAN", help="the plan written by 'map'")
+    apply.add_argument("-o", "--output", required=True, metavar="OUT",
+                       help="the converted checkpoint: *.safetensors, a torch file (*.pt/*.pth/*.ckpt/*.bin), "
+                            "or a new folder (no suffix) for sharded safetensors, one shard per source shard")
+    apply.add_argument("--validate", metavar="TARGET", default=None,
+                       help=f"check the converted keys and shapes against {_FACTORY_HELP} "
+                            "(built on the meta device), in load_state_dict's words")
+    apply.add_argument("--strict", action="store_true",
+                       help="with --validate: fail (exit 1, nothing written) unless every key and shape fits")
+    apply.set_defaults(func=_cmd_apply, check=_check_apply, parser=apply)
+
+    demo = sub.add_parser(
+        "demo", formatter_class=_HelpFormatter,
+        help="run the built-in example: map an old CNN's checkpoint onto its refactored version",
+        description="Save an old CNN's checkpoint, map it onto a refactored CNN, convert it to safetensors, "
+                    "load it and check that both models compute the same.",
+        epilog=f"example:\n  {_PROG} demo --workdir demo_files",
+    )
     demo.add_argument("--workdir", default=None, help="keep the example's checkpoint files in this folder")
     demo.set_defaults(func=_cmd_demo)
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
+    print(f"{_PROG}: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; return the process exit code (0 on success)."""
+    """Run the CLI; return the process exit code (0 success, 1 error, 2 usage error)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "check", None):
+            args.check(args)
+    except SystemExit as exc:  # argparse exits after --help/--version (0) and on usage errors (2)
+        return exc.code if isinstance(exc.code, int) else 0
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return int(args.func(args))
-    except WeightMapperError as exc:
-        print(f"weight-mapper: error: {exc}", file=sys.stderr)
-        return 1
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning  # one line on stderr, not Python's file:line form
+        try:
+            return int(args.func(args))
+        except WeightMapperError as exc:
+            print(f"{_PROG}: error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"{_PROG}: interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:  # `... --json | head`: the reader left; say nothing more
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141  # 128 + SIGPIPE, as for other Unix tools
 
 
 if __name__ == "__main__":  # pragma: no cover

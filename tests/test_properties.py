@@ -84,7 +84,7 @@ def test_suggestions_are_admissible(src, tgt, strategy, threshold):
 @given(nested_models(), nested_models())
 def test_optimal_total_is_never_below_greedy_on_the_same_scores(src, tgt):
     # Same score matrices for both solvers: the group-level problem with context disabled.
-    from weight_mapper.assign import _make_bucket, _buckets_by_key
+    from weight_mapper.assign import Level, _buckets_by_key
     from weight_mapper.score import Items, validate_weights
     from weight_mapper.table import TensorTable
     from weight_mapper.tree import GroupTable, ModuleTree
@@ -93,10 +93,10 @@ def test_optimal_total_is_never_below_greedy_on_the_same_scores(src, tgt):
     s_tree, t_tree = ModuleTree(s_tab), ModuleTree(t_tab)
     s_groups, t_groups = GroupTable.from_table(s_tab, s_tree), GroupTable.from_table(t_tab, t_tree)
     s_items, t_items = Items.of_groups(s_tab, s_tree, s_groups), Items.of_groups(t_tab, t_tree, t_groups)
-    for key, si, ti in _buckets_by_key(s_groups.signatures, t_groups.signatures):
-        b = _make_bucket(key, s_items, t_items, si, ti, weights=validate_weights(None), tolerance=0.0,
-                         incompatible_pairs=())
-        w = b.scores["base"]
+    buckets = _buckets_by_key(s_groups.signatures, t_groups.signatures)
+    level = Level.build(s_items, t_items, buckets, weights=validate_weights(None), tolerance=0.0, incompatible_pairs=())
+    for k in range(len(level)):
+        w = level.block(level.scores["base"], k)
         r1, c1 = solve_optimal(w)
         r2, c2 = solve_greedy(w)
         assert w[r1, c1].sum() >= w[r2, c2].sum() - 1e-9

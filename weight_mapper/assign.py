@@ -19,8 +19,8 @@ from scipy.optimize import linear_sum_assignment
 from weight_mapper.score import (
     Items,
     context_score,
-    forbidden_mask,
-    score_matrices,
+    forbidden,
+    score_edges,
     with_context,
 )
 from weight_mapper.table import TensorTable
@@ -110,39 +110,12 @@ def pair_margins(weight: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tupl
 
 
 # ---------------------------------------------------------------------------- buckets
-@dataclass(eq=False)
-class _Bucket:
-    """One independent assignment problem: candidates of both sides and their base scores."""
-
-    key: str
-    src: np.ndarray  # positions in the level's source Items
-    tgt: np.ndarray
-    scores: dict[str, np.ndarray]
-    allowed: np.ndarray
-    tie: np.ndarray
-
-
-def _make_bucket(key, src_items, tgt_items, src_idx, tgt_idx, *, weights, tolerance, incompatible_pairs) -> _Bucket:
-    s, t = src_items.take(src_idx), tgt_items.take(tgt_idx)
-    scores = score_matrices(s, t, weights=weights, tolerance=tolerance)
-    allowed = (scores["shape"] > 0) & ~forbidden_mask(s, t, incompatible_pairs)
-    # Exact ties go to the pair closest in relative row order (deterministic either way).
-    tie = _TIE_EPS * (1.0 - np.abs(_rank(s.order)[:, None] - _rank(t.order)[None, :]))
-    return _Bucket(key, np.asarray(src_idx), np.asarray(tgt_idx), scores, allowed, tie)
-
-
-def _rank(order: np.ndarray) -> np.ndarray:
-    ranks = np.empty(len(order))
-    ranks[np.argsort(order, kind="stable")] = np.arange(len(order))
-    return ranks / max(len(order) - 1, 1)
-
-
-def _buckets_by_key(src_keys: Sequence[str], tgt_keys: Sequence[str]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def _buckets_by_key(src_keys: Sequence, tgt_keys: Sequence) -> list[tuple[object, np.ndarray, np.ndarray]]:
     """Positions of each key present on both sides, keys in first-seen source order."""
-    src_pos: dict[str, list[int]] = {}
+    src_pos: dict = {}
     for i, k in enumerate(src_keys):
         src_pos.setdefault(k, []).append(i)
-    tgt_pos: dict[str, list[int]] = {}
+    tgt_pos: dict = {}
     for j, k in enumerate(tgt_keys):
         tgt_pos.setdefault(k, []).append(j)
     return [
@@ -150,6 +123,59 @@ def _buckets_by_key(src_keys: Sequence[str], tgt_keys: Sequence[str]) -> list[tu
         for k, rows in src_pos.items()
         if k in tgt_pos
     ]
+
+
+def _path_indices(label: str) -> tuple[int, ...]:
+    """The purely numeric components of a dotted name: ModuleList / Sequential positions."""
+    return tuple(int(p) for p in label.split(".") if p.isdigit())
+
+
+def _dense_ranks(keys: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """Replace each position's values by their rank among that position's distinct values.
+
+    Numbering schemes differ (``layer1..4`` vs ``stages.0..3``, 0- vs 1-based); ranks do not.
+    Tuples of different lengths are ranked separately.
+
+    >>> _dense_ranks([(1, 5), (2, 5), (), (3,)])
+    [(0, 0), (1, 0), (), (0,)]
+    """
+    values: dict[tuple[int, int], set[int]] = {}
+    for k in keys:
+        for p, v in enumerate(k):
+            values.setdefault((len(k), p), set()).add(v)
+    ranked = {lp: {v: r for r, v in enumerate(sorted(vs))} for lp, vs in values.items()}
+    return [tuple(ranked[(len(k), p)][v] for p, v in enumerate(k)) for k in keys]
+
+
+def split_by_indices(
+    buckets: list[tuple[object, np.ndarray, np.ndarray]], src_items: Items, tgt_items: Items
+) -> list[tuple[object, np.ndarray, np.ndarray]]:
+    """Decompose buckets along repeated blocks: ``layers.3.*`` only competes with ``layers.3.*``.
+
+    A bucket is split by the positions its candidates' names enumerate, when both sides
+    enumerate the same positions, as the same network under other names does. Two readings
+    are tried: the numeric path components (``layers.3.experts.7`` -> ``(3, 7)``), then every
+    digit run (``layer4.2.conv1`` -> ``(4, 2, 1)``); each position's values are replaced by
+    their rank, so 0- and 1-based numbering agree. Otherwise the bucket stays whole. Each
+    sub-bucket is solved optimally on its own, so tens of thousands of same-shaped experts
+    cost many tiny problems instead of one dense one.
+    """
+    readings = (
+        ([_path_indices(lab) for lab in src_items.labels], [_path_indices(lab) for lab in tgt_items.labels]),
+        (list(src_items.indices), list(tgt_items.indices)),
+    )
+    out = []
+    for key, s, t in buckets:
+        for src_ix, tgt_ix in readings if len(s) > 1 else ():
+            s_keys = _dense_ranks([src_ix[i] for i in s])
+            t_keys = _dense_ranks([tgt_ix[j] for j in t])
+            if len(set(s_keys)) < 2 or sorted(s_keys) != sorted(t_keys):
+                continue
+            out.extend(((key, ix), s[a], t[b]) for ix, a, b in _buckets_by_key(s_keys, t_keys))
+            break
+        else:
+            out.append((key, s, t))
+    return out
 
 
 def _tensor_bucket_key(shape: tuple[int, ...], tolerance: float) -> str:
@@ -161,30 +187,77 @@ def _tensor_bucket_key(shape: tuple[int, ...], tolerance: float) -> str:
     return "x".join(map(str, shape)) + f"/{len(shape)}d"
 
 
-# ---------------------------------------------------------------------------- rounds
-@dataclass(frozen=True, eq=False)
-class LevelDetail:
-    """What one level solved, kept to explain a match: candidates, buckets, final totals.
+@dataclass(eq=False)
+class Level:
+    """One level's assignment problems, scored as one list of candidate pairs (edges).
 
-    ``totals[k]`` and ``contexts[k]`` are bucket ``k``'s final score and context matrices;
-    ``src``/``tgt`` the matched candidate positions.
+    Bucket ``k`` pairs ``bucket_src[k]`` with ``bucket_tgt[k]``; its edges are
+    ``offsets[k]:offsets[k + 1]`` of ``si``/``ti``, row-major, so they reshape to the bucket's
+    dense ``[n_src, n_tgt]`` matrix.
     """
 
-    src_items: Items
-    tgt_items: Items
-    buckets: tuple[_Bucket, ...]
-    totals: tuple[np.ndarray, ...]
-    contexts: tuple[np.ndarray | None, ...]
-    src: np.ndarray
-    tgt: np.ndarray
+    src: Items
+    tgt: Items
+    keys: list
+    bucket_src: list[np.ndarray]
+    bucket_tgt: list[np.ndarray]
+    offsets: np.ndarray
+    si: np.ndarray
+    ti: np.ndarray
+    scores: dict[str, np.ndarray]
+    allowed: np.ndarray
+    tie: np.ndarray
+
+    @classmethod
+    def build(cls, src: Items, tgt: Items, buckets, *, weights, tolerance, incompatible_pairs) -> Level:
+        """Score every pair inside every bucket at once."""
+        src_bucket = np.full(len(src), -1, dtype=np.int64)
+        tgt_bucket = np.full(len(tgt), -1, dtype=np.int64)
+        for k, (_, s, t) in enumerate(buckets):
+            src_bucket[s], tgt_bucket[t] = k, k
+        src, tgt = src.with_ranks(src_bucket), tgt.with_ranks(tgt_bucket)
+        sizes = np.array([len(s) * len(t) for _, s, t in buckets], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        empty = np.zeros(0, dtype=np.int64)
+        si = np.concatenate([np.repeat(s, len(t)) for _, s, t in buckets]) if buckets else empty
+        ti = np.concatenate([np.tile(t, len(s)) for _, s, t in buckets]) if buckets else empty
+        scores = score_edges(src, tgt, si, ti, weights=weights, tolerance=tolerance)
+        allowed = (scores["shape"] > 0) & ~forbidden(src, tgt, si, ti, incompatible_pairs)
+        # Exact ties go to the pair closest in relative order within the bucket (deterministic).
+        tie = _TIE_EPS * (1.0 - np.abs(src.order_rank[si] - tgt.order_rank[ti]))
+        return cls(src, tgt, [k for k, _, _ in buckets], [s for _, s, _ in buckets], [t for _, _, t in buckets],
+                   offsets, si, ti, scores, allowed, tie)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def block(self, values: np.ndarray, k: int) -> np.ndarray:
+        """Bucket ``k``'s slice of a per-edge array, as its dense matrix."""
+        return values[self.offsets[k]:self.offsets[k + 1]].reshape(len(self.bucket_src[k]), len(self.bucket_tgt[k]))
 
     def locate(self, item: int) -> tuple[int, int] | None:
         """``(bucket, row)`` of source candidate ``item``, or None if it was in no bucket."""
-        for k, b in enumerate(self.buckets):
-            hit = np.flatnonzero(b.src == item)
+        for k, s in enumerate(self.bucket_src):
+            hit = np.flatnonzero(s == item)
             if len(hit):
                 return k, int(hit[0])
         return None
+
+
+# ---------------------------------------------------------------------------- rounds
+@dataclass(frozen=True, eq=False)
+class LevelDetail:
+    """What one level solved, kept to explain a match: the level and its final scores.
+
+    ``total`` and ``context`` are the final round's per-edge score and context (None without
+    context); ``src``/``tgt`` the matched candidate positions.
+    """
+
+    level: Level
+    total: np.ndarray
+    context: np.ndarray | None
+    src: np.ndarray
+    tgt: np.ndarray
 
 
 @dataclass(frozen=True, eq=False)
@@ -193,7 +266,6 @@ class _LevelResult:
     tgt: np.ndarray
     score: np.ndarray
     margin: np.ndarray
-    runner_up: np.ndarray
     components: dict[str, np.ndarray]
     bucket_sizes: list[tuple[int, int]]
     rounds: int
@@ -225,57 +297,68 @@ def _module_map(
     return src2tgt, (vs, vt)
 
 
+def _solve_buckets(level: Level, weight: np.ndarray, margin_weight: np.ndarray, solve) -> tuple[np.ndarray, ...]:
+    """Solve every bucket; returns matched edge ids and their margins.
+
+    Buckets of one candidate per side (most of them once repeated blocks are split) are
+    decided in one vectorised step; the others each get their own solver call.
+    """
+    n_src = np.array([len(s) for s in level.bucket_src], dtype=np.int64)
+    n_tgt = np.array([len(t) for t in level.bucket_tgt], dtype=np.int64)
+    single = np.flatnonzero((n_src == 1) & (n_tgt == 1))
+    edges = level.offsets[single]
+    keep = weight[edges] > 0
+    chosen, margins = [edges[keep]], [margin_weight[edges[keep]]]
+    for k in np.flatnonzero(~((n_src == 1) & (n_tgt == 1))):
+        w = level.block(weight, k)
+        rows, cols = solve(w)
+        if len(rows):
+            margin, _ = pair_margins(level.block(margin_weight, k), rows, cols)
+            chosen.append(level.offsets[k] + rows * n_tgt[k] + cols)
+            margins.append(margin)
+    ids = np.concatenate(chosen).astype(np.int64)
+    order = np.argsort(ids, kind="stable")
+    return ids[order], np.concatenate(margins)[order]
+
+
 def _solve_level(
-    buckets: list[_Bucket], src_items: Items, tgt_items: Items, *, solver: str, threshold: float,
-    use_context: bool, max_rounds: int, n_src_modules: int, prior_votes=None,
+    level: Level, *, solver: str, threshold: float, use_context: bool, max_rounds: int, n_src_modules: int,
+    prior_votes=None,
 ) -> tuple[_LevelResult, tuple[np.ndarray, np.ndarray]]:
     solve = SOLVERS[solver]
+    src_items, tgt_items, base = level.src, level.tgt, level.scores["base"]
     module_map = None
     if use_context and prior_votes is not None and len(prior_votes[0]):
         module_map, _ = _module_map(src_items, tgt_items, np.zeros(0, int), np.zeros(0, int), n_src_modules, prior_votes)
-    previous = None
+    previous, votes = None, prior_votes if prior_votes is not None else (np.zeros(0, int), np.zeros(0, int))
     rounds, converged = 0, not use_context
+    ctx = None
     for rounds in range(1, (max_rounds if use_context else 1) + 1):
-        parts = []
-        for b in buckets:
-            s, t = src_items.take(b.src), tgt_items.take(b.tgt)
-            base = b.scores["base"]
-            if use_context and module_map is not None:
-                ctx = context_score(s, t, module_map)
-                total = with_context(base, ctx)
-            else:
-                ctx = None
-                total = base
-            weight = np.where(b.allowed & (total >= threshold), total + b.tie + _TIE_EPS, 0.0)
-            rows, cols = solve(weight)
-            # Margins count every admissible alternative, also one just under the threshold.
-            margin, runner = pair_margins(np.where(b.allowed, total + _TIE_EPS, 0.0), rows, cols)
-            parts.append((b, rows, cols, total, ctx, margin, runner))
-        src = np.concatenate([b.src[r] for b, r, *_ in parts]) if parts else np.zeros(0, np.int64)
-        tgt = np.concatenate([b.tgt[c] for b, _, c, *_ in parts]) if parts else np.zeros(0, np.int64)
-        key = (src.tobytes(), tgt.tobytes())
+        if use_context and module_map is not None:
+            ctx = context_score(src_items, tgt_items, level.si, level.ti, module_map)
+            total = with_context(base, ctx)
+        else:
+            ctx, total = None, base
+        weight = np.where(level.allowed & (total >= threshold), total + level.tie + _TIE_EPS, 0.0)
+        # Margins count every admissible alternative, also one just under the threshold.
+        margin_weight = np.where(level.allowed, total + _TIE_EPS, 0.0)
+        edges, margin = _solve_buckets(level, weight, margin_weight, solve)
+        src, tgt = level.si[edges], level.ti[edges]
         module_map, votes = _module_map(src_items, tgt_items, src, tgt, n_src_modules, prior_votes)
-        if previous == key:
+        if previous is not None and np.array_equal(previous, edges):
             converged = True
             break
-        previous = key
-    components = {c: [] for c in COMPONENTS}
-    scores, margins, runners = [], [], []
-    for b, r, c, total, ctx, margin, runner in parts:
-        scores.append(total[r, c])
-        margins.append(margin)
-        runners.append(runner)
-        for comp in ("shape", "name", "hierarchy"):
-            components[comp].append(b.scores[comp][r, c])
-        components["context"].append(ctx[r, c] if ctx is not None else np.full(len(r), np.nan))
-    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)  # noqa: E731
-    detail = LevelDetail(src_items, tgt_items, tuple(buckets), tuple(p[3] for p in parts), tuple(p[4] for p in parts),
-                         src, tgt)
+        previous = edges
+        if not len(level):
+            converged = True
+            break
+    components = {c: level.scores[c][edges] for c in ("shape", "name", "hierarchy")}
+    components["context"] = ctx[edges] if ctx is not None else np.full(len(edges), np.nan)
     result = _LevelResult(
-        src=src, tgt=tgt, score=cat(scores), margin=cat(margins), runner_up=cat(runners),
-        components={k: cat(v) for k, v in components.items()},
-        bucket_sizes=[(len(b.src), len(b.tgt)) for b in buckets], rounds=rounds, converged=converged,
-        detail=detail,
+        src=src, tgt=tgt, score=total[edges], margin=margin, components=components,
+        bucket_sizes=[(len(s), len(t)) for s, t in zip(level.bucket_src, level.bucket_tgt)],
+        rounds=rounds, converged=converged,
+        detail=LevelDetail(level, total, ctx, src, tgt),
     )
     return result, votes
 
@@ -344,13 +427,10 @@ def assign(
     tgt_groups = GroupTable.from_table(tgt_table, tgt_tree)
     g_src, g_tgt = Items.of_groups(src_table, src_tree, src_groups), Items.of_groups(tgt_table, tgt_tree, tgt_groups)
     options = dict(weights=weights, tolerance=tolerance, incompatible_pairs=incompatible_pairs)
-    group_buckets = [
-        _make_bucket(k, g_src, g_tgt, s, t, **options)
-        for k, s, t in _buckets_by_key(src_groups.signatures, tgt_groups.signatures)
-    ]
+    group_buckets = split_by_indices(_buckets_by_key(src_groups.signatures, tgt_groups.signatures), g_src, g_tgt)
     level_options = dict(solver=solver, threshold=threshold, use_context=use_context, max_rounds=max_rounds,
                          n_src_modules=len(src_tree))
-    groups, votes = _solve_level(group_buckets, g_src, g_tgt, **level_options)
+    groups, votes = _solve_level(Level.build(g_src, g_tgt, group_buckets, **options), **level_options)
 
     # Expand matched groups into member tensor pairs: equal signatures align sorted members.
     src_rows, tgt_rows, expand = [], [], []
@@ -368,14 +448,11 @@ def assign(
     left_src = np.setdiff1d(np.flatnonzero(src_table.is_canonical), g_src_rows)
     left_tgt = np.setdiff1d(np.flatnonzero(tgt_table.is_canonical), g_tgt_rows)
     t_src, t_tgt = Items.of_tensors(src_table, src_tree, left_src), Items.of_tensors(tgt_table, tgt_tree, left_tgt)
-    tensor_buckets = [
-        _make_bucket(k, t_src, t_tgt, s, t, **options)
-        for k, s, t in _buckets_by_key(
-            [_tensor_bucket_key(src_table.shapes[r], tolerance) for r in left_src],
-            [_tensor_bucket_key(tgt_table.shapes[r], tolerance) for r in left_tgt],
-        )
-    ]
-    tensors, _ = _solve_level(tensor_buckets, t_src, t_tgt, prior_votes=votes, **level_options)
+    tensor_buckets = split_by_indices(_buckets_by_key(
+        [_tensor_bucket_key(src_table.shapes[r], tolerance) for r in left_src],
+        [_tensor_bucket_key(tgt_table.shapes[r], tolerance) for r in left_tgt],
+    ), t_src, t_tgt)
+    tensors, _ = _solve_level(Level.build(t_src, t_tgt, tensor_buckets, **options), prior_votes=votes, **level_options)
 
     n_group, n_tensor = len(g_src_rows), len(tensors.src)
     sizes = groups.bucket_sizes + tensors.bucket_sizes
@@ -430,45 +507,45 @@ def explain(
         ("group", src_table.modules[row]),
         ("tensor", src_table.names[row]),
     )
-    for level, label in candidates:
-        detail: LevelDetail | None = assignment.levels.get(level)
+    for level_name, label in candidates:
+        detail: LevelDetail | None = assignment.levels.get(level_name)
         if detail is None:
             continue
-        positions = [i for i, lab in enumerate(detail.src_items.labels) if lab == label]
-        if level == "tensor":
-            positions = [i for i in positions if detail.src_items.rows[i] == row]
-        if not positions:
-            continue
-        where = detail.locate(positions[0])
+        lv = detail.level
+        positions = [i for i, lab in enumerate(lv.src.labels) if lab == label]
+        if level_name == "tensor":
+            positions = [i for i in positions if lv.src.rows[i] == row]
+        where = lv.locate(positions[0]) if positions else None
         if where is None:
             continue
         k, i = where
-        bucket, total, ctx = detail.buckets[k], detail.totals[k], detail.contexts[k]
-        matched = np.flatnonzero(detail.src == bucket.src[i])
-        chosen = None
-        if len(matched):
-            chosen = int(np.flatnonzero(bucket.tgt == detail.tgt[matched[0]])[0])
+        total = lv.block(detail.total, k)
+        ctx = lv.block(detail.context, k) if detail.context is not None else None
+        allowed = lv.block(lv.allowed, k)
+        scores = {key: lv.block(v, k) for key, v in lv.scores.items()}
+        tgt_pos = lv.bucket_tgt[k]
+        matched = np.flatnonzero(detail.src == lv.bucket_src[k][i])
+        chosen = int(np.flatnonzero(tgt_pos == detail.tgt[matched[0]])[0]) if len(matched) else None
 
         def parts(j: int) -> dict:
-            comps = {c: float(bucket.scores[c][i, j]) for c in ("shape", "name", "hierarchy")}
+            comps = {c: float(scores[c][i, j]) for c in ("shape", "name", "hierarchy")}
             comps["context"] = float(ctx[i, j]) if ctx is not None else None
             return comps
 
         sub = {} if chosen is None else {
-            k2: float(v[i, chosen]) for k2, v in bucket.scores.items()
-            if k2 not in ("shape", "name", "hierarchy", "base")
+            key: float(v[i, chosen]) for key, v in scores.items() if key not in ("shape", "name", "hierarchy", "base")
         }
-        order = np.argsort(-np.where(bucket.allowed[i], total[i], -np.inf), kind="stable")
+        order = np.argsort(-np.where(allowed[i], total[i], -np.inf), kind="stable")
         alternatives = [
-            {"label": detail.tgt_items.labels[bucket.tgt[j]], "score": float(total[i, j]), "components": parts(int(j))}
+            {"label": lv.tgt.labels[tgt_pos[j]], "score": float(total[i, j]), "components": parts(int(j))}
             for j in order
-            if j != chosen and bucket.allowed[i, j]
+            if j != chosen and allowed[i, j]
         ][:top_k]
         return {
             "source": name,
-            "level": level,
+            "level": level_name,
             "candidate": label,
-            "target_label": None if chosen is None else detail.tgt_items.labels[bucket.tgt[chosen]],
+            "target_label": None if chosen is None else lv.tgt.labels[tgt_pos[chosen]],
             "score": None if chosen is None else float(total[i, chosen]),
             "components": None if chosen is None else parts(chosen),
             "sub_scores": sub,

@@ -8,6 +8,7 @@ removed from the text that is compared character by character, so that ``layers.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 
@@ -108,7 +109,13 @@ def name_tokens(name: str) -> tuple[str, ...]:
     >>> name_tokens("model.layers.3.self_attn.q_proj")
     ('model', 'layer', 'self', 'attn', 'q', 'projection')
     """
-    return tuple(TOKEN_SYNONYMS.get(t, t) for t in _raw_tokens(name) if not t.isdigit())
+    # Names of big models repeat a few components thousands of times: tokenise each once.
+    return tuple(t for part in name.split(".") for t in _component_tokens(part))
+
+
+@functools.lru_cache(maxsize=65536)
+def _component_tokens(component: str) -> tuple[str, ...]:
+    return tuple(TOKEN_SYNONYMS.get(t, t) for t in _raw_tokens(component) if not t.isdigit())
 
 
 def name_indices(name: str) -> tuple[int, ...]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from functools import cached_property
 
 import numpy as np
 from rapidfuzz import process
@@ -43,7 +44,10 @@ __all__ = [
     "exec_score",
     "context_score",
     "with_context",
-    "forbidden_mask",
+    "forbidden",
+    "all_pairs",
+    "rank_within",
+    "score_edges",
     "score_matrices",
 ]
 
@@ -85,6 +89,8 @@ class Items:
         chain: ``[n, VOTE_LEVELS]`` the candidate's own module and its ancestors; a match
             votes for mapping these onto the target's, level by level.
         rows: Row of each candidate in its group table or tensor table.
+        order_rank, exec_rank: Rank by definition / execution order within the candidate's
+            bucket, in [0, 1] (set by :meth:`with_ranks`; NaN until then or when unknown).
     """
 
     labels: tuple[str, ...]
@@ -101,9 +107,47 @@ class Items:
     ancestors: np.ndarray
     chain: np.ndarray
     rows: np.ndarray
+    order_rank: np.ndarray | None = None
+    exec_rank: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def with_ranks(self, bucket_of: np.ndarray) -> Items:
+        """A copy whose ranks are taken within each bucket (``bucket_of[i]``: item i's bucket)."""
+        exec_rank = rank_within(bucket_of, np.nan_to_num(self.exec_pos, nan=0.0))
+        exec_rank[np.isnan(self.exec_pos)] = np.nan
+        return replace(self, order_rank=rank_within(bucket_of, self.order.astype(float)), exec_rank=exec_rank)
+
+    # Derived columns for vectorised scoring, computed once per side.
+    @cached_property
+    def shape_matrix(self) -> np.ndarray:
+        return _shape_matrix(self.shapes or [])
+
+    @cached_property
+    def index_matrix(self) -> np.ndarray:
+        width = max((len(i) for i in self.indices), default=0)
+        return np.array(pad_indices(self.indices, max(width, 1)), dtype=np.int64).reshape(len(self), max(width, 1))
+
+    @cached_property
+    def _skeletons(self) -> tuple[list[str], np.ndarray]:
+        pos: dict[str, int] = {}
+        ids = np.fromiter((pos.setdefault(sk, len(pos)) for sk in self.skeletons), dtype=np.int64, count=len(self))
+        return list(pos), ids
+
+    @property
+    def skeleton_list(self) -> list[str]:
+        """Distinct skeletons, in first-seen order."""
+        return self._skeletons[0]
+
+    @property
+    def skeleton_ids(self) -> np.ndarray:
+        """Position of each candidate's skeleton in :attr:`skeleton_list`."""
+        return self._skeletons[1]
+
+    @cached_property
+    def leaf_array(self) -> np.ndarray:
+        return np.array(self.leaves, dtype=object)
 
     def take(self, idx: Sequence[int] | np.ndarray) -> Items:
         """The candidates at positions ``idx``, same columns."""
@@ -202,29 +246,42 @@ def validate_weights(weights: Mapping[str, float] | None) -> dict[str, float]:
     return {k: v / total for k, v in out.items()}
 
 
+# ---------------------------------------------------------------------------- edges
+def all_pairs(n_src: int, n_tgt: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every (source, target) position pair, row-major: the edges of a dense matrix."""
+    return np.repeat(np.arange(n_src), n_tgt), np.tile(np.arange(n_tgt), n_src)
+
+
+def _unique_pair_ids(a_keys: np.ndarray, b_keys: np.ndarray, si: np.ndarray, ti: np.ndarray):
+    """Distinct (a_key, b_key) pairs among the edges, and each edge's pair id."""
+    if len(si) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    width = int(b_keys.max(initial=0)) + 1
+    code = a_keys[si] * width + b_keys[ti]
+    uniq, inverse = np.unique(code, return_inverse=True)
+    return uniq // width, uniq % width, inverse.reshape(-1)
+
+
 # ---------------------------------------------------------------------------- shape
-def shape_score(src: Items, tgt: Items, *, tolerance: float = 0.0) -> np.ndarray:
+def shape_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray, *, tolerance: float = 0.0) -> np.ndarray:
     """1.0 for equal shapes, 0.7 for a transposed 2-D shape, 0.5 for a near shape, else 0.
 
     A near shape has the same number of dimensions and every dimension within ``tolerance``
     (relative). Groups (``shapes is None``) are bucketed by signature, so they score 1.
     """
     if src.shapes is None or tgt.shapes is None:
-        return np.ones((len(src), len(tgt)))
-    a, b = _shape_matrix(src.shapes), _shape_matrix(tgt.shapes)
-    width = max(a.shape[1], b.shape[1], 2)
-    a, b = _pad_cols(a, width), _pad_cols(b, width)
-    exact = (a[:, None, :] == b[None, :, :]).all(-1)
-    nd_a = (a >= 0).sum(1)
-    nd_b = (b >= 0).sum(1)
-    both_2d = (nd_a[:, None] == 2) & (nd_b[None, :] == 2)
-    transposed = both_2d & (a[:, None, 0] == b[None, :, 1]) & (a[:, None, 1] == b[None, :, 0]) & ~exact
+        return np.ones(len(si))
+    width = max(src.shape_matrix.shape[1], tgt.shape_matrix.shape[1], 2)
+    a = _pad_cols(src.shape_matrix, width)[si]
+    b = _pad_cols(tgt.shape_matrix, width)[ti]
+    exact = (a == b).all(-1)
+    nd_a, nd_b = (a >= 0).sum(1), (b >= 0).sum(1)
+    transposed = (nd_a == 2) & (nd_b == 2) & (a[:, 0] == b[:, 1]) & (a[:, 1] == b[:, 0]) & ~exact
     out = np.where(exact, 1.0, np.where(transposed, TRANSPOSED_SCORE, 0.0))
     if tolerance > 0:
-        same_nd = nd_a[:, None] == nd_b[None, :]
-        fa, fb = a[:, None, :].astype(float), b[None, :, :].astype(float)
+        fa, fb = a.astype(float), b.astype(float)
         rel = np.abs(fa - fb) / np.maximum(np.maximum(fa, fb), 1.0)
-        near = same_nd & (rel <= tolerance).all(-1) & (out == 0)
+        near = (nd_a == nd_b) & (rel <= tolerance).all(-1) & (out == 0)
         out = np.where(near, NEAR_SCORE, out)
     return out
 
@@ -244,77 +301,102 @@ def _pad_cols(m: np.ndarray, width: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- name
+# Name scores depend on the two skeletons only, so each is computed once per distinct
+# (source skeleton, target skeleton) pair among the edges, then spread to the edges.
 def _incidence(token_lists: Sequence[Sequence[str]], vocab: dict[str, int]) -> sparse.csr_matrix:
     rows, cols = [], []
     for i, tokens in enumerate(token_lists):
         for t in set(tokens):
             rows.append(i)
             cols.append(vocab.setdefault(t, len(vocab)))
-    data = np.ones(len(rows))
-    return sparse.csr_matrix((data, (rows, cols)), shape=(len(token_lists), max(len(vocab), 1)))
+    return sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(token_lists), max(len(vocab), 1)))
 
 
-def token_score(src: Items, tgt: Items) -> np.ndarray:
+def token_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray) -> np.ndarray:
     """Jaccard overlap of the normalised word tokens of the two names."""
+    ua, ub, inverse = _unique_pair_ids(src.skeleton_ids, tgt.skeleton_ids, si, ti)
     vocab: dict[str, int] = {}
-    a = _incidence(src.tokens, vocab)
-    b = _incidence(tgt.tokens, vocab)
-    a.resize((len(src), max(len(vocab), 1)))
-    b.resize((len(tgt), max(len(vocab), 1)))
-    inter = (a @ b.T).toarray()
-    union = np.asarray(a.sum(1)).reshape(-1, 1) + np.asarray(b.sum(1)).reshape(1, -1) - inter
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    a = _incidence([sk.split(".") if sk else [] for sk in src.skeleton_list], vocab)
+    b = _incidence([sk.split(".") if sk else [] for sk in tgt.skeleton_list], vocab)
+    a.resize((a.shape[0], max(len(vocab), 1)))
+    b.resize((b.shape[0], max(len(vocab), 1)))
+    inter = np.asarray(a[ua].multiply(b[ub]).sum(1)).reshape(-1)
+    union = np.asarray(a.sum(1)).reshape(-1)[ua] + np.asarray(b.sum(1)).reshape(-1)[ub] - inter
+    per_pair = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    return per_pair[inverse]
 
 
-def edit_score(src: Items, tgt: Items) -> np.ndarray:
+def _string_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray, scorer) -> np.ndarray:
+    ua, ub, inverse = _unique_pair_ids(src.skeleton_ids, tgt.skeleton_ids, si, ti)
+    if len(ua) == 0:
+        return np.zeros(0)
+    per_pair = process.cpdist(
+        [src.skeleton_list[i] for i in ua], [tgt.skeleton_list[j] for j in ub], scorer=scorer, dtype=np.float64
+    )
+    return np.asarray(per_pair, dtype=float)[inverse]
+
+
+def edit_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray) -> np.ndarray:
     """Normalised Levenshtein similarity of the digit-free name skeletons."""
-    return process.cdist(src.skeletons, tgt.skeletons, scorer=Levenshtein.normalized_similarity, dtype=np.float64)
+    return _string_score(src, tgt, si, ti, Levenshtein.normalized_similarity)
 
 
-def lcs_score(src: Items, tgt: Items) -> np.ndarray:
+def lcs_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray) -> np.ndarray:
     """Normalised longest-common-subsequence similarity of the name skeletons."""
-    return process.cdist(src.skeletons, tgt.skeletons, scorer=LCSseq.normalized_similarity, dtype=np.float64)
+    return _string_score(src, tgt, si, ti, LCSseq.normalized_similarity)
 
 
-def index_score(src: Items, tgt: Items) -> np.ndarray:
+def index_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray) -> np.ndarray:
     """Agreement of the numeric positions in the names (``layer3.2`` -> ``(3, 2)``).
 
     Positions are compared left-aligned; the score is the fraction of equal positions over the
     longer tuple, and 1.0 when neither name has a number.
     """
-    width = max(max((len(i) for i in src.indices), default=0), max((len(i) for i in tgt.indices), default=0))
-    if width == 0:
-        return np.ones((len(src), len(tgt)))
-    a = np.array(pad_indices(src.indices, width), dtype=np.int64).reshape(len(src), width)
-    b = np.array(pad_indices(tgt.indices, width), dtype=np.int64).reshape(len(tgt), width)
-    equal = ((a[:, None, :] == b[None, :, :]) & (a[:, None, :] >= 0)).sum(-1)
-    longer = np.maximum((a >= 0).sum(1)[:, None], (b >= 0).sum(1)[None, :])
+    width = max(src.index_matrix.shape[1], tgt.index_matrix.shape[1])
+    a = _pad_cols(src.index_matrix, width)[si]
+    b = _pad_cols(tgt.index_matrix, width)[ti]
+    equal = ((a == b) & (a >= 0)).sum(-1)
+    longer = np.maximum((a >= 0).sum(1), (b >= 0).sum(1))
     return np.where(longer > 0, equal / np.maximum(longer, 1), 1.0)
 
 
-def leaf_score(src: Items, tgt: Items) -> np.ndarray:
+def leaf_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray) -> np.ndarray:
     """1 when the normalised leaf names (parameter types) agree, else 0."""
-    a = np.array(src.leaves, dtype=object)
-    b = np.array(tgt.leaves, dtype=object)
-    return (a[:, None] == b[None, :]).astype(float)
+    return (src.leaf_array[si] == tgt.leaf_array[ti]).astype(float)
 
 
 # ---------------------------------------------------------------------------- hierarchy
 def _closeness(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return 1.0 - np.abs(a[:, None] - b[None, :])
+    return 1.0 - np.abs(a - b)
 
 
-def _rank_pos(order: np.ndarray) -> np.ndarray:
-    """Rank of each candidate within this set by definition order, scaled to [0, 1]."""
-    n = len(order)
-    ranks = np.empty(n)
-    ranks[np.argsort(order, kind="stable")] = np.arange(n)
-    return ranks / (n - 1) if n > 1 else np.full(n, 0.5)
+def rank_within(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Rank of each item by ``values`` among the items sharing its key, scaled to [0, 1].
+
+    An item alone under its key gets 0.5.
+
+    >>> rank_within(np.array([0, 0, 1]), np.array([5.0, 2.0, 7.0])).tolist()
+    [1.0, 0.0, 0.5]
+    """
+    n = len(keys)
+    if n == 0:
+        return np.zeros(0)
+    order = np.lexsort((np.arange(n), values, keys))
+    sorted_keys = keys[order]
+    start = np.ones(n, dtype=bool)
+    start[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    group_start = np.maximum.accumulate(np.where(start, np.arange(n), 0))
+    counts = np.diff(np.append(np.flatnonzero(start), n))
+    size = np.repeat(counts, counts)
+    pos = np.arange(n) - group_start
+    out = np.empty(n)
+    out[order] = np.where(size > 1, pos / np.maximum(size - 1, 1), 0.5)
+    return out
 
 
-def depth_score(src: Items, tgt: Items) -> np.ndarray:
+def depth_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray) -> np.ndarray:
     """1 - |depth difference| / larger depth."""
-    da, db = src.depth[:, None].astype(float), tgt.depth[None, :].astype(float)
+    da, db = src.depth[si].astype(float), tgt.depth[ti].astype(float)
     return 1.0 - np.abs(da - db) / np.maximum(np.maximum(da, db), 1.0)
 
 
@@ -322,35 +404,37 @@ def _known(*positions: np.ndarray) -> bool:
     return not any(np.isnan(p).any() for p in positions)
 
 
-def sibling_score(src: Items, tgt: Items) -> np.ndarray | None:
+def sibling_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray) -> np.ndarray | None:
     """Closeness of the positions among siblings, or None when either side's order is unknown."""
     if not _known(src.sibling_pos, tgt.sibling_pos):
         return None
-    return _closeness(src.sibling_pos, tgt.sibling_pos)
+    return _closeness(src.sibling_pos[si], tgt.sibling_pos[ti])
 
 
-def order_score(src: Items, tgt: Items) -> np.ndarray | None:
-    """Closeness of relative definition order: rank within this bucket and place in the model.
+def order_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray) -> np.ndarray | None:
+    """Closeness of relative definition order: rank within the bucket and place in the model.
 
     None when either side's order is unknown (a safetensors file keeps no definition order).
     """
     if not _known(src.global_pos, tgt.global_pos):
         return None
-    return 0.5 * _closeness(_rank_pos(src.order), _rank_pos(tgt.order)) + 0.5 * _closeness(
-        src.global_pos, tgt.global_pos
+    return 0.5 * _closeness(src.order_rank[si], tgt.order_rank[ti]) + 0.5 * _closeness(
+        src.global_pos[si], tgt.global_pos[ti]
     )
 
 
-def exec_score(src: Items, tgt: Items) -> np.ndarray | None:
+def exec_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray) -> np.ndarray | None:
     """Closeness of relative execution order, or None unless every candidate ran."""
     if not _known(src.exec_pos, tgt.exec_pos):
         return None
-    return 0.5 * _closeness(_rank_pos(src.exec_pos), _rank_pos(tgt.exec_pos)) + 0.5 * _closeness(
-        src.exec_pos, tgt.exec_pos
+    return 0.5 * _closeness(src.exec_rank[si], tgt.exec_rank[ti]) + 0.5 * _closeness(
+        src.exec_pos[si], tgt.exec_pos[ti]
     )
 
 
-def context_score(src: Items, tgt: Items, src2tgt_module: np.ndarray | None) -> np.ndarray:
+def context_score(
+    src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray, src2tgt_module: np.ndarray | None
+) -> np.ndarray:
     """How consistently the candidates' parents are already mapped onto each other.
 
     ``src2tgt_module[m]`` is the target module id that source module ``m`` maps to (-1 if
@@ -358,10 +442,9 @@ def context_score(src: Items, tgt: Items, src2tgt_module: np.ndarray | None) -> 
     maps elsewhere, :data:`UNKNOWN_CONTEXT` if it is unmapped; levels are averaged.
     """
     if src2tgt_module is None:
-        return np.full((len(src), len(tgt)), UNKNOWN_CONTEXT)
-    mapped = src2tgt_module[src.ancestors]  # [n_src, levels]
-    agree = mapped[:, None, :] == tgt.ancestors[None, :, :]
-    per_level = np.where(mapped[:, None, :] < 0, UNKNOWN_CONTEXT, agree.astype(float))
+        return np.full(len(si), UNKNOWN_CONTEXT)
+    mapped = src2tgt_module[src.ancestors[si]]  # [n_edges, levels]
+    per_level = np.where(mapped < 0, UNKNOWN_CONTEXT, (mapped == tgt.ancestors[ti]).astype(float))
     return per_level.mean(-1)
 
 
@@ -375,14 +458,16 @@ def with_context(base: np.ndarray, context: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- rules
-def forbidden_mask(src: Items, tgt: Items, incompatible_pairs: Sequence[tuple[str, str]] | None) -> np.ndarray:
+def forbidden(
+    src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray, incompatible_pairs: Sequence[tuple[str, str]] | None
+) -> np.ndarray:
     """True where an ``incompatible_pairs`` rule forbids the match (symmetrically).
 
     A rule ``("yolo_backbone", "resnet")`` forbids a source whose name contains every chunk of
     one side (``{yolo, backbone}``) from matching a target containing every chunk of the other,
     in both directions.
     """
-    out = np.zeros((len(src), len(tgt)), dtype=bool)
+    out = np.zeros(len(si), dtype=bool)
     if not incompatible_pairs:
         return out
     src_chunks = [semantic_chunks(n) for n in src.labels]
@@ -393,7 +478,7 @@ def forbidden_mask(src: Items, tgt: Items, incompatible_pairs: Sequence[tuple[st
         s_right = np.array([rc <= c for c in src_chunks], dtype=bool)
         t_left = np.array([lc <= c for c in tgt_chunks], dtype=bool)
         t_right = np.array([rc <= c for c in tgt_chunks], dtype=bool)
-        out |= np.outer(s_left, t_right) | np.outer(s_right, t_left)
+        out |= (s_left[si] & t_right[ti]) | (s_right[si] & t_left[ti])
     return out
 
 
@@ -421,13 +506,14 @@ def validate_incompatible_pairs(pairs) -> tuple[tuple[str, str], ...]:
 
 
 # ---------------------------------------------------------------------------- combination
-def score_matrices(
-    src: Items, tgt: Items, *, weights: Mapping[str, float], tolerance: float = 0.0
+def score_edges(
+    src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray, *, weights: Mapping[str, float], tolerance: float = 0.0
 ) -> dict[str, np.ndarray]:
-    """Every sub-score, the three components and their weighted ``base`` combination.
+    """Every sub-score, the three components and their weighted ``base``, one value per edge.
 
     Args:
-        src, tgt: Candidates of one bucket.
+        src, tgt: Candidates of both sides, with ranks set by :meth:`Items.with_ranks`.
+        si, ti: Positions of the candidate pairs (edges) to score.
         weights: Validated component weights (see :func:`validate_weights`).
         tolerance: ``shape_tolerance`` of the mapper.
 
@@ -436,15 +522,13 @@ def score_matrices(
         ``sibling``, ``order`` and ``exec`` when known), the components ``shape``, ``name``,
         ``hierarchy`` and ``base``. ``shape == 0`` marks an infeasible pair.
     """
-    out: dict[str, np.ndarray] = {"shape": shape_score(src, tgt, tolerance=tolerance)}
-    out["tokens"] = token_score(src, tgt)
-    out["edit"] = edit_score(src, tgt)
-    out["lcs"] = lcs_score(src, tgt)
-    out["index"] = index_score(src, tgt)
-    out["leaf"] = leaf_score(src, tgt)
+    out: dict[str, np.ndarray] = {"shape": shape_score(src, tgt, si, ti, tolerance=tolerance)}
+    for key, scorer in (("tokens", token_score), ("edit", edit_score), ("lcs", lcs_score),
+                        ("index", index_score), ("leaf", leaf_score)):
+        out[key] = scorer(src, tgt, si, ti)
     out["name"] = sum(w * out[k] for k, w in NAME_WEIGHTS.items())
-    optional = {"depth": depth_score(src, tgt), "sibling": sibling_score(src, tgt),
-                "order": order_score(src, tgt), "exec": exec_score(src, tgt)}
+    optional = {"depth": depth_score(src, tgt, si, ti), "sibling": sibling_score(src, tgt, si, ti),
+                "order": order_score(src, tgt, si, ti), "exec": exec_score(src, tgt, si, ti)}
     out.update({k: v for k, v in optional.items() if v is not None})
     # Sub-scores a side cannot provide are left out and the remaining weights rescaled.
     table = HIERARCHY_WEIGHTS_EXEC if "exec" in out else HIERARCHY_WEIGHTS
@@ -453,3 +537,21 @@ def score_matrices(
     out["hierarchy"] = sum(w / total * out[k] for k, w in hier_weights.items())
     out["base"] = weights["shape"] * out["shape"] + weights["name"] * out["name"] + weights["hierarchy"] * out["hierarchy"]
     return out
+
+
+def score_matrices(
+    src: Items, tgt: Items, *, weights: Mapping[str, float], tolerance: float = 0.0
+) -> dict[str, np.ndarray]:
+    """:func:`score_edges` over every pair, as ``[n_src, n_tgt]`` matrices (one bucket).
+
+    >>> from weight_mapper.table import TensorTable
+    >>> from weight_mapper.tree import ModuleTree
+    >>> t = TensorTable.from_state_dict({"a.weight": (2, 3), "b.weight": (3, 2)})
+    >>> items = Items.of_tensors(t, ModuleTree(t), [0, 1])
+    >>> score_matrices(items, items, weights=validate_weights(None))["shape"].tolist()
+    [[1.0, 0.7], [0.7, 1.0]]
+    """
+    src, tgt = src.with_ranks(np.zeros(len(src), np.int64)), tgt.with_ranks(np.zeros(len(tgt), np.int64))
+    si, ti = all_pairs(len(src), len(tgt))
+    edges = score_edges(src, tgt, si, ti, weights=weights, tolerance=tolerance)
+    return {k: v.reshape(len(src), len(tgt)) for k, v in edges.items()}

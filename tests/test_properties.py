@@ -72,11 +72,21 @@ def test_best_match_recovers_a_consistent_renaming(case):
        st.floats(0.0, 0.9))
 def test_suggestions_are_admissible(src, tgt, strategy, threshold):
     mapper = WeightMapper(as_meta(src), as_meta(tgt))
-    mapping = mapper.suggest_mapping(threshold=threshold, strategy=strategy)
-    assert len(set(mapping.values())) == len(mapping)
-    for e in mapper.get_plan().entries:
-        s, t = src[e.source[0]], tgt[e.target]
-        assert s == t or (len(s) == 2 and s[::-1] == t and e.transform == "transpose")
+    mapper.suggest_mapping(threshold=threshold, strategy=strategy)
+    entries = mapper.get_plan().entries
+    targets = [e.target for e in entries]
+    sources = [s for e in entries for s in e.source]
+    assert len(set(targets)) == len(targets) and len(set(sources)) == len(sources)  # one-to-one
+    for e in entries:
+        shapes, t = [src[s] for s in e.source], tgt[e.target]
+        if e.transform == "concat":
+            assert all(sh[1:] == t[1:] for sh in shapes) and sum(sh[0] for sh in shapes) == t[0]
+        elif e.transform == "stack":
+            assert all(sh == t[1:] for sh in shapes) and len(shapes) == t[0]
+        else:
+            (s,) = shapes
+            squeeze = [d for d in s if d != 1] == [d for d in t if d != 1]
+            assert s == t or (len(s) == 2 and s[::-1] == t and e.transform == "transpose") or squeeze
         assert e.score >= max(threshold, 0.75 if strategy == "conservative" else 0.0) - 1e-9
 
 

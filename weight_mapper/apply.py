@@ -46,20 +46,28 @@ def apply_plan(
     ['b']
     """
     out: dict[str, torch.Tensor] = {}
-    produced: dict[tuple[str, str | None], torch.Tensor] = {}
+    produced: dict[tuple, torch.Tensor] = {}
     wanted = None if targets is None else set(targets)
     for entry in plan.entries:
         if wanted is not None and entry.target not in wanted:
             continue
-        if len(entry.source) != 1:
-            raise PlanError(f"entry for {entry.target!r} combines {list(entry.source)}; this version applies 1:1 entries only")
-        key = (entry.source[0], entry.transform)
+        transform = get_transform(entry.transform)
+        if len(entry.source) != 1 and not transform.many_sources:
+            raise PlanError(f"entry for {entry.target!r} combines {list(entry.source)} with {entry.transform or 'copy'}")
+        key = (entry.source, entry.transform, repr(sorted(entry.args.items())))
         if key not in produced:
-            value = _lookup(tensors, entry.source[0], source)
-            result = get_transform(entry.transform).apply(value)
+            values = [_lookup(tensors, name, source) for name in entry.source]
+            try:
+                result = transform.apply(values, entry.args)
+            except (RuntimeError, IndexError, KeyError, TypeError) as exc:
+                raise PlanError(
+                    f"{source}: cannot {entry.transform} {list(entry.source)} "
+                    f"(shapes {[list(v.shape) for v in values]}) into {entry.target!r}: {exc}"
+                ) from None
             if entry.target_shape and tuple(result.shape) != tuple(entry.target_shape):
                 raise PlanError(
-                    f"{source}: {entry.source[0]!r} has shape {list(value.shape)}; after "
+                    f"{source}: {', '.join(repr(n) for n in entry.source)} has shape "
+                    f"{[list(v.shape) for v in values] if len(values) > 1 else list(values[0].shape)}; after "
                     f"{entry.transform or 'copy'} it is {list(result.shape)}, but the plan expects "
                     f"{list(entry.target_shape)} for {entry.target!r}. The plan was made for another checkpoint; "
                     "run `weight-mapper map` again on this one."

@@ -179,12 +179,13 @@ def split_by_indices(
 
 
 def _tensor_bucket_key(shape: tuple[int, ...], tolerance: float) -> str:
-    """Shapes that can possibly match share a key: equal, or 2-D transposed, or near."""
+    """Shapes that can possibly match share a key: equal, 2-D transposed, reshaped, or near."""
     if tolerance > 0:
         return f"ndim{len(shape)}"
-    if len(shape) == 2:
-        return "x".join(map(str, sorted(shape))) + "/2d"
-    return "x".join(map(str, shape)) + f"/{len(shape)}d"
+    squeezed = tuple(d for d in shape if d != 1)
+    if len(squeezed) == 2:
+        return "x".join(map(str, sorted(squeezed))) + "/2d"
+    return "x".join(map(str, squeezed)) + f"/{len(squeezed)}d"
 
 
 @dataclass(eq=False)
@@ -403,6 +404,8 @@ def assign(
     tolerance: float = 0.0,
     incompatible_pairs: Sequence[tuple[str, str]] = (),
     max_rounds: int = MAX_ROUNDS,
+    skip_src: np.ndarray | None = None,
+    skip_tgt: np.ndarray | None = None,
 ) -> Assignment:
     """Match the canonical tensors of two tables: module groups first, then leftovers.
 
@@ -415,6 +418,7 @@ def assign(
         tolerance: ``shape_tolerance``.
         incompatible_pairs: Validated ``incompatible_pairs`` rules.
         max_rounds: Bound on the context rounds per level.
+        skip_src, skip_tgt: Rows to leave out (taken by combined matches).
 
     >>> from torch import nn
     >>> t = TensorTable.from_module(nn.Linear(2, 3))
@@ -423,8 +427,8 @@ def assign(
     [(0, 0), (1, 1)]
     """
     src_tree, tgt_tree = ModuleTree(src_table), ModuleTree(tgt_table)
-    src_groups = GroupTable.from_table(src_table, src_tree)
-    tgt_groups = GroupTable.from_table(tgt_table, tgt_tree)
+    src_groups = GroupTable.from_table(src_table, src_tree, skip=skip_src)
+    tgt_groups = GroupTable.from_table(tgt_table, tgt_tree, skip=skip_tgt)
     g_src, g_tgt = Items.of_groups(src_table, src_tree, src_groups), Items.of_groups(tgt_table, tgt_tree, tgt_groups)
     options = dict(weights=weights, tolerance=tolerance, incompatible_pairs=incompatible_pairs)
     group_buckets = split_by_indices(_buckets_by_key(src_groups.signatures, tgt_groups.signatures), g_src, g_tgt)
@@ -445,8 +449,8 @@ def assign(
     g_tgt_rows = np.concatenate(tgt_rows) if tgt_rows else np.zeros(0, np.int64)
 
     # Fallback: tensors of unmatched groups, bucketed by compatible shape.
-    left_src = np.setdiff1d(np.flatnonzero(src_table.is_canonical), g_src_rows)
-    left_tgt = np.setdiff1d(np.flatnonzero(tgt_table.is_canonical), g_tgt_rows)
+    left_src = np.setdiff1d(np.concatenate(src_groups.members or [np.zeros(0, np.int64)]), g_src_rows)
+    left_tgt = np.setdiff1d(np.concatenate(tgt_groups.members or [np.zeros(0, np.int64)]), g_tgt_rows)
     t_src, t_tgt = Items.of_tensors(src_table, src_tree, left_src), Items.of_tensors(tgt_table, tgt_tree, left_tgt)
     tensor_buckets = split_by_indices(_buckets_by_key(
         [_tensor_bucket_key(src_table.shapes[r], tolerance) for r in left_src],

@@ -6,9 +6,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from weight_mapper.assign import MAX_ROUNDS, assign
+from weight_mapper.combine import combine
 from weight_mapper.errors import MappingError
 from weight_mapper.plan import MappingPlan, build_plan
 from weight_mapper.score import validate_incompatible_pairs, validate_weights
@@ -149,9 +151,7 @@ class WeightMapper:
         solver, use_context, min_threshold, withhold, forced = STRATEGIES[strategy]
         weights = validate_weights(forced if forced is not None else weights)
         threshold = max(float(threshold), min_threshold)
-        self._assignment = assignment = assign(
-            self.source_table,
-            self.target_table,
+        options = dict(
             weights=weights,
             threshold=threshold,
             solver=solver,
@@ -160,6 +160,22 @@ class WeightMapper:
             incompatible_pairs=self.incompatible_pairs,
             max_rounds=max_rounds,
         )
+        assignment = assign(self.source_table, self.target_table, **options)
+        combinations = combine(
+            self.source_table,
+            self.target_table,
+            assignment,
+            weights=weights,
+            threshold=threshold,
+            incompatible_pairs=self.incompatible_pairs,
+        ) if strategy != "shape_only" else []
+        if combinations:  # re-match 1:1 without the tensors the combinations take
+            assignment = assign(
+                self.source_table, self.target_table, **options,
+                skip_src=np.array([r for c in combinations for r in c.src], dtype=np.int64),
+                skip_tgt=np.array([c.tgt for c in combinations], dtype=np.int64),
+            )
+        self._assignment = assignment
         self.plan = build_plan(
             assignment,
             self.source_table,
@@ -169,6 +185,7 @@ class WeightMapper:
             weights=weights,
             withhold_ambiguous=withhold,
             source_prefix=self.source_prefix,
+            combinations=combinations,
         )
         return self.plan.mapping
 
@@ -220,6 +237,39 @@ class WeightMapper:
         out["target"] = plan.mapping.get(source_name)
         out["weights"] = dict(plan.weights)
         return out
+
+    def verify(
+        self,
+        source_model: nn.Module | None = None,
+        target_model: nn.Module | None = None,
+        dummy_input: Any = None,
+        *,
+        atol: float = 1e-5,
+    ):
+        """Prove the conversion: load the converted weights into the target, run both models.
+
+        Defaults to the models and ``dummy_input`` the mapper was built with. The target's
+        tensors are overwritten with the converted ones.
+
+        Returns:
+            A :class:`~weight_mapper.verify.VerificationReport`: max abs output difference,
+            target tensors left at their initial values, ``ok``.
+
+        Raises:
+            MappingError: If a model or the input is missing.
+            ConversionError: If the models fail on the input or give nothing to compare.
+        """
+        from weight_mapper.verify import verify_conversion
+
+        source = source_model if source_model is not None else self.source_module
+        target = target_model if target_model is not None else self.target_module
+        x = dummy_input if dummy_input is not None else self.dummy_input
+        if source is None or target is None or x is None:
+            raise MappingError(
+                "verify() needs both models and an input: pass source_model, target_model and dummy_input "
+                "(the mapper was built from a state dict or without dummy_input)"
+            )
+        return verify_conversion(self._require_plan(), source, target, x, atol=atol)
 
     # ------------------------------------------------------------------ reporting
     def print_analysis(self, top_n: int = 10, show_unmatched: bool = True, *, console: Any = None) -> None:

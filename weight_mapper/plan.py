@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -17,9 +17,11 @@ from typing import Any
 import numpy as np
 
 from weight_mapper.assign import AMBIGUITY_MARGIN, Assignment
+from weight_mapper.combine import Combination
+from weight_mapper.score import TRANSPOSED_TYPES
 from weight_mapper.errors import PlanError
 from weight_mapper.table import TensorTable
-from weight_mapper.transforms import get_transform
+from weight_mapper.transforms import invert_entries
 
 __all__ = ["PlanEntry", "MappingPlan", "build_plan", "PLAN_FORMAT_VERSION"]
 
@@ -36,9 +38,11 @@ class PlanEntry:
         transform: Name of a registered transform, ``None`` for a plain copy.
         score: Combined similarity in [0, 1]; 1.0 for aliases of a matched tensor.
         margin: Score minus the best alternative's; small means ambiguous.
-        level: ``"group"``, ``"tensor"`` or ``"alias"`` (tied weight filled from its twin).
+        level: ``"group"``, ``"tensor"``, ``"combined"`` (several sources, concat / stack) or
+            ``"alias"`` (tied weight filled from its twin).
         source_shape, target_shape: Shapes on both sides.
         components: ``shape``, ``name``, ``hierarchy`` and ``context`` scores (NaN: not used).
+        args: Arguments of the transform (``{"dim": 0, "sizes": [...]}`` for ``concat``...).
     """
 
     source: tuple[str, ...]
@@ -50,6 +54,7 @@ class PlanEntry:
     source_shape: tuple[int, ...]
     target_shape: tuple[int, ...]
     components: Mapping[str, float] = field(default_factory=dict)
+    args: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def ambiguous(self) -> bool:
@@ -62,6 +67,7 @@ class PlanEntry:
         out["source_shape"] = list(self.source_shape)
         out["target_shape"] = list(self.target_shape)
         out["components"] = {k: _json_float(v) for k, v in self.components.items()}
+        out["args"] = dict(self.args)
         out["ambiguous"] = self.ambiguous
         return out
 
@@ -79,6 +85,7 @@ class PlanEntry:
                 source_shape=tuple(int(d) for d in data.get("source_shape", ())),
                 target_shape=tuple(int(d) for d in data.get("target_shape", ())),
                 components={k: float("nan") if v is None else float(v) for k, v in data.get("components", {}).items()},
+                args=dict(data.get("args", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"malformed plan entry {dict(data)!r}: {exc}") from None
@@ -147,35 +154,19 @@ class MappingPlan:
     def inverse(self) -> MappingPlan:
         """The plan that maps the converted checkpoint back onto the source names.
 
+        Every transform is undone by its registered inverse (a ``concat`` becomes one
+        ``slice`` per source, a ``stack`` one ``index`` per source, and back).
+
         Raises:
-            PlanError: If an entry cannot be inverted (several sources, or one source feeding
-                several targets, which has no unique way back).
+            PlanError: If an entry has no unique way back.
 
         >>> e = PlanEntry(("a",), "b", "transpose", 1.0, 1.0, "tensor", (2, 3), (3, 2))
         >>> MappingPlan((e,)).inverse().entries[0].source
         ('b',)
         """
-        seen: set[str] = set()
-        entries = []
-        for e in self.entries:
-            if len(e.source) != 1:
-                raise PlanError(f"entry for {e.target!r} combines {list(e.source)}; it has no 1:1 inverse")
-            if e.source[0] in seen:
-                continue  # a source copied to several targets comes back once
-            seen.add(e.source[0])
-            entries.append(
-                replace(
-                    e,
-                    source=(e.target,),
-                    target=e.source[0],
-                    transform=get_transform(e.transform).inverse if e.transform else None,
-                    source_shape=e.target_shape,
-                    target_shape=e.source_shape,
-                )
-            )
         return replace(
             self,
-            entries=tuple(entries),
+            entries=tuple(invert_entries(self.entries)),
             unmatched_source=self.unmatched_target,
             unmatched_target=self.unmatched_source,
             ambiguous=(),
@@ -273,6 +264,7 @@ def build_plan(
     weights: Mapping[str, float],
     withhold_ambiguous: bool = False,
     source_prefix: str = "",
+    combinations: Sequence[Combination] = (),
 ) -> MappingPlan:
     """Turn matched rows into named entries, expand tied weights, collect the unmatched.
 
@@ -282,6 +274,7 @@ def build_plan(
         strategy, threshold, weights: Recorded in the plan.
         withhold_ambiguous: Move ambiguous entries to ``plan.ambiguous`` instead of using them.
         source_prefix: Wrapper prefix stripped from the source table; put back on entry keys.
+        combinations: Concat / stack matches from :func:`weight_mapper.combine.combine`.
     """
     entries: list[PlanEntry] = []
     withheld: list[PlanEntry] = []
@@ -308,6 +301,26 @@ def build_plan(
             entries.append(_entry(src_table, tgt_table, s_alias, t_alias, 1.0, 1.0, "alias", {}, source_prefix))
             filled_tgt.add(t_alias)
         used_src.update(s_names)
+    for c in combinations:
+        entry = PlanEntry(
+            source=tuple(source_prefix + src_table.names[r] for r in c.src),
+            target=tgt_table.names[c.tgt],
+            transform=c.transform,
+            score=c.score,
+            margin=c.margin,
+            level="combined",
+            source_shape=src_table.shapes[c.src[0]],
+            target_shape=tgt_table.shapes[c.tgt],
+            components=dict(c.components),
+            args={"dim": 0, "sizes": [src_table.shapes[r][0] for r in c.src],
+                  "source_shapes": [list(src_table.shapes[r]) for r in c.src]},
+        )
+        if withhold_ambiguous and entry.ambiguous:
+            withheld.append(entry)
+            continue
+        entries.append(entry)
+        used_src.update(c.src)
+        filled_tgt.add(c.tgt)
     entries.sort(key=lambda e: tgt_table.name2row[e.target])
     unmatched_src = tuple(source_prefix + n for r, n in enumerate(src_table.names) if r not in used_src and src_table.is_canonical[r])
     unmatched_tgt = tuple(n for r, n in enumerate(tgt_table.names) if r not in filled_tgt)
@@ -336,9 +349,29 @@ def _alias_lists(table: TensorTable) -> dict[int, list[int]]:
     return out
 
 
+def transform_for(s_shape, t_shape, s_type: str = "", t_type: str = "") -> tuple[str | None, dict]:
+    """The transform (and its args) that turns a source tensor into a target tensor of a match.
+
+    >>> transform_for((3, 2), (2, 3))
+    ('transpose', {})
+    >>> transform_for((8, 1, 1), (8,))
+    ('reshape', {'shape': [8]})
+    """
+    s_shape, t_shape = tuple(s_shape), tuple(t_shape)
+    if len(s_shape) == 2 and (s_type, t_type) in TRANSPOSED_TYPES:
+        return ("transpose", {}) if s_shape[::-1] == t_shape else (None, {})
+    if s_shape == t_shape:
+        return None, {}
+    if len(s_shape) == 2 and s_shape[::-1] == t_shape:
+        return "transpose", {}
+    if [d for d in s_shape if d != 1] == [d for d in t_shape if d != 1]:
+        return "reshape", {"shape": list(t_shape)}
+    return None, {}
+
+
 def _entry(src_table, tgt_table, s, t, score, margin, level, components, prefix) -> PlanEntry:
     s_shape, t_shape = src_table.shapes[s], tgt_table.shapes[t]
-    transform = "transpose" if s_shape != t_shape and len(s_shape) == 2 and s_shape[::-1] == t_shape else None
+    transform, args = transform_for(s_shape, t_shape, src_table.module_types[s], tgt_table.module_types[t])
     return PlanEntry(
         source=(prefix + src_table.names[s],),
         target=tgt_table.names[t],
@@ -349,4 +382,5 @@ def _entry(src_table, tgt_table, s, t, score, margin, level, components, prefix)
         source_shape=s_shape,
         target_shape=t_shape,
         components=components,
+        args=args,
     )

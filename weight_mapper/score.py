@@ -64,6 +64,11 @@ HIERARCHY_WEIGHTS_EXEC: dict[str, float] = {"depth": 0.15, "sibling": 0.15, "ord
 # mapped counts as the base score itself, so context never pushes a match under threshold.
 CONTEXT_WEIGHT = 0.2
 TRANSPOSED_SCORE = 0.7  # shape score of a 2-D tensor whose target has the reversed shape
+# Module types that store a 2-D weight as [in, out] where the other stores [out, in]: for such
+# a pair the source shape is compared transposed, and the plan transposes the weight even when
+# it is square (the shapes alone cannot tell).
+TRANSPOSED_TYPES: frozenset[tuple[str, str]] = frozenset({("Conv1D", "Linear"), ("Linear", "Conv1D")})
+RESHAPE_SCORE = 0.6  # shape score of equal shapes up to size-1 dims ([C, 1, 1] vs [C])
 NEAR_SCORE = 0.5  # shape score of a near shape accepted by shape_tolerance
 UNKNOWN_CONTEXT = 0.5  # context of a candidate whose parent has no mapped counterpart yet
 CONTEXT_LEVELS = 2  # parent and grandparent
@@ -89,6 +94,7 @@ class Items:
         chain: ``[n, VOTE_LEVELS]`` the candidate's own module and its ancestors; a match
             votes for mapping these onto the target's, level by level.
         rows: Row of each candidate in its group table or tensor table.
+        module_types: Class name of the owning module (``""`` when unknown).
         order_rank, exec_rank: Rank by definition / execution order within the candidate's
             bucket, in [0, 1] (set by :meth:`with_ranks`; NaN until then or when unknown).
     """
@@ -107,6 +113,7 @@ class Items:
     ancestors: np.ndarray
     chain: np.ndarray
     rows: np.ndarray
+    module_types: tuple[str, ...] = ()
     order_rank: np.ndarray | None = None
     exec_rank: np.ndarray | None = None
 
@@ -183,6 +190,7 @@ class Items:
             ancestors=tree.ancestor_ids(tree.parent_id[groups.module_ids], CONTEXT_LEVELS),
             chain=tree.ancestor_ids(groups.module_ids, VOTE_LEVELS),
             rows=np.arange(len(paths), dtype=np.int64),
+            module_types=tuple(table.module_types[r] for r in first),
         )
 
     @classmethod
@@ -205,6 +213,7 @@ class Items:
             ancestors=tree.ancestor_ids(module_ids, CONTEXT_LEVELS),
             chain=tree.ancestor_ids(module_ids, VOTE_LEVELS),
             rows=rows,
+            module_types=tuple(table.module_types[r] for r in rows),
         )
 
 
@@ -264,7 +273,7 @@ def _unique_pair_ids(a_keys: np.ndarray, b_keys: np.ndarray, si: np.ndarray, ti:
 
 # ---------------------------------------------------------------------------- shape
 def shape_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray, *, tolerance: float = 0.0) -> np.ndarray:
-    """1.0 for equal shapes, 0.7 for a transposed 2-D shape, 0.5 for a near shape, else 0.
+    """1.0 equal, 0.7 transposed 2-D, 0.6 equal but for size-1 dims, 0.5 near, else 0.
 
     A near shape has the same number of dimensions and every dimension within ``tolerance``
     (relative). Groups (``shapes is None``) are bucketed by signature, so they score 1.
@@ -274,15 +283,41 @@ def shape_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray, *, toler
     width = max(src.shape_matrix.shape[1], tgt.shape_matrix.shape[1], 2)
     a = _pad_cols(src.shape_matrix, width)[si]
     b = _pad_cols(tgt.shape_matrix, width)[ti]
+    flip = _transposed_types(src, tgt, si, ti) & ((a >= 0).sum(1) == 2)
+    if flip.any():  # compare [in, out] storage as the [out, in] it stands for
+        a = a.copy()
+        a[flip, 0], a[flip, 1] = a[flip, 1], a[flip, 0].copy()
     exact = (a == b).all(-1)
     nd_a, nd_b = (a >= 0).sum(1), (b >= 0).sum(1)
     transposed = (nd_a == 2) & (nd_b == 2) & (a[:, 0] == b[:, 1]) & (a[:, 1] == b[:, 0]) & ~exact
     out = np.where(exact, 1.0, np.where(transposed, TRANSPOSED_SCORE, 0.0))
+    squeezed = (out == 0) & (_squeeze_rows(a) == _squeeze_rows(b)).all(-1)
+    out = np.where(squeezed, RESHAPE_SCORE, out)
     if tolerance > 0:
         fa, fb = a.astype(float), b.astype(float)
         rel = np.abs(fa - fb) / np.maximum(np.maximum(fa, fb), 1.0)
         near = (nd_a == nd_b) & (rel <= tolerance).all(-1) & (out == 0)
         out = np.where(near, NEAR_SCORE, out)
+    return out
+
+
+def _transposed_types(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray) -> np.ndarray:
+    """Per edge: do the owning module types store 2-D weights transposed from each other?"""
+    if not src.module_types or not tgt.module_types:
+        return np.zeros(len(si), dtype=bool)
+    a = np.array(src.module_types, dtype=object)[si]
+    b = np.array(tgt.module_types, dtype=object)[ti]
+    out = np.zeros(len(si), dtype=bool)
+    for s_type, t_type in TRANSPOSED_TYPES:
+        out |= (a == s_type) & (b == t_type)
+    return out
+
+
+def _squeeze_rows(m: np.ndarray) -> np.ndarray:
+    """Each padded shape row with its size-1 dims removed (still padded with -1)."""
+    keep = (m != 1) & (m >= 0)
+    order = np.argsort(~keep, axis=1, kind="stable")  # kept dims first, in order
+    out = np.take_along_axis(np.where(keep, m, -1), order, axis=1)
     return out
 
 

@@ -1,20 +1,34 @@
-"""The transform registry: what a plan entry may do to its source tensor on the way.
+"""The transform registry: what a plan entry does to its source tensor(s) on the way.
 
-Each transform is data in :data:`TRANSFORMS`: how to apply it to a tensor, how to compute the
-shape it produces, and the name of its inverse, so that any plan can be reversed. Applying
-a transform never scores anything.
+Each transform is data in :data:`TRANSFORMS`: how to build the target tensor from the
+entry's source tensors and arguments, and the name of its inverse, so that any plan can be
+reversed (:func:`invert_entries`). Applying a transform never scores anything.
+
+| transform | sources | args | inverse |
+|---|---|---|---|
+| ``None`` / identity | 1 | | identity |
+| ``transpose`` | 1 (2-D) | | transpose |
+| ``reshape`` | 1 | ``shape`` | reshape |
+| ``concat`` | n | ``dim``, ``sizes`` | one ``slice`` per source |
+| ``slice`` | 1 | ``dim``, ``start``, ``length`` | ``concat`` of the slices |
+| ``stack`` | n | ``dim`` | one ``index`` per source |
+| ``index`` | 1 | ``dim``, ``index`` | ``stack`` of the indices |
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from weight_mapper.errors import PlanError
 
-__all__ = ["Transform", "TRANSFORMS", "get_transform"]
+if TYPE_CHECKING:
+    from weight_mapper.plan import PlanEntry
+
+__all__ = ["Transform", "TRANSFORMS", "get_transform", "invert_entries"]
 
 
 @dataclass(frozen=True)
@@ -23,25 +37,32 @@ class Transform:
 
     Attributes:
         name: Registry key, stored in plans.
-        apply: Tensor -> tensor.
-        shape: Source shape -> produced shape.
+        apply: ``(source tensors, args) -> target tensor``.
         inverse: Name of the transform that undoes this one.
+        many_sources: Whether the entry combines several source tensors.
     """
 
     name: str
-    apply: Callable[[torch.Tensor], torch.Tensor]
-    shape: Callable[[tuple[int, ...]], tuple[int, ...]]
+    apply: Callable[[Sequence[torch.Tensor], Mapping[str, Any]], torch.Tensor]
     inverse: str
+    many_sources: bool = False
 
 
-def _transpose(t: torch.Tensor) -> torch.Tensor:
-    # contiguous: safetensors refuses non-contiguous views, and a copy detaches from the source.
-    return t.t().contiguous()
-
-
+# Results are contiguous copies: safetensors refuses non-contiguous views, and a copy never
+# aliases (and so never lets a later write corrupt) the source checkpoint's memory.
 TRANSFORMS: dict[str, Transform] = {
-    "identity": Transform("identity", lambda t: t, lambda s: tuple(s), "identity"),
-    "transpose": Transform("transpose", _transpose, lambda s: tuple(reversed(s)), "transpose"),
+    t.name: t
+    for t in (
+        Transform("identity", lambda ts, a: ts[0], "identity"),
+        Transform("transpose", lambda ts, a: ts[0].t().contiguous(), "transpose"),
+        Transform("reshape", lambda ts, a: ts[0].reshape(tuple(a["shape"])).contiguous(), "reshape"),
+        Transform("concat", lambda ts, a: torch.cat(list(ts), dim=a.get("dim", 0)), "slice", True),
+        Transform(
+            "slice", lambda ts, a: ts[0].narrow(a.get("dim", 0), a["start"], a["length"]).contiguous(), "concat"
+        ),
+        Transform("stack", lambda ts, a: torch.stack(list(ts), dim=a.get("dim", 0)), "index", True),
+        Transform("index", lambda ts, a: ts[0].select(a.get("dim", 0), a["index"]).contiguous(), "stack"),
+    )
 }
 
 
@@ -51,11 +72,67 @@ def get_transform(name: str | None) -> Transform:
     Raises:
         PlanError: For a name not in :data:`TRANSFORMS`.
 
-    >>> get_transform("transpose").shape((3, 2))
-    (2, 3)
+    >>> get_transform("transpose").apply([torch.zeros(3, 2)], {}).shape
+    torch.Size([2, 3])
     """
     key = "identity" if name is None else name
     try:
         return TRANSFORMS[key]
     except KeyError:
         raise PlanError(f"unknown transform {name!r}; known transforms: {sorted(TRANSFORMS)}") from None
+
+
+def invert_entries(entries: Sequence[PlanEntry]) -> list[PlanEntry]:
+    """The entries of the inverse plan: target back to source, each transform undone.
+
+    Raises:
+        PlanError: If an entry has no unique way back (a source copied to several targets
+            comes back once; slices or indices of one source must cover it exactly).
+    """
+    out: list[PlanEntry] = []
+    seen: set[str] = set()
+    pieces: dict[str, list[PlanEntry]] = {}  # slice / index entries, grouped by their source
+    for e in entries:
+        op = e.transform or "identity"
+        if op in ("slice", "index"):
+            pieces.setdefault(e.source[0], []).append(e)
+            continue
+        if op in ("concat", "stack"):
+            dim = e.args.get("dim", 0)
+            if op == "concat":
+                sizes = list(e.args["sizes"])
+                starts = [sum(sizes[:i]) for i in range(len(sizes))]
+                parts = [({"dim": dim, "start": s, "length": n}, "slice") for s, n in zip(starts, sizes)]
+            else:
+                parts = [({"dim": dim, "index": i}, "index") for i in range(len(e.source))]
+            shapes = e.args.get("source_shapes") or [e.source_shape] * len(e.source)
+            for src, (args, inv), shape in zip(e.source, parts, shapes):
+                out.append(replace(e, source=(e.target,), target=src, transform=inv, args=args,
+                                   source_shape=e.target_shape, target_shape=tuple(shape)))
+            continue
+        if e.source[0] in seen:
+            continue  # a source copied to several targets comes back once
+        seen.add(e.source[0])
+        args = {"shape": list(e.source_shape)} if op == "reshape" else {}
+        out.append(replace(e, source=(e.target,), target=e.source[0], transform=None if op == "identity" else
+                           get_transform(op).inverse, args=args, source_shape=e.target_shape,
+                           target_shape=e.source_shape))
+    for src, group in pieces.items():
+        op = group[0].transform
+        key = "start" if op == "slice" else "index"
+        group = sorted(group, key=lambda e: e.args[key])
+        dim = group[0].args.get("dim", 0)
+        if op == "slice":
+            ends = [g.args["start"] + g.args["length"] for g in group]
+            if [g.args["start"] for g in group] != [0, *ends[:-1]] or ends[-1] != group[0].source_shape[dim]:
+                raise PlanError(f"the slices of {src!r} do not cover it exactly; the plan has no inverse")
+            args = {"dim": dim, "sizes": [g.args["length"] for g in group]}
+        else:
+            if [g.args["index"] for g in group] != list(range(group[0].source_shape[dim])):
+                raise PlanError(f"the indices of {src!r} do not cover it exactly; the plan has no inverse")
+            args = {"dim": dim}
+        args["source_shapes"] = [list(g.target_shape) for g in group]
+        out.append(replace(group[0], source=tuple(g.target for g in group), target=src,
+                           transform="concat" if op == "slice" else "stack", args=args,
+                           source_shape=group[0].target_shape, target_shape=group[0].source_shape))
+    return out

@@ -100,8 +100,10 @@ class GroupTable:
     module_ids: np.ndarray
 
     @classmethod
-    def from_table(cls, table: TensorTable, tree: ModuleTree) -> GroupTable:
+    def from_table(cls, table: TensorTable, tree: ModuleTree, *, skip: np.ndarray | None = None) -> GroupTable:
         """Group the canonical rows of ``table`` by owning module (aliases are left out).
+
+        Rows in ``skip`` (already spoken for, e.g. by a combined match) are left out too.
 
         >>> from torch import nn
         >>> t = TensorTable.from_module(nn.Sequential(nn.Linear(2, 3)))
@@ -109,7 +111,10 @@ class GroupTable:
         ('bias:3|weight:3x2',)
         """
         rows_of: dict[str, list[int]] = {}
-        for row in np.flatnonzero(table.is_canonical):
+        rows = np.flatnonzero(table.is_canonical)
+        if skip is not None and len(skip):
+            rows = np.setdiff1d(rows, skip)
+        for row in rows:
             rows_of.setdefault(table.modules[row], []).append(int(row))
         paths = tuple(rows_of)
         members = tuple(np.asarray(rows, dtype=np.int64) for rows in rows_of.values())

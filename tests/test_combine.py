@@ -1,0 +1,144 @@
+"""Conversions that are not renames: fused q/k/v, transposed Conv1D, stacked experts, reshapes."""
+
+import pytest
+import torch
+from torch import nn
+
+from reference_encoders import ExpertList, LinearGPT2, StackedExperts, TorchBert
+from weight_mapper import MappingPlan, WeightMapper, apply_plan
+
+transformers = pytest.importorskip("transformers")
+
+
+def round_trip(mapper, source_sd):
+    """plan -> apply -> inverse -> apply gives the source back exactly; JSON keeps the plan."""
+    plan = mapper.get_plan()
+    plan = MappingPlan.from_json(plan.to_json())
+    converted = apply_plan(plan, source_sd)
+    back = apply_plan(plan.inverse(), converted)
+    assert back.keys() == source_sd.keys()
+    assert all(torch.equal(back[k], v) for k, v in source_sd.items())
+    return converted
+
+
+def test_bert_separate_qkv_fuse_into_in_proj():
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=16)
+    hf = transformers.BertModel(config, add_pooling_layer=False).eval()
+    tb = TorchBert(50, 32, 4, 64, 3, 16).eval()
+    mapper = WeightMapper(hf, tb)
+    mapper.suggest_mapping()
+    plan = mapper.get_plan()
+    fused = {e.target: e for e in plan.entries if e.transform == "concat"}
+    assert set(fused) == {f"layers.{i}.self_attn.in_proj_{k}" for i in range(3) for k in ("weight", "bias")}
+    assert fused["layers.2.self_attn.in_proj_weight"].source == tuple(
+        f"encoder.layer.2.attention.self.{p}.weight" for p in ("query", "key", "value"))
+    assert mapper.get_unmatched() == {"source": [], "target": []}
+    tb.load_state_dict(round_trip(mapper, hf.state_dict()), strict=True)
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).last_hidden_state, tb(ids), atol=1e-5)
+
+
+def test_gpt2_conv1d_weights_are_transposed_into_linear():
+    config = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16)
+    hf = transformers.GPT2Model(config).eval()
+    ours = LinearGPT2(50, 32, 4, 2, 16).eval()
+    mapper = WeightMapper(hf, ours)
+    mapping = mapper.suggest_mapping()
+    assert mapping["h.1.attn.c_attn.weight"] == "blocks.1.qkv.weight"
+    transforms = {e.target: e.transform for e in mapper.get_plan().entries}
+    # c_proj is square: only the module types (Conv1D vs Linear) say it must be transposed.
+    assert transforms["blocks.0.proj.weight"] == "transpose"
+    assert transforms["blocks.0.qkv.weight"] == "transpose"
+    assert transforms["blocks.0.qkv.bias"] is None
+    ours.load_state_dict(round_trip(mapper, hf.state_dict()), strict=True)
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).last_hidden_state, ours(ids), atol=1e-5)
+
+
+def test_module_list_of_experts_stacks_into_3d_tensors():
+    src, tgt = ExpertList(8, 16, 4).eval(), StackedExperts(8, 16, 4).eval()
+    mapper = WeightMapper(src, tgt)
+    mapping = mapper.suggest_mapping()
+    assert mapping["gate.weight"] == "router.weight"
+    stacked = {e.target: e.source for e in mapper.get_plan().entries if e.transform == "stack"}
+    assert stacked == {f"w{k}": tuple(f"experts.{e}.w{k}.weight" for e in range(4)) for k in (1, 2, 3)}
+    tgt.load_state_dict(round_trip(mapper, src.state_dict()), strict=True)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        assert torch.allclose(src(x), tgt(x), atol=1e-6)
+
+
+class LayerScaleConv(nn.Module):
+    """ConvNeXt-style layer scale kept as [C, 1, 1] and a 1x1 conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.gamma = nn.Parameter(torch.randn(8, 1, 1))
+
+    def forward(self, x):  # x: [B, C, H, W]
+        return x + self.gamma * self.pw(x)
+
+
+class LayerScaleLinear(nn.Module):
+    """The same block channels-last: layer scale [C] and a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.ls = nn.Parameter(torch.ones(8))
+
+    def forward(self, x):
+        y = x.permute(0, 2, 3, 1)
+        return x + (self.ls * self.fc(y)).permute(0, 3, 1, 2)
+
+
+def test_layer_scale_and_pointwise_conv_are_reshaped():
+    src, tgt = LayerScaleConv(), LayerScaleLinear()
+    mapper = WeightMapper(src, tgt)
+    assert mapper.suggest_mapping() == {"pw.weight": "fc.weight", "pw.bias": "fc.bias", "gamma": "ls"}
+    transforms = {e.target: (e.transform, dict(e.args)) for e in mapper.get_plan().entries}
+    assert transforms["ls"] == ("reshape", {"shape": [8]})
+    assert transforms["fc.weight"] == ("reshape", {"shape": [8, 8]})
+    tgt.load_state_dict(round_trip(mapper, src.state_dict()), strict=True)
+    x = torch.randn(2, 8, 3, 3)
+    with torch.no_grad():
+        assert torch.allclose(src(x), tgt(x), atol=1e-6)
+
+
+def test_grouped_query_attention_unequal_parts_concat():
+    class Separate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.ModuleDict({"q_proj": nn.Linear(16, 16, bias=False), "k_proj": nn.Linear(16, 4, bias=False),
+                                       "v_proj": nn.Linear(16, 4, bias=False)})
+
+    class Fused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.ModuleDict({"qkv": nn.Linear(16, 24, bias=False)})
+
+    src = Separate()
+    mapper = WeightMapper(src, Fused())
+    mapper.suggest_mapping()
+    (entry,) = mapper.get_plan().entries
+    assert entry.transform == "concat" and entry.args["sizes"] == [16, 4, 4]
+    round_trip(mapper, src.state_dict())
+
+
+def test_verify_reports_the_output_difference_and_untouched_tensors():
+    src, tgt = ExpertList(8, 16, 4), StackedExperts(8, 16, 4)
+    x = torch.randn(5, 8)
+    mapper = WeightMapper(src, tgt, dummy_input=x)
+    mapper.suggest_mapping()
+    report = mapper.verify()
+    assert report.ok and report.max_abs_diff < 1e-6 and report.untouched == ()
+    assert "conversion verified" in report.message()
+    partial = WeightMapper(src, StackedExperts(8, 16, 4))
+    partial.suggest_mapping(strategy="shape_only")  # no combinations: the experts stay unfilled
+    bad = partial.verify(src, StackedExperts(8, 16, 4), x)
+    assert not bad.ok and set(bad.untouched) == {"w1", "w2", "w3"}
+    assert "left at their initial values" in bad.message()

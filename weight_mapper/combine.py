@@ -1,0 +1,168 @@
+"""Stage 4b: combined matches, where one target tensor is built from several source tensors.
+
+After the 1:1 assignment, a target tensor left without a partner may be the concatenation of
+sibling source tensors (separate ``q_proj, k_proj, v_proj`` -> one fused ``qkv`` or
+``in_proj_weight``; ``gate_proj + up_proj`` -> ``gate_up_proj``; unequal parts as in
+grouped-query attention) or the stack of a ModuleList's tensors (N experts -> one 3-D
+tensor). Candidate source sets are found from shapes and the module tree alone; each is
+scored like any match (its first tensor stands for its name and place) and the best one-to-one
+choice is made with ``linear_sum_assignment``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from weight_mapper.assign import Assignment, _module_map, pair_margins, solve_optimal
+from weight_mapper.names import split_name
+from weight_mapper.score import Items, context_score, forbidden, score_edges, with_context
+from weight_mapper.table import TensorTable
+from weight_mapper.tree import ModuleTree
+
+__all__ = ["Combination", "combine"]
+
+
+@dataclass(frozen=True)
+class Combination:
+    """A target tensor built from several source rows.
+
+    Attributes:
+        src: Source tensor rows, in the order they are combined.
+        tgt: Target tensor row.
+        transform: ``"concat"`` or ``"stack"`` (along dim 0).
+        score, margin: As for 1:1 matches.
+        components: ``shape``, ``name``, ``hierarchy``, ``context`` of the representative.
+    """
+
+    src: tuple[int, ...]
+    tgt: int
+    transform: str
+    score: float
+    margin: float
+    components: Mapping[str, float]
+
+
+def _concat_runs(table: TensorTable, rows: np.ndarray) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Contiguous runs of sibling tensors (same parent module and leaf) that can be concatenated."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for r in rows:
+        module = table.modules[r]
+        groups.setdefault((split_name(module)[0], table.leaves[r]), []).append(int(r))
+    out = []
+    for members in groups.values():
+        members.sort()
+        for i in range(len(members)):
+            trailing = table.shapes[members[i]][1:]
+            if not table.shapes[members[i]]:
+                continue
+            total = table.shapes[members[i]][0]
+            for j in range(i + 1, len(members)):
+                shape = table.shapes[members[j]]
+                if not shape or shape[1:] != trailing:
+                    break
+                total += shape[0]
+                out.append((tuple(members[i:j + 1]), (total, *trailing)))
+    return out
+
+
+def _stack_sets(table: TensorTable, rows: np.ndarray) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Tensors whose names differ only in their last numeric path component (ModuleList items)."""
+    groups: dict[tuple[str, tuple[int, ...]], list[tuple[int, int]]] = {}
+    for r in rows:
+        parts = table.names[r].split(".")
+        numeric = [i for i, p in enumerate(parts) if p.isdigit()]
+        if not numeric:
+            continue
+        k = numeric[-1]
+        key = (".".join(parts[:k] + ["*"] + parts[k + 1:]), table.shapes[r])
+        groups.setdefault(key, []).append((int(parts[k]), int(r)))
+    out = []
+    for (_, shape), members in groups.items():
+        members.sort()
+        if len(members) > 1 and [i for i, _ in members] == list(range(members[0][0], members[0][0] + len(members))):
+            out.append((tuple(r for _, r in members), (len(members), *shape)))
+    return out
+
+
+def combine(
+    src_table: TensorTable,
+    tgt_table: TensorTable,
+    assignment: Assignment,
+    *,
+    weights: Mapping[str, float],
+    threshold: float,
+    incompatible_pairs: Sequence[tuple[str, str]] = (),
+) -> list[Combination]:
+    """Propose concat / stack matches for targets the 1:1 assignment left unfilled.
+
+    Source sets are drawn from every source tensor, also those the 1:1 assignment used: a
+    ``query`` weight may have been given to ``out_proj`` only because the fused
+    ``in_proj_weight`` it belongs to had no 1:1 partner. The caller re-runs the 1:1
+    assignment without the rows the combinations take.
+
+    Args:
+        src_table, tgt_table: The two sides.
+        assignment: The 1:1 assignment (its matches give the module map used as context).
+        weights, threshold, incompatible_pairs: As for :func:`weight_mapper.assign.assign`.
+
+    Returns:
+        Non-overlapping combinations scoring at least ``threshold``.
+    """
+    left_src = np.flatnonzero(src_table.is_canonical)
+    left_tgt = np.setdiff1d(np.flatnonzero(tgt_table.is_canonical), assignment.tgt)
+    if len(left_src) < 2 or len(left_tgt) == 0:
+        return []
+    candidates = [(rows, shape, "concat") for rows, shape in _concat_runs(src_table, left_src)]
+    candidates += [(rows, shape, "stack") for rows, shape in _stack_sets(src_table, left_src)]
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for k, (_, shape, _) in enumerate(candidates):
+        by_shape.setdefault(tuple(shape), []).append(k)
+    pair_c, pair_t = [], []
+    for j, t in enumerate(left_tgt):
+        for k in by_shape.get(tuple(tgt_table.shapes[t]), ()):
+            pair_c.append(k)
+            pair_t.append(j)
+    if not pair_c:
+        return []
+    pair_c, pair_t = np.asarray(pair_c), np.asarray(pair_t)
+
+    # Score each (candidate set, target) like a 1:1 match of the set's first tensor.
+    src_tree, tgt_tree = ModuleTree(src_table), ModuleTree(tgt_table)
+    reps = np.array([rows[0] for rows, _, _ in candidates], dtype=np.int64)
+    s_items = Items.of_tensors(src_table, src_tree, reps).with_ranks(np.zeros(len(reps), np.int64))
+    t_items = Items.of_tensors(tgt_table, tgt_tree, left_tgt).with_ranks(np.zeros(len(left_tgt), np.int64))
+    scores = score_edges(s_items, t_items, pair_c, pair_t, weights=weights)
+    scores["shape"] = np.ones(len(pair_c))  # the set fits the target exactly
+    base = weights["shape"] + weights["name"] * scores["name"] + weights["hierarchy"] * scores["hierarchy"]
+    matched_s = Items.of_tensors(src_table, src_tree, assignment.src)
+    matched_t = Items.of_tensors(tgt_table, tgt_tree, assignment.tgt)
+    module_map, _ = _module_map(matched_s, matched_t, np.arange(len(assignment.src)), np.arange(len(assignment.tgt)),
+                                len(src_tree))
+    ctx = context_score(s_items, t_items, pair_c, pair_t, module_map)
+    total = with_context(base, ctx)
+    allowed = ~forbidden(s_items, t_items, pair_c, pair_t, incompatible_pairs)
+
+    weight = np.zeros((len(candidates), len(left_tgt)))
+    weight[pair_c, pair_t] = np.where(allowed & (total >= threshold), total, 0.0)
+    rows, cols = solve_optimal(weight)
+    margin, _ = pair_margins(weight, rows, cols)
+    lookup = {(c, t): e for e, (c, t) in enumerate(zip(pair_c.tolist(), pair_t.tolist()))}
+    chosen = sorted(zip(rows.tolist(), cols.tolist(), margin.tolist()), key=lambda x: -weight[x[0], x[1]])
+    used: set[int] = set()
+    out = []
+    for k, j, m in chosen:  # overlapping runs (q,k,v vs k,v,o): the better-scoring one wins
+        src_rows, _, transform = candidates[k]
+        if used.intersection(src_rows):
+            continue
+        used.update(src_rows)
+        e = lookup[(k, j)]
+        out.append(Combination(
+            src=tuple(int(r) for r in src_rows), tgt=int(left_tgt[j]), transform=transform,
+            score=float(total[e]), margin=float(m),
+            components={"shape": 1.0, "name": float(scores["name"][e]),
+                        "hierarchy": float(scores["hierarchy"][e]), "context": float(ctx[e])},
+        ))
+    return sorted(out, key=lambda c: c.tgt)

@@ -59,3 +59,14 @@ def test_unknown_transform_is_rejected():
     plan = MappingPlan((PlanEntry(("a",), "b", "rotate", 1.0, 1.0, "tensor", (2,), (2,)),))
     with pytest.raises(PlanError, match="unknown transform 'rotate'"):
         apply_plan(plan, {"a": torch.zeros(2)})
+
+
+def test_a_binary_file_is_not_a_plan(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(2)}, path)
+    with pytest.raises(PlanError, match="model.pt could not be read as text"):
+        MappingPlan.from_json(path)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"entries": []}')
+    with pytest.raises(PlanError, match="plan file .*bad.json: not a weight_mapper plan"):
+        MappingPlan.from_json(bad)

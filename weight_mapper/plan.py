@@ -240,17 +240,25 @@ class MappingPlan:
         Raises:
             PlanError: If the file is missing or is not valid plan JSON.
         """
-        text = str(text_or_path)
+        text, where = str(text_or_path), "plan"
         if not text.lstrip().startswith("{"):
             path = Path(text_or_path)
+            where = f"plan file {path}"
             if not path.is_file():
                 raise PlanError(f"No such plan file: {path}")
-            text = path.read_text()
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError) as exc:
+                raise PlanError(f"{where} could not be read as text ({exc}); is it a checkpoint? "
+                                "Pass the JSON that `weight-mapper map -o` wrote") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise PlanError(f"plan is not valid JSON ({exc}); regenerate it with `weight-mapper map`") from None
-        return cls.from_dict(data)
+            raise PlanError(f"{where} is not valid JSON ({exc}); regenerate it with `weight-mapper map`") from None
+        try:
+            return cls.from_dict(data)
+        except PlanError as exc:
+            raise PlanError(f"{where}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------- building

@@ -39,3 +39,8 @@ def test_report_summary():
 
 def test_score_colours():
     assert [score_style(s) for s in (0.9, 0.7, 0.5)] == ["green", "yellow", "red"]
+
+
+def test_score_colour_boundaries():
+    """The views colour scores with score_style: 0.8 is still yellow, 0.6 is not yet red."""
+    assert [score_style(s) for s in (0.81, 0.8, 0.6, 0.59)] == ["green", "yellow", "yellow", "red"]

@@ -10,7 +10,7 @@ the buckets re-solved until the assignment stops changing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -324,7 +324,7 @@ def _solve_buckets(level: Level, weight: np.ndarray, margin_weight: np.ndarray, 
 
 def _solve_level(
     level: Level, *, solver: str, threshold: float, use_context: bool, max_rounds: int, n_src_modules: int,
-    prior_votes=None,
+    prior_votes=None, progress=None, name: str = "",
 ) -> tuple[_LevelResult, tuple[np.ndarray, np.ndarray]]:
     solve = SOLVERS[solver]
     src_items, tgt_items, base = level.src, level.tgt, level.scores["base"]
@@ -335,6 +335,7 @@ def _solve_level(
     rounds, converged = 0, not use_context
     ctx = None
     for rounds in range(1, (max_rounds if use_context else 1) + 1):
+        _report(progress, f"{name}: assigning, round {rounds}")
         if use_context and module_map is not None:
             ctx = context_score(src_items, tgt_items, level.si, level.ti, module_map)
             total = with_context(base, ctx)
@@ -406,6 +407,7 @@ def assign(
     max_rounds: int = MAX_ROUNDS,
     skip_src: np.ndarray | None = None,
     skip_tgt: np.ndarray | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Assignment:
     """Match the canonical tensors of two tables: module groups first, then leftovers.
 
@@ -419,6 +421,7 @@ def assign(
         incompatible_pairs: Validated ``incompatible_pairs`` rules.
         max_rounds: Bound on the context rounds per level.
         skip_src, skip_tgt: Rows to leave out (taken by combined matches).
+        progress: Called with a short description as each step starts (for a status line).
 
     >>> from torch import nn
     >>> t = TensorTable.from_module(nn.Linear(2, 3))
@@ -426,6 +429,7 @@ def assign(
     >>> sorted(zip(a.src.tolist(), a.tgt.tolist()))
     [(0, 0), (1, 1)]
     """
+    _report(progress, f"building module trees ({len(src_table)} + {len(tgt_table)} tensors)")
     src_tree, tgt_tree = ModuleTree(src_table), ModuleTree(tgt_table)
     src_groups = GroupTable.from_table(src_table, src_tree, skip=skip_src)
     tgt_groups = GroupTable.from_table(tgt_table, tgt_tree, skip=skip_tgt)
@@ -434,7 +438,9 @@ def assign(
     group_buckets = split_by_indices(_buckets_by_key(src_groups.signatures, tgt_groups.signatures), g_src, g_tgt)
     level_options = dict(solver=solver, threshold=threshold, use_context=use_context, max_rounds=max_rounds,
                          n_src_modules=len(src_tree))
-    groups, votes = _solve_level(Level.build(g_src, g_tgt, group_buckets, **options), **level_options)
+    _report(progress, f"module groups: scoring {len(group_buckets)} buckets")
+    groups, votes = _solve_level(Level.build(g_src, g_tgt, group_buckets, **options), **level_options,
+                                 progress=progress, name="module groups")
 
     # Expand matched groups into member tensor pairs: equal signatures align sorted members.
     src_rows, tgt_rows, expand = [], [], []
@@ -456,7 +462,9 @@ def assign(
         [_tensor_bucket_key(src_table.shapes[r], tolerance) for r in left_src],
         [_tensor_bucket_key(tgt_table.shapes[r], tolerance) for r in left_tgt],
     ), t_src, t_tgt)
-    tensors, _ = _solve_level(Level.build(t_src, t_tgt, tensor_buckets, **options), prior_votes=votes, **level_options)
+    _report(progress, f"single tensors: scoring {len(tensor_buckets)} buckets")
+    tensors, _ = _solve_level(Level.build(t_src, t_tgt, tensor_buckets, **options), prior_votes=votes, **level_options,
+                              progress=progress, name="single tensors")
 
     n_group, n_tensor = len(g_src_rows), len(tensors.src)
     sizes = groups.bucket_sizes + tensors.bucket_sizes
@@ -474,6 +482,11 @@ def assign(
         largest_bucket=max(sizes, key=lambda s: s[0] * s[1], default=(0, 0)),
         levels={"group": groups.detail, "tensor": tensors.detail},
     )
+
+
+def _report(progress: Callable[[str], None] | None, message: str) -> None:
+    if progress is not None:
+        progress(message)
 
 
 def _sorted_members(table: TensorTable, rows: np.ndarray) -> np.ndarray:

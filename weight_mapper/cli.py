@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib
 import json
 import os
@@ -41,6 +42,7 @@ from weight_mapper.renamer import WeightRenamer
 from weight_mapper.report import report_dict
 from weight_mapper.table import TensorTable
 from weight_mapper.tree import ROOT, ModuleTree
+from weight_mapper.views import HierarchyView, MappingView, ScoreBreakdownView, export_html
 
 __all__ = ["main", "build_parser"]
 
@@ -235,22 +237,64 @@ def _cmd_map(args: argparse.Namespace) -> int:
     source_table = TensorTable.from_checkpoint(source, label=Path(args.source).name)
     target, target_files = _load_target(args.target, key=args.target_key, trust_pickle=args.trust_pickle)
     mapper = WeightMapper(source_table, target)
+    explain_names = [_source_name(mapper, name, args.source) for name in args.explain]
+    if args.html:  # fail before matching, not after the plan was written
+        _refuse_overwrite(Path(args.html), [(Path(args.output), "the plan")]
+                          + [(p, "the source checkpoint") for p in (*source.files, *target_files)])
+        if not Path(args.html).parent.is_dir():
+            raise CheckpointError(f"Cannot save {args.html}: folder {Path(args.html).parent} does not exist; "
+                                  "create it first")
     mapper.suggest_mapping(threshold=args.threshold, strategy=args.strategy, weights=args.weights)
     plan = mapper.get_plan()
     # The JSON of report.export_report, written with the checkpoints protected.
     output = write_text_atomic(args.output, json.dumps(report_dict(plan), indent=2),
                                protected=[*source.files, *target_files])
+    tree = HierarchyView(mapper.source_table, mapper.target_table, plan=plan, show_matches=True)
+    breakdowns = [ScoreBreakdownView.from_plan(mapper.explain(name), plan) for name in explain_names]
+    html = None
+    if args.html:
+        # A file to review, not a terminal: every match and every unmatched tensor.
+        mapping = MappingView(plan, source_table=mapper.source_table, target_table=mapper.target_table,
+                              max_matches=max(len(plan.entries), len(plan.ambiguous)),
+                              max_unmatched=max(len(plan.unmatched_source), len(plan.unmatched_target)))
+        html = export_html([mapping, tree, *breakdowns], args.html,
+                           title=f"weight_mapper review: {plan.source_label} -> {plan.target_label}",
+                           protected=[*source.files, *target_files, output])
     if args.json:
         _print_json({"plan": str(output), **report_dict(plan)["summary"]})
         return 0
     console = Console()
     mapper.print_analysis(top_n=args.top, console=console)
+    for view in ([tree] if args.tree else []) + breakdowns:
+        console.print()
+        console.print(view)
     next_step = (f"{_PROG} apply {shlex.quote(args.source)} {shlex.quote(str(output))} -o converted.safetensors"
                  + (f" --validate {shlex.quote(args.target)}" if isinstance(target, nn.Module) else ""))
+    if html is not None:
+        console.print(Text.assemble(("Review written to ", "green"), (str(html), "bold green"),
+                                    " (one HTML file: the mapping, both module trees"
+                                    + (", the score breakdowns" if breakdowns else "") + ")"))
     console.print(Text.assemble(("Plan written to ", "green"), (str(output), "bold green"),
                                 f" ({len(plan.entries)} entries). Next:"))
     console.print(Text(f"  {next_step}"), soft_wrap=True)  # unwrapped, so that it can be copied
     return 0
+
+
+def _source_name(mapper: WeightMapper, name: str, source: str) -> str:
+    """The checkpoint key of SOURCE tensor ``name`` (given with or without the wrapper prefix), for ``--explain``.
+
+    Raises:
+        MappingError: naming the close matches among SOURCE's tensors.
+    """
+    table, prefix = mapper.source_table, mapper.source_prefix  # the table's names are without the prefix
+    if prefix and name.startswith(prefix) and name[len(prefix):] in table.name2row:
+        return name
+    if name in table.name2row:
+        return prefix + name
+    close = difflib.get_close_matches(name, [prefix + n for n in table.names], n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(map(repr, close))}?" if close else \
+        f"run `{_PROG} inspect {shlex.quote(source)}` to list them"
+    raise MappingError(f"--explain {name!r}: {source} has no tensor of that name; {hint}")
 
 
 def _load_target(spec: str, *, key: str | None, trust_pickle: bool) -> tuple[nn.Module | TensorTable, tuple[Path, ...]]:
@@ -487,6 +531,12 @@ def _non_negative_int(text: str) -> int:
     return int(text)
 
 
+def _check_map(args: argparse.Namespace) -> None:
+    if args.json and (args.tree or args.explain):
+        args.parser.error("--tree and --explain print tables, --json prints only JSON; "
+                          "drop --json, or save the views with --html REPORT")
+
+
 def _check_apply(args: argparse.Namespace) -> None:
     if args.strict and not args.validate:
         args.parser.error("--strict needs --validate TARGET: it fails when validation against TARGET fails")
@@ -558,7 +608,8 @@ for a command's options and examples.""",
         epilog=f"""examples:
   {_PROG} map old.ckpt mypkg.models:new_model -o plan.json
   {_PROG} map old.pth new_layout.safetensors -o plan.json --strategy conservative
-  {_PROG} map old.pth mypkg.models:NewNet -o plan.json --weights shape=0.6,name=0.4 --json""",
+  {_PROG} map old.pth mypkg.models:NewNet -o plan.json --weights shape=0.6,name=0.4 --json
+  {_PROG} map old.ckpt mypkg.models:new_model -o plan.json --tree --explain backbone.0.weight --html review.html""",
     )
     mapping.add_argument("source", metavar="SOURCE",
                          help="the checkpoint holding the weights (any format inspect reads)")
@@ -578,7 +629,15 @@ for a command's options and examples.""",
                          help="matches (lowest scores first) and unmatched tensors to list (default: %(default)s)")
     mapping.add_argument("--target-key", metavar="K", default=None,
                          help="like --key, for a TARGET checkpoint")
-    mapping.set_defaults(func=_cmd_map)
+    mapping.add_argument("--tree", action="store_true",
+                         help="also print both module trees side by side, matched modules marked")
+    mapping.add_argument("--explain", action="append", default=[], metavar="NAME",
+                         help="also print why SOURCE tensor NAME went where it did: every score, its weight, "
+                              "and the alternatives (repeatable)")
+    mapping.add_argument("--html", metavar="REPORT", default=None,
+                         help="also save the review (the mapping, both module trees and the --explain "
+                              "breakdowns) as one self-contained HTML file to share")
+    mapping.set_defaults(func=_cmd_map, check=_check_map, parser=mapping)
 
     apply = sub.add_parser(
         "apply", parents=[reading, output], formatter_class=_HelpFormatter,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +127,7 @@ class WeightMapper:
         weights: Mapping[str, float] | None = None,
         *,
         max_rounds: int = MAX_ROUNDS,
+        progress: Callable[[str], None] | None = None,
     ) -> dict[str, str]:
         """Match source tensors to target tensors and return ``{source_name: target_name}``.
 
@@ -138,6 +139,8 @@ class WeightMapper:
                 positional remap), or ``"greedy"`` (highest score first; for comparison).
             weights: Component weights, default ``{"shape": 0.5, "name": 0.3, "hierarchy": 0.2}``.
             max_rounds: Bound on hierarchy-context rounds.
+            progress: Called with a short description as each step starts (the CLI shows it
+                as a status line); matching a 100,000-tensor model takes seconds.
 
         Raises:
             MappingError: On an unknown strategy, a threshold outside [0, 1] or bad weights.
@@ -159,8 +162,11 @@ class WeightMapper:
             tolerance=self.shape_tolerance,
             incompatible_pairs=self.incompatible_pairs,
             max_rounds=max_rounds,
+            progress=progress,
         )
         assignment = assign(self.source_table, self.target_table, **options)
+        if progress is not None:
+            progress("combined matches: looking for concat / stack candidates")
         combinations = combine(
             self.source_table,
             self.target_table,
@@ -283,6 +289,67 @@ class WeightMapper:
         from weight_mapper.report import export_report
 
         return export_report(self._require_plan(), path)
+
+    def visualize_mapping(
+        self,
+        result: MappingPlan | Mapping[str, str] | None = None,
+        *,
+        show_unmatched: bool = True,
+        max_matches: int = 30,
+        max_unmatched: int = 15,
+        console: Any = None,
+    ) -> None:
+        """Print the mapping for review: summary, scored matches with badges, unmatched tensors.
+
+        Args:
+            result: A :class:`MappingPlan`, or the dict ``suggest_mapping`` returned; default the last plan.
+            show_unmatched: List the unmatched tensors of both sides, with their shapes.
+            max_matches: Matches listed (past it, the ambiguous and lowest-scoring ones).
+            max_unmatched: Unmatched tensors listed per side.
+            console: A ``rich.console.Console``; default a new one on stdout.
+
+        Raises:
+            MappingError: If ``result`` is a dict that is not the last suggestion.
+        """
+        from weight_mapper.views import MappingView, print_view
+
+        plan = self._require_plan() if result is None or result is self.plan else result
+        if not isinstance(plan, MappingPlan):
+            if dict(plan) != self._require_plan().mapping:
+                raise MappingError("visualize_mapping(result) takes a MappingPlan or the dict the last "
+                                   "suggest_mapping() returned; pass mapper.get_plan() or a plan you loaded")
+            plan = self._require_plan()
+        print_view(MappingView(plan, source_table=self.source_table, target_table=self.target_table,
+                               show_unmatched=show_unmatched, max_matches=max_matches,
+                               max_unmatched=max_unmatched), console=console)
+
+    def visualize_hierarchies(self, *, max_depth: int = 5, show_matches: bool = False, console: Any = None) -> None:
+        """Print both module trees side by side: W/B/buf badges with shapes, matched modules marked.
+
+        Args:
+            max_depth: Module levels shown; deeper ones are summed up in a ``…`` line.
+            show_matches: Mark every module ✓/◐/✗ by how many of its tensors the plan matched
+                (runs ``suggest_mapping()`` with defaults first if needed).
+            console: A ``rich.console.Console``; default a new one on stdout.
+        """
+        from weight_mapper.views import HierarchyView, print_view
+
+        plan = self._require_plan() if show_matches else self.plan
+        print_view(HierarchyView(self.source_table, self.target_table, plan=plan, max_depth=max_depth,
+                                 show_matches=show_matches), console=console)
+
+    def visualize_score_breakdown(self, param_name: str, *, console: Any = None) -> None:
+        """Print why ``param_name`` went where it did: weighted scores, sub-scores, alternatives.
+
+        Raises:
+            MappingError: If ``param_name`` is not a source tensor.
+        """
+        from weight_mapper.views import ScoreBreakdownView, print_view
+
+        if self.source_prefix and param_name in self.source_table.name2row:
+            param_name = self.source_prefix + param_name  # the plan's keys carry the wrapper prefix
+        explanation = self.explain(param_name)
+        print_view(ScoreBreakdownView.from_plan(explanation, self._require_plan()), console=console)
 
 
 def _to_table(side: Any, dummy_input: Any, which: str) -> TensorTable:

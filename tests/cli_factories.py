@@ -67,3 +67,13 @@ def not_a_model() -> dict:
 
 
 NOT_CALLABLE = 3
+
+
+def old_net() -> OldNet:
+    """The source model, for ``apply --verify``."""
+    return OldNet()
+
+
+def example_input() -> torch.Tensor:
+    """What ``apply --verify`` runs both models on."""
+    return torch.randn(2, 3, 8, 8)

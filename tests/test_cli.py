@@ -327,3 +327,25 @@ def test_bad_inputs_exit_1_naming_the_file(files, lightning_plan, case, expected
     assert "Traceback" not in out.stderr and out.stdout == ""
     assert not (folder / "PWNED").exists()  # the pickle's code never ran
     _assert_unchanged(files, "lightning.ckpt", "plain.pt", "evil.pt")
+
+
+def test_apply_verify_proves_the_conversion(files, lightning_plan, tmp_path, capsys, monkeypatch):
+    from weight_mapper.cli import main
+
+    monkeypatch.syspath_prepend(str(_TESTS))
+    out = tmp_path / "verified.safetensors"
+    plan, _ = lightning_plan
+    code = main(["apply", str(files["lightning.ckpt"]), str(plan), "-o", str(out), "--validate", _FACTORY,
+                 "--verify", "cli_factories:old_net", "--input", "cli_factories:example_input", "--strict"])
+    assert code == 0
+    assert "conversion verified: max abs output difference 0" in capsys.readouterr().out
+    assert out.is_file()
+
+
+def test_apply_verify_needs_a_target_and_an_input(files, lightning_plan, tmp_path, capsys):
+    from weight_mapper.cli import main
+
+    code = main(["apply", str(files["lightning.ckpt"]), str(lightning_plan[0]), "-o", str(tmp_path / "x.pt"),
+                 "--verify", "cli_factories:old_net"])
+    assert code == 2
+    assert "--verify SOURCE_MODEL needs --validate TARGET" in capsys.readouterr().err

@@ -244,7 +244,13 @@ def _cmd_map(args: argparse.Namespace) -> int:
         if not Path(args.html).parent.is_dir():
             raise CheckpointError(f"Cannot save {args.html}: folder {Path(args.html).parent} does not exist; "
                                   "create it first")
-    mapper.suggest_mapping(threshold=args.threshold, strategy=args.strategy, weights=args.weights)
+    status_console = Console(stderr=True)
+    if args.json or not status_console.is_terminal:
+        mapper.suggest_mapping(threshold=args.threshold, strategy=args.strategy, weights=args.weights)
+    else:  # a status line while matching: a 100,000-tensor model takes seconds
+        with status_console.status("matching") as status:
+            mapper.suggest_mapping(threshold=args.threshold, strategy=args.strategy, weights=args.weights,
+                                   progress=lambda message: status.update(f"matching: {message}"))
     plan = mapper.get_plan()
     # The JSON of report.export_report, written with the checkpoints protected.
     output = write_text_atomic(args.output, json.dumps(report_dict(plan), indent=2),
@@ -309,8 +315,34 @@ def _load_target(spec: str, *, key: str | None, trust_pickle: bool) -> tuple[nn.
                        f"checkpoint path (file, *.index.json or folder of shards) or {_FACTORY_HELP}")
 
 
-def _build_model(spec: str) -> nn.Module:
-    """Import ``package.module:callable`` and build its model on the meta device (no weights in RAM).
+def _build_model(spec: str, *, meta: bool = True) -> nn.Module:
+    """Import ``package.module:callable`` and build its model, on the meta device by default
+    (no weights in RAM); ``meta=False`` builds it on the CPU, to run it.
+
+    Raises:
+        MappingError: naming ``spec`` and the expected form, whatever step failed.
+    """
+    factory = _load_factory(spec)
+    model = None
+    if meta:
+        try:
+            with torch.device("meta"):
+                model = factory()
+        except Exception as meta_error:  # noqa: BLE001 - some models cannot be built without data; try the CPU
+            warnings.warn(f"{spec} could not be built on the meta device ({type(meta_error).__name__}: "
+                          f"{meta_error}); building it on the CPU instead, which allocates its weights", stacklevel=2)
+    if model is None:
+        try:
+            model = factory()
+        except Exception as e:  # noqa: BLE001 - user code
+            raise _factory_error(spec, f"raised {type(e).__name__}: {e} when called with no arguments") from None
+    if not isinstance(model, nn.Module):
+        raise _factory_error(spec, f"returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _load_factory(spec: str) -> Any:
+    """Import ``package.module:callable`` and return the callable.
 
     Raises:
         MappingError: naming ``spec`` and the expected form, whatever step failed.
@@ -338,19 +370,7 @@ def _build_model(spec: str) -> nn.Module:
         factory = getattr(factory, attr)
     if not callable(factory):
         raise _factory_error(spec, f"names {attr_path!r}, which is not callable (a {type(factory).__name__})")
-    try:
-        with torch.device("meta"):
-            model = factory()
-    except Exception as meta_error:  # noqa: BLE001 - some models cannot be built without data; try the CPU
-        try:
-            model = factory()
-        except Exception as e:  # noqa: BLE001 - user code
-            raise _factory_error(spec, f"raised {type(e).__name__}: {e} when called with no arguments") from None
-        warnings.warn(f"{spec} could not be built on the meta device ({type(meta_error).__name__}: {meta_error}); "
-                      f"it was built on the CPU instead, which allocates its weights", stacklevel=2)
-    if not isinstance(model, nn.Module):
-        raise _factory_error(spec, f"returned a {type(model).__name__}, not a torch.nn.Module")
-    return model
+    return factory
 
 
 def _factory_error(spec: str, why: str) -> MappingError:
@@ -369,6 +389,9 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     _refuse_overwrite(output, [(p, "the source checkpoint") for p in source_files if p is not None]
                       + [(plan_path, "the plan")])
     model = _build_model(args.validate) if args.validate else None  # a bad factory fails before any read
+    if args.verify:  # fail on a bad factory or input before any conversion
+        _load_factory(args.verify)
+        _load_factory(args.input)
 
     console = Console()
     show_progress = not args.json and console.is_terminal and (
@@ -382,6 +405,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                                   f"Nothing was written to {output} (--strict).")
         output = renamer.save(output)
 
+    verification = _verify(args, renamer, plan) if args.verify else None
     fmt = ("sharded-safetensors" if output.is_dir() else
            "safetensors" if output.suffix == _SAFETENSORS_SUFFIX else "torch")
     if args.json:
@@ -390,8 +414,11 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             "source": args.source, "plan": str(plan_path),
             "n_unmatched_source": len(plan.unmatched_source), "n_unmatched_target": len(plan.unmatched_target),
             "validation": None if report is None else _validation_dict(report),
+            "verification": None if verification is None else {
+                "ok": verification.ok, "max_abs_diff": verification.max_abs_diff,
+                "n_outputs": verification.n_outputs, "untouched": list(verification.untouched)},
         })
-        return 0
+        return 1 if verification is not None and not verification.ok and args.strict else 0
     if report is not None:
         console.print(Text(report.message(type(model).__name__), style="green" if report.ok else "yellow"))
     if plan.unmatched_source:
@@ -402,7 +429,27 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                            style="yellow"))
     console.print(Text.assemble(("Converted ", "green"), f"{len(renamer.renamed or {})} tensors: ",
                                 args.source, " -> ", (str(output), "bold green"), f" ({fmt})"))
+    if verification is not None:
+        console.print(Text(verification.message(), style="green" if verification.ok else "red"))
+        if not verification.ok and args.strict:
+            return 1
     return 0
+
+
+def _verify(args: argparse.Namespace, renamer: WeightRenamer, plan: MappingPlan):
+    """--verify: build both models on the CPU, load the source, convert, run both on --input."""
+    from weight_mapper.verify import verify_conversion
+
+    source = _build_model(args.verify, meta=False)
+    prefix = plan.source_prefix
+    state = {k[len(prefix):] if prefix and k.startswith(prefix) else k: renamer.tensors[k] for k in renamer.tensors}
+    result = source.load_state_dict(state, strict=False)
+    if result.missing_keys:
+        raise ConversionError(f"--verify {args.verify}: the model it builds is not the one {args.source} was saved "
+                              f"from (missing keys {result.missing_keys[:5]}); pass the source model's factory")
+    target = _build_model(args.validate, meta=False)
+    dummy_input = _load_factory(args.input)()
+    return verify_conversion(plan, source, target, dummy_input)
 
 
 def _validation_dict(report: ValidationReport) -> dict[str, Any]:
@@ -540,6 +587,9 @@ def _check_map(args: argparse.Namespace) -> None:
 def _check_apply(args: argparse.Namespace) -> None:
     if args.strict and not args.validate:
         args.parser.error("--strict needs --validate TARGET: it fails when validation against TARGET fails")
+    if args.verify and not (args.validate and args.input):
+        args.parser.error("--verify SOURCE_MODEL needs --validate TARGET (the target model) and --input INPUT "
+                          "(what to run both models on)")
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -649,7 +699,9 @@ for a command's options and examples.""",
         epilog=f"""examples:
   {_PROG} apply old.ckpt plan.json -o new.safetensors
   {_PROG} apply old.ckpt plan.json -o new.ckpt --validate mypkg.models:new_model --strict
-  {_PROG} apply llama/ plan.json -o converted/        (sharded in, sharded out)""",
+  {_PROG} apply llama/ plan.json -o converted/        (sharded in, sharded out)
+  {_PROG} apply old.pt plan.json -o new.pt --validate pkg.models:new_model \\
+      --verify pkg.models:old_model --input pkg.models:sample_batch --strict""",
     )
     apply.add_argument("source", metavar="SOURCE", help="the checkpoint the plan was made for")
     apply.add_argument("plan", metavar="PLAN", help="the plan written by 'map'")
@@ -661,6 +713,13 @@ for a command's options and examples.""",
                             "(built on the meta device), in load_state_dict's words")
     apply.add_argument("--strict", action="store_true",
                        help="with --validate: fail (exit 1, nothing written) unless every key and shape fits")
+    apply.add_argument("--verify", metavar="SOURCE_MODEL", default=None,
+                       help=f"prove the conversion: build the source model ({_FACTORY_HELP}) and the --validate "
+                            "model on the CPU, load SOURCE into the first and the converted weights into the "
+                            "second, run both on --input and report the max abs output difference")
+    apply.add_argument("--input", metavar="INPUT", default=None,
+                       help="with --verify: package.module:callable returning the input (a tensor, a tuple of "
+                            "arguments or a dict of keyword arguments)")
     apply.set_defaults(func=_cmd_apply, check=_check_apply, parser=apply)
 
     demo = sub.add_parser(

@@ -88,7 +88,10 @@ def verify_conversion(
     Raises:
         ConversionError: If a model fails on ``dummy_input`` or the outputs cannot be compared.
     """
-    converted = apply_plan(plan, source.state_dict(), source=type(source).__name__)
+    state = source.state_dict()
+    if plan.source_prefix:  # the plan names the checkpoint's keys, which carry a wrapper prefix
+        state = {plan.source_prefix + k: v for k, v in state.items()}
+    converted = apply_plan(plan, state, source=type(source).__name__)
     result = target.load_state_dict(converted, strict=False)
     try:
         expected, got = _run(source, dummy_input), _run(target, dummy_input)

@@ -349,3 +349,17 @@ def test_apply_verify_needs_a_target_and_an_input(files, lightning_plan, tmp_pat
                  "--verify", "cli_factories:old_net"])
     assert code == 2
     assert "--verify SOURCE_MODEL needs --validate TARGET" in capsys.readouterr().err
+
+
+def test_map_writes_rename_rules(files, tmp_path, monkeypatch):
+    from weight_mapper.cli import main
+    from weight_mapper.rules import RenameRule, check_rules
+
+    monkeypatch.syspath_prepend(str(_TESTS))
+    plan, rules = tmp_path / "plan.json", tmp_path / "rules.json"
+    assert main(["map", str(files["lightning.ckpt"]), _FACTORY, "-o", str(plan), "--rules", str(rules), "--json"]) == 0
+    data = json.loads(rules.read_text())
+    mapping = MappingPlan.from_json(plan).mapping
+    parsed = [RenameRule(r["pattern"], r["replacement"]) for r in data["rules"]]
+    assert check_rules(parsed, mapping) == [] and len(parsed) < len(mapping)
+    assert data["key_mapping"] == {r.pattern: r.replacement for r in parsed}

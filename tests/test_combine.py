@@ -142,3 +142,23 @@ def test_verify_reports_the_output_difference_and_untouched_tensors():
     bad = partial.verify(src, StackedExperts(8, 16, 4), x)
     assert not bad.ok and set(bad.untouched) == {"w1", "w2", "w3"}
     assert "left at their initial values" in bad.message()
+
+
+@pytest.mark.parametrize("pair", ["bert", "experts", "layer_scale"])
+def test_rules_reproduce_the_renames(pair):
+    from weight_mapper.rules import check_rules
+
+    if pair == "bert":
+        config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                         intermediate_size=64, max_position_embeddings=16)
+        src, tgt = transformers.BertModel(config, add_pooling_layer=False), TorchBert(50, 32, 4, 64, 3, 16)
+    elif pair == "experts":
+        src, tgt = ExpertList(8, 16, 4), StackedExperts(8, 16, 4)
+    else:
+        src, tgt = LayerScaleConv(), LayerScaleLinear()
+    mapper = WeightMapper(src, tgt)
+    mapper.suggest_mapping()
+    renames = {e.source[0]: e.target for e in mapper.get_plan().entries if len(e.source) == 1}
+    rules = mapper.export_rules()
+    assert check_rules(rules, renames) == []
+    assert len(rules) <= max(len(renames), 1)

@@ -255,6 +255,8 @@ def _cmd_map(args: argparse.Namespace) -> int:
     # The JSON of report.export_report, written with the checkpoints protected.
     output = write_text_atomic(args.output, json.dumps(report_dict(plan), indent=2),
                                protected=[*source.files, *target_files])
+    if args.rules:
+        _write_rules(mapper, plan, args.rules, protected=[*source.files, *target_files, output])
     tree = HierarchyView(mapper.source_table, mapper.target_table, plan=plan, show_matches=True)
     breakdowns = [ScoreBreakdownView.from_plan(mapper.explain(name), plan) for name in explain_names]
     html = None
@@ -284,6 +286,23 @@ def _cmd_map(args: argparse.Namespace) -> int:
                                 f" ({len(plan.entries)} entries). Next:"))
     console.print(Text(f"  {next_step}"), soft_wrap=True)  # unwrapped, so that it can be copied
     return 0
+
+
+def _write_rules(mapper: WeightMapper, plan: MappingPlan, path: str, *, protected) -> Path:
+    """--rules: the plan's renames as regex rules, in the forms transformers, mmengine and torchtune take."""
+    from weight_mapper.rules import rules_to_key_mapping, rules_to_revise_keys
+
+    rules = mapper.export_rules()
+    single_group = mapper.export_rules(max_groups=1)
+    data = {
+        "rules": [{"pattern": r.pattern, "replacement": r.replacement} for r in rules],
+        "key_mapping": rules_to_key_mapping(rules),
+        "key_mapping_transformers5": rules_to_key_mapping(single_group),
+        "revise_keys": [list(pair) for pair in rules_to_revise_keys(rules)],
+        "not_renames": [{"target": e.target, "source": list(e.source), "transform": e.transform}
+                        for e in plan.entries if len(e.source) > 1 or e.transform],
+    }
+    return write_text_atomic(path, json.dumps(data, indent=2), protected=protected)
 
 
 def _source_name(mapper: WeightMapper, name: str, source: str) -> str:
@@ -687,6 +706,9 @@ for a command's options and examples.""",
     mapping.add_argument("--html", metavar="REPORT", default=None,
                          help="also save the review (the mapping, both module trees and the --explain "
                               "breakdowns) as one self-contained HTML file to share")
+    mapping.add_argument("--rules", metavar="RULES", default=None,
+                         help="also save the renames as a short list of regex rules (JSON: the rules, transformers' "
+                              "key_mapping, mmengine's revise_keys, and the entries that are not plain renames)")
     mapping.set_defaults(func=_cmd_map, check=_check_map, parser=mapping)
 
     apply = sub.add_parser(

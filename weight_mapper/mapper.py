@@ -277,6 +277,28 @@ class WeightMapper:
             )
         return verify_conversion(self._require_plan(), source, target, x, atol=atol)
 
+    def export_rules(self, *, max_groups: int | None = None) -> list:
+        """Compress the mapping's renames into a short list of regex rename rules.
+
+        The rules reproduce every 1:1 entry of the plan exactly (first matching rule wins);
+        entries built from several sources (concat / stack) are not renames and are left out,
+        as are transforms. Use them as transformers' ``from_pretrained(key_mapping=...)``
+        (:func:`~weight_mapper.rules.rules_to_key_mapping`), mmengine's ``revise_keys``
+        (:func:`~weight_mapper.rules.rules_to_revise_keys`) or a torchtune-style table.
+
+        Args:
+            max_groups: At most this many ``(\\d+)`` groups per rule; transformers 5 fills only
+                ``\\1`` of each ``key_mapping`` entry, so pass 1 for it.
+
+        Returns:
+            A list of :class:`~weight_mapper.rules.RenameRule`.
+        """
+        from weight_mapper.rules import infer_rules
+
+        plan = self._require_plan()
+        return infer_rules({e.source[0]: e.target for e in plan.entries if len(e.source) == 1},
+                           max_groups=max_groups)
+
     # ------------------------------------------------------------------ reporting
     def print_analysis(self, top_n: int = 10, show_unmatched: bool = True, *, console: Any = None) -> None:
         """Print a short summary: counts, coverage, the top matches, ambiguity, unmatched."""

@@ -87,6 +87,25 @@ def _stack_sets(table: TensorTable, rows: np.ndarray) -> list[tuple[tuple[int, .
     return out
 
 
+def _joint(total: np.ndarray, candidates, pair_c: np.ndarray, src_table: TensorTable, tgt_table: TensorTable,
+           tgt_rows: np.ndarray) -> np.ndarray:
+    """Score a candidate together with its module's other tensors: the mean over the pairs that
+    combine the same source modules into the same target module.
+
+    A fused ``qkv`` weight and bias must come from the same three modules; scored alone, the
+    bias run ``k, v, o`` can edge out ``q, k, v`` on noise.
+    """
+    keys = [
+        (tuple(src_table.modules[r] for r in candidates[c][0]), tgt_table.modules[t])
+        for c, t in zip(pair_c.tolist(), tgt_rows.tolist())
+    ]
+    key_ids = {}
+    ids = np.array([key_ids.setdefault(k, len(key_ids)) for k in keys], dtype=np.int64)
+    sums = np.bincount(ids, weights=total, minlength=len(key_ids))
+    counts = np.bincount(ids, minlength=len(key_ids))
+    return sums[ids] / counts[ids]
+
+
 def combine(
     src_table: TensorTable,
     tgt_table: TensorTable,
@@ -142,7 +161,7 @@ def combine(
     module_map, _ = _module_map(matched_s, matched_t, np.arange(len(assignment.src)), np.arange(len(assignment.tgt)),
                                 len(src_tree))
     ctx = context_score(s_items, t_items, pair_c, pair_t, module_map)
-    total = with_context(base, ctx)
+    total = _joint(with_context(base, ctx), candidates, pair_c, src_table, tgt_table, left_tgt[pair_t])
     allowed = ~forbidden(s_items, t_items, pair_c, pair_t, incompatible_pairs)
 
     weight = np.zeros((len(candidates), len(left_tgt)))

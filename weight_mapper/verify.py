@@ -104,4 +104,6 @@ def verify_conversion(
             "to compare; pass a dummy_input both accept and that yields comparable outputs"
         )
     diff = max(float((a.float() - b.float()).abs().max()) if a.numel() else 0.0 for a, b in pairs)
-    return VerificationReport(diff, len(pairs), tuple(result.missing_keys), tuple(result.unexpected_keys), atol)
+    # Not result.missing_keys: torch quietly fills a missing BatchNorm num_batches_tracked.
+    untouched = tuple(k for k in target.state_dict() if k not in converted)
+    return VerificationReport(diff, len(pairs), untouched, tuple(result.unexpected_keys), atol)

@@ -77,3 +77,22 @@ def old_net() -> OldNet:
 def example_input() -> torch.Tensor:
     """What ``apply --verify`` runs both models on."""
     return torch.randn(2, 3, 8, 8)
+
+
+def expert_list():
+    """A Mixtral-style ModuleList of experts (issue 6's stacking case), for ``map`` / ``apply --verify``."""
+    from reference_encoders import ExpertList
+
+    torch.manual_seed(0)
+    return ExpertList(8, 16, 4)
+
+
+def stacked_experts():
+    """The same experts stacked into 3-D tensors."""
+    from reference_encoders import StackedExperts
+
+    return StackedExperts(8, 16, 4)
+
+
+def expert_input() -> torch.Tensor:
+    return torch.randn(5, 8)

@@ -363,3 +363,21 @@ def test_map_writes_rename_rules(files, tmp_path, monkeypatch):
     parsed = [RenameRule(r["pattern"], r["replacement"]) for r in data["rules"]]
     assert check_rules(parsed, mapping) == [] and len(parsed) < len(mapping)
     assert data["key_mapping"] == {r.pattern: r.replacement for r in parsed}
+
+
+def test_stacked_experts_map_apply_and_verify_from_the_cli(tmp_path, capsys, monkeypatch):
+    from cli_factories import expert_list
+    from weight_mapper.cli import main
+
+    monkeypatch.syspath_prepend(str(_TESTS))
+    source, plan, out = tmp_path / "experts.pt", tmp_path / "plan.json", tmp_path / "stacked.safetensors"
+    torch.save(expert_list().state_dict(), source)
+    assert main(["map", str(source), "cli_factories:stacked_experts", "-o", str(plan), "--json"]) == 0
+    entries = {e.target: e for e in MappingPlan.from_json(plan).entries}
+    assert entries["w1"].transform == "stack" and len(entries["w1"].source) == 4
+    capsys.readouterr()
+    assert main(["apply", str(source), str(plan), "-o", str(out), "--validate", "cli_factories:stacked_experts",
+                 "--verify", "cli_factories:expert_list", "--input", "cli_factories:expert_input",
+                 "--strict", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["verification"]["ok"] and report["verification"]["max_abs_diff"] < 1e-6

@@ -144,7 +144,7 @@ def test_verify_reports_the_output_difference_and_untouched_tensors():
     assert "left at their initial values" in bad.message()
 
 
-@pytest.mark.parametrize("pair", ["bert", "experts", "layer_scale"])
+@pytest.mark.parametrize("pair", ["bert", "gpt2", "experts", "layer_scale"])
 def test_rules_reproduce_the_renames(pair):
     from weight_mapper.rules import check_rules
 
@@ -152,6 +152,9 @@ def test_rules_reproduce_the_renames(pair):
         config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                                          intermediate_size=64, max_position_embeddings=16)
         src, tgt = transformers.BertModel(config, add_pooling_layer=False), TorchBert(50, 32, 4, 64, 3, 16)
+    elif pair == "gpt2":
+        config = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16)
+        src, tgt = transformers.GPT2Model(config), LinearGPT2(50, 32, 4, 2, 16)
     elif pair == "experts":
         src, tgt = ExpertList(8, 16, 4), StackedExperts(8, 16, 4)
     else:

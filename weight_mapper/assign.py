@@ -153,23 +153,31 @@ def split_by_indices(
     """Decompose buckets along repeated blocks: ``layers.3.*`` only competes with ``layers.3.*``.
 
     A bucket is split by the positions its candidates' names enumerate, when both sides
-    enumerate the same positions, as the same network under other names does. Two readings
+    enumerate the same positions, as the same network under other names does. Three readings
     are tried: the numeric path components (``layers.3.experts.7`` -> ``(3, 7)``), then every
-    digit run (``layer4.2.conv1`` -> ``(4, 2, 1)``); each position's values are replaced by
-    their rank, so 0- and 1-based numbering agree. Otherwise the bucket stays whole. Each
+    digit run (``layer4.2.conv1`` -> ``(4, 2, 1)``), both with the same count per position on
+    each side; then the outermost path position alone (the layer) with the same set of values
+    on each side. Each position's values are replaced by their rank, so 0- and 1-based
+    numbering agree. Otherwise the bucket stays whole. Each
     sub-bucket is solved optimally on its own, so tens of thousands of same-shaped experts
     cost many tiny problems instead of one dense one.
     """
-    readings = (
-        ([_path_indices(lab) for lab in src_items.labels], [_path_indices(lab) for lab in tgt_items.labels]),
-        (list(src_items.indices), list(tgt_items.indices)),
+    src_path = [_path_indices(lab) for lab in src_items.labels]
+    tgt_path = [_path_indices(lab) for lab in tgt_items.labels]
+    readings = (  # (source keys, target keys, must the counts per key agree too?)
+        (src_path, tgt_path, True),
+        (list(src_items.indices), list(tgt_items.indices), True),
+        # The outermost position alone (the layer), when both sides have the same layers but
+        # different numbers of candidates per layer (stacked vs per-expert tensors).
+        ([p[:1] for p in src_path], [p[:1] for p in tgt_path], False),
     )
     out = []
     for key, s, t in buckets:
-        for src_ix, tgt_ix in readings if len(s) > 1 else ():
+        for src_ix, tgt_ix, exact in readings if len(s) > 1 else ():
             s_keys = _dense_ranks([src_ix[i] for i in s])
             t_keys = _dense_ranks([tgt_ix[j] for j in t])
-            if len(set(s_keys)) < 2 or sorted(s_keys) != sorted(t_keys):
+            agree = sorted(s_keys) == sorted(t_keys) if exact else set(s_keys) == set(t_keys)
+            if len(set(s_keys)) < 2 or not agree:
                 continue
             out.extend(((key, ix), s[a], t[b]) for ix, a, b in _buckets_by_key(s_keys, t_keys))
             break
@@ -216,7 +224,9 @@ class Level:
         tgt_bucket = np.full(len(tgt), -1, dtype=np.int64)
         for k, (_, s, t) in enumerate(buckets):
             src_bucket[s], tgt_bucket[t] = k, k
-        src, tgt = src.with_ranks(src_bucket), tgt.with_ranks(tgt_bucket)
+        balanced = np.array([len(s) == len(t) for _, s, t in buckets] + [True], dtype=bool)
+        src, tgt = (src.with_ranks(src_bucket, ~balanced[src_bucket]),
+                    tgt.with_ranks(tgt_bucket, ~balanced[tgt_bucket]))
         sizes = np.array([len(s) * len(t) for _, s, t in buckets], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         empty = np.zeros(0, dtype=np.int64)
@@ -225,7 +235,7 @@ class Level:
         scores = score_edges(src, tgt, si, ti, weights=weights, tolerance=tolerance)
         allowed = (scores["shape"] > 0) & ~forbidden(src, tgt, si, ti, incompatible_pairs)
         # Exact ties go to the pair closest in relative order within the bucket (deterministic).
-        tie = _TIE_EPS * (1.0 - np.abs(src.order_rank[si] - tgt.order_rank[ti]))
+        tie = _TIE_EPS * np.nan_to_num(1.0 - np.abs(src.order_rank[si] - tgt.order_rank[ti]), nan=0.5)
         return cls(src, tgt, [k for k, _, _ in buckets], [s for _, s, _ in buckets], [t for _, _, t in buckets],
                    offsets, si, ti, scores, allowed, tie)
 
@@ -333,7 +343,7 @@ def _solve_level(
         module_map, _ = _module_map(src_items, tgt_items, np.zeros(0, int), np.zeros(0, int), n_src_modules, prior_votes)
     previous, votes = None, prior_votes if prior_votes is not None else (np.zeros(0, int), np.zeros(0, int))
     rounds, converged = 0, not use_context
-    ctx = None
+    ctx, best = None, None
     for rounds in range(1, (max_rounds if use_context else 1) + 1):
         _report(progress, f"{name}: assigning, round {rounds}")
         if use_context and module_map is not None:
@@ -347,6 +357,9 @@ def _solve_level(
         edges, margin = _solve_buckets(level, weight, margin_weight, solve)
         src, tgt = level.si[edges], level.ti[edges]
         module_map, votes = _module_map(src_items, tgt_items, src, tgt, n_src_modules, prior_votes)
+        round_total = float(total[edges].sum())
+        if best is None or round_total > best[0]:
+            best = (round_total, edges, margin, total, ctx, src, tgt, votes)
         if previous is not None and np.array_equal(previous, edges):
             converged = True
             break
@@ -354,6 +367,8 @@ def _solve_level(
         if not len(level):
             converged = True
             break
+    if not converged:  # the context kept flipping the assignment: keep the best round seen
+        _, edges, margin, total, ctx, src, tgt, votes = best
     components = {c: level.scores[c][edges] for c in ("shape", "name", "hierarchy")}
     components["context"] = ctx[edges] if ctx is not None else np.full(len(edges), np.nan)
     result = _LevelResult(

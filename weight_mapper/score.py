@@ -120,11 +120,19 @@ class Items:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def with_ranks(self, bucket_of: np.ndarray) -> Items:
-        """A copy whose ranks are taken within each bucket (``bucket_of[i]``: item i's bucket)."""
+    def with_ranks(self, bucket_of: np.ndarray, unbalanced: np.ndarray | None = None) -> Items:
+        """A copy whose ranks are taken within each bucket (``bucket_of[i]``: item i's bucket).
+
+        Items of ``unbalanced`` buckets (a different number of candidates on the other side:
+        18 per-expert tensors against 2 shared ones) get no definition-order rank: the k-th of
+        18 says nothing about which of 2 it is.
+        """
         exec_rank = rank_within(bucket_of, np.nan_to_num(self.exec_pos, nan=0.0))
         exec_rank[np.isnan(self.exec_pos)] = np.nan
-        return replace(self, order_rank=rank_within(bucket_of, self.order.astype(float)), exec_rank=exec_rank)
+        order_rank = rank_within(bucket_of, self.order.astype(float))
+        if unbalanced is not None:
+            order_rank[unbalanced] = np.nan
+        return replace(self, order_rank=order_rank, exec_rank=exec_rank)
 
     # Derived columns for vectorised scoring, computed once per side.
     @cached_property
@@ -453,9 +461,10 @@ def order_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray) -> np.nd
     """
     if not _known(src.global_pos, tgt.global_pos):
         return None
-    return 0.5 * _closeness(src.order_rank[si], tgt.order_rank[ti]) + 0.5 * _closeness(
-        src.global_pos[si], tgt.global_pos[ti]
-    )
+    place = _closeness(src.global_pos[si], tgt.global_pos[ti])
+    rank = _closeness(src.order_rank[si], tgt.order_rank[ti])
+    # A rank is only comparable between buckets of equal size (see Items.with_ranks).
+    return np.where(np.isnan(rank), place, 0.5 * rank + 0.5 * place)
 
 
 def exec_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray) -> np.ndarray | None:

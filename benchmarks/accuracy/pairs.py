@@ -1,10 +1,10 @@
 """The architecture pairs: how to build each side with random weights, feed it, and the ground truth.
 
 Every pair is data in :data:`PAIRS`. A builder returns ``(source, target)`` freshly initialised
-(never downloaded); ``truth`` turns the source's keys into ``{source_key: target_key}`` through
-a rule table of :mod:`benchmarks.accuracy.rules` or :mod:`benchmarks.accuracy.synthetic`.
-``not_1to1`` lists target tensors that are *concatenations* of source tensors: the matcher
-cannot produce those, so they are excluded from scoring and listed in the report.
+(never downloaded); ``truth`` turns the source's keys into the ground truth
+``{target_key: (source_keys, transform)}`` through a rule table of
+:mod:`benchmarks.accuracy.rules`, :mod:`benchmarks.accuracy.synthetic` or
+:mod:`benchmarks.accuracy.conversions` (:func:`benchmarks.accuracy.rules.build_truth`).
 """
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from benchmarks.accuracy import rules, synthetic
+from benchmarks.accuracy import conversions, rules, synthetic
+from benchmarks.accuracy.rules import Truth
 
 __all__ = ["Pair", "PAIRS", "REPO_ROOT"]
 
@@ -38,8 +39,7 @@ class Pair:
         source, target: Human-readable descriptions.
         build: Returns fresh ``(source_model, target_model)`` with random weights.
         make_input: ``(batch, generator) -> input`` accepted by both models.
-        truth: Source keys -> the 1:1 ground truth ``{source_key: target_key}``.
-        not_1to1: Target key -> source keys concatenated on dim 0 to make it (scored apart).
+        truth: Source keys -> the ground truth ``{target_key: (source_keys, transform)}``.
         output: Picks the output tensor out of what either model returns (HF returns an object).
         requires: Modules that must import for this pair to run.
         note: One line for the README.
@@ -50,11 +50,18 @@ class Pair:
     target: str
     build: Builder
     make_input: InputMaker
-    truth: Callable[[list[str]], dict[str, str]]
-    not_1to1: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    output: Callable[[Any], torch.Tensor] = lambda out: getattr(out, "logits", out)
+    truth: Callable[[list[str]], Truth]
+    output: Callable[[Any], torch.Tensor] = lambda out: _main_output(out)
     requires: tuple[str, ...] = ()
     note: str = ""
+
+
+def _main_output(out: Any) -> torch.Tensor:
+    """A tensor as is; of a Hugging Face output, ``logits`` or else ``last_hidden_state``."""
+    for name in ("logits", "last_hidden_state"):
+        if hasattr(out, name):
+            return getattr(out, name)
+    return out
 
 
 def _image(size: int) -> InputMaker:
@@ -65,8 +72,10 @@ def _tokens(vocab: int, length: int) -> InputMaker:
     return lambda batch, gen: torch.randint(0, vocab, (batch, length), generator=gen)
 
 
-def _by_rules(table: rules.Rules, *, skip: tuple[str, ...] = ()) -> Callable[[list[str]], dict[str, str]]:
-    return lambda keys: rules.rename_all([k for k in keys if k not in skip], table)
+def _by_rules(
+    table: rules.Rules, combined: Mapping[str, rules.TruthEntry] | None = None
+) -> Callable[[list[str]], Truth]:
+    return lambda keys: rules.build_truth(keys, table, combined)
 
 
 def _tv_timm(tv_name: str, timm_name: str) -> Builder:
@@ -106,12 +115,13 @@ def _build_llama():
     return transformers.LlamaForCausalLM(config), tune
 
 
-def _llama_truth(keys: list[str]) -> dict[str, str]:
+def _llama_truth(keys: list[str]) -> Truth:
+    """``hf_to_tune_truth`` (``{hf_key: tune_key}``, all plain copies) keyed by target."""
     truth = _reference_llama().hf_to_tune_truth(_LLAMA["layers"])
     missing = sorted(set(keys) - set(truth))
     if missing:
         raise KeyError(f"hf_to_tune_truth does not cover source keys {missing[:5]}")
-    return {k: truth[k] for k in keys}
+    return {truth[k]: ((k,), None) for k in keys}
 
 
 # ---------------------------------------------------------------------------- the table
@@ -162,9 +172,33 @@ PAIRS: tuple[Pair, ...] = (
     Pair(
         "syn_fused_qkv", "SplitQKVTransformer (synthetic)", "FusedQKVTransformer (synthetic)",
         lambda: (synthetic.SplitQKVTransformer(), synthetic.FusedQKVTransformer()), _tokens(synthetic.ATT_VOCAB, 12),
-        _by_rules(synthetic.FUSED_QKV_RULES, skip=tuple(synthetic.fused_qkv_source_keys_left_out())),
-        not_1to1=synthetic.fused_qkv_not_1to1(),
-        note="q/k/v -> fused qkv is a concatenation: scored on the 1:1 part only",
+        _by_rules(synthetic.FUSED_QKV_RULES, synthetic.fused_qkv_combined()),
+        note="separate q/k/v -> one fused qkv: a concatenation (dim 0)",
+    ),
+    # ------------------------------------------------------------------------ issue 6: transforms
+    Pair(
+        "bert", "HF BertModel (4 layers, d=64, no pooler)", "TorchBert (nn.TransformerEncoderLayer, tests/reference_encoders.py)",
+        conversions.build_bert, _tokens(conversions.BERT["vocab"], 16), conversions.bert_truth,
+        requires=("transformers",), note="query/key/value -> fused in_proj_weight / in_proj_bias: 8 concatenations",
+    ),
+    Pair(
+        "gpt2", "HF GPT2Model (4 layers, d=64)", "LinearGPT2 (nn.Linear, tests/reference_encoders.py)",
+        conversions.build_gpt2, _tokens(conversions.GPT2["vocab"], 16), conversions.gpt2_truth,
+        requires=("transformers",), note="Conv1D [in, out] -> Linear [out, in]: 16 transposes, 4 of them square (c_proj)",
+    ),
+    Pair(
+        "moe_experts", "ExpertList (8 SwiGLU experts, ModuleList)", "StackedExperts (3-D, tests/reference_encoders.py)",
+        conversions.build_moe,
+        lambda batch, gen: torch.randn(batch, 16, conversions.MOE["dim"], generator=gen),
+        conversions.moe_truth,
+        note="experts.E.w{1,2,3}.weight -> w{1,2,3}[E]: 3 stacks of 8",
+    ),
+    Pair(
+        "layer_scale", "LayerScaleConv ([C,1,1] scale, 1x1 conv)", "LayerScaleLinear ([C] scale, Linear)",
+        lambda: (conversions.LayerScaleConv(), conversions.LayerScaleLinear()),
+        lambda batch, gen: torch.randn(batch, conversions.LAYER_SCALE_CHANNELS, 5, 5, generator=gen),
+        conversions.layer_scale_truth,
+        note="[C,1,1] -> [C] and [O,I,1,1] -> [O,I]: 2 reshapes and 1 copy",
     ),
 )
 

@@ -1,31 +1,64 @@
 """Ground truth as data: rename tables from one architecture's keys to another's.
 
-Each table is a tuple of ``(pattern, replacement)`` rules in the spirit of torchtune's
-``_FROM_HF`` dicts. :func:`rename_all` applies one table to every source key: the first rule
-whose pattern *fully* matches a key rewrites it (``re.sub`` syntax, or a callable taking the
-match). A key that no rule matches is an error, so a table either covers the whole source
-state dict or says loudly which key it forgot.
+Each table is a tuple of ``(pattern, replacement)`` or ``(pattern, replacement, transform)``
+rules in the spirit of torchtune's ``_FROM_HF`` dicts. :func:`rename_all` applies one table to
+every source key: the first rule whose pattern *fully* matches a key rewrites it (``re.sub``
+syntax, or a callable taking the match). A key that no rule matches is an error, so a table
+either covers the whole source state dict or says loudly which key it forgot.
+
+:func:`build_truth` turns a table (plus the targets built from several sources: concatenated
+or stacked) into the ground truth the benchmark scores against, keyed by target:
+``{target_key: (source_keys, transform)}`` with ``transform`` one of ``None`` (copy),
+``"transpose"``, ``"reshape"``, ``"concat"`` or ``"stack"``, as in a weight_mapper plan entry.
+``concat`` and ``stack`` are always along dim 0 here (:data:`COMBINE_DIM`).
 
 Nothing here looks at the matcher: the tables were written from the two libraries' module
-definitions, and each one is *proved* by :mod:`benchmarks.accuracy.run` (load the source through
-the table into the target with ``strict=True``, compare outputs).
+definitions, and each one is *proved* by :mod:`benchmarks.accuracy.run` (convert the source
+through the truth, load it into the target with ``strict=True``, compare outputs).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 Replacement = str | Callable[[re.Match], str]
-Rules = Sequence[tuple[str, Replacement]]
+Rule = tuple[str, Replacement] | tuple[str, Replacement, str | None]
+Rules = Sequence[Rule]
+TruthEntry = tuple[tuple[str, ...], str | None]  # (source keys in order, transform)
+Truth = dict[str, TruthEntry]  # target key -> where it comes from
+
+TRANSFORMS = (None, "transpose", "reshape", "concat", "stack")
+COMBINE_DIM = 0  # the dim every ground-truth concat / stack joins along
 
 __all__ = [
     "rename_all",
+    "build_truth",
+    "Truth",
+    "TruthEntry",
+    "COMBINE_DIM",
     "IDENTITY",
     "TV_VIT_TO_TIMM",
     "TV_REGNET_TO_TIMM",
     "tv_mobilenet_v2_to_timm",
 ]
+
+
+def _compiled(rules: Rules) -> list[tuple[re.Pattern, Replacement, str | None]]:
+    return [(re.compile(rule[0]), rule[1], rule[2] if len(rule) > 2 else None) for rule in rules]
+
+
+def _rewrite(keys: Iterable[str], rules: Rules) -> dict[str, tuple[str, str | None]]:
+    compiled = _compiled(rules)
+    out: dict[str, tuple[str, str | None]] = {}
+    for key in keys:
+        for pattern, replacement, transform in compiled:
+            if pattern.fullmatch(key):
+                out[key] = (pattern.sub(replacement, key, count=1), transform)
+                break
+        else:
+            raise KeyError(f"no ground-truth rule matches source key {key!r}")
+    return out
 
 
 def rename_all(keys: Iterable[str], rules: Rules) -> dict[str, str]:
@@ -37,16 +70,41 @@ def rename_all(keys: Iterable[str], rules: Rules) -> dict[str, str]:
     >>> rename_all(["a.0.w"], [(r"a\\.(\\d+)\\.(.*)", r"b.\\1.\\2")])
     {'a.0.w': 'b.0.w'}
     """
-    compiled = [(re.compile(p), r) for p, r in rules]
-    out: dict[str, str] = {}
-    for key in keys:
-        for pattern, replacement in compiled:
-            if pattern.fullmatch(key):
-                out[key] = pattern.sub(replacement, key, count=1)
-                break
-        else:
-            raise KeyError(f"no ground-truth rule matches source key {key!r}")
-    return out
+    return {k: t for k, (t, _) in _rewrite(keys, rules).items()}
+
+
+def build_truth(keys: Sequence[str], rules: Rules, combined: Mapping[str, TruthEntry] | None = None) -> Truth:
+    """The ground truth ``{target_key: (source_keys, transform)}`` for the source ``keys``.
+
+    Every source key in ``combined`` (targets made of several sources) is taken from there;
+    every other key must match a rule of ``rules``, whose optional third element is the
+    transform (``None``: a plain copy).
+
+    Raises:
+        KeyError: If a key matches no rule, or ``combined`` names a key the source lacks.
+        ValueError: If two entries fill one target, or a transform is unknown.
+
+    >>> build_truth(["a.w", "q", "k"], [(r"a\\.(.*)", r"b.\\1", "transpose")], {"qk": (("q", "k"), "concat")})
+    {'b.w': (('a.w',), 'transpose'), 'qk': (('q', 'k'), 'concat')}
+    """
+    combined = dict(combined or {})
+    in_combined = {s for srcs, _ in combined.values() for s in srcs}
+    absent = sorted(in_combined - set(keys))
+    if absent:
+        raise KeyError(f"combined ground-truth entries name source keys the model lacks: {absent[:5]}")
+    truth: Truth = {}
+    for source, (target, transform) in _rewrite([k for k in keys if k not in in_combined], rules).items():
+        if target in truth:
+            raise ValueError(f"two source keys map to {target!r}: {truth[target][0][0]!r} and {source!r}")
+        truth[target] = ((source,), transform)
+    for target, (sources, transform) in combined.items():
+        if target in truth:
+            raise ValueError(f"{target!r} is both renamed and combined")
+        truth[target] = (tuple(sources), transform)
+    bad = {t: e[1] for t, e in truth.items() if e[1] not in TRANSFORMS}
+    if bad:
+        raise ValueError(f"unknown transforms in the ground truth: {bad}")
+    return truth
 
 
 # torchvision resnet50 -> timm resnet50: the two libraries use the same names.

@@ -22,14 +22,13 @@ from typing import Any
 import torch
 
 from benchmarks.accuracy.evaluate import (
-    Prediction,
     close_enough,
-    convert,
-    fuse,
     output_diff,
-    positional_mapping,
+    positional_plan,
     prepare_source,
-    score_mapping,
+    round_trip,
+    score_plan,
+    truth_plan,
 )
 from benchmarks.accuracy.pairs import PAIRS, REPO_ROOT, Pair, missing_requirements
 
@@ -54,23 +53,45 @@ _EXAMPLES = 3  # wrong pairs printed per (pair, strategy); the JSON keeps all
 
 
 def _predict(pair_mappers: dict[bool, Any], strategy: str | None, use_dummy: bool, src_sd, tgt_sd):
-    """``(predictions, setup seconds, mapping seconds)`` for one strategy."""
+    """``(plan, mapper or None, setup seconds, mapping seconds)`` for one strategy."""
     if strategy is None:
         start = time.perf_counter()
-        predicted = positional_mapping(src_sd, tgt_sd)
-        return predicted, 0.0, time.perf_counter() - start
+        plan = positional_plan(src_sd, tgt_sd)
+        return plan, None, 0.0, time.perf_counter() - start
     mapper, setup_s = pair_mappers[use_dummy]
     start = time.perf_counter()
     mapper.suggest_mapping(strategy=strategy)
     elapsed = time.perf_counter() - start
-    plan = mapper.get_plan()
-    predicted = [Prediction(e.source[0], e.target, e.transform) for e in plan.entries if len(e.source) == 1]
-    return predicted, setup_s, elapsed
+    return mapper.get_plan(), mapper, setup_s, elapsed
+
+
+def _error(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
+
+
+def _verify(plan, mapper, src, tgt, x) -> dict[str, Any]:
+    """``mapper.verify(src, tgt, x)`` (for the baseline, the function it calls, on its plan)."""
+    from weight_mapper.verify import verify_conversion
+
+    try:
+        report = mapper.verify(src, tgt, x) if mapper is not None else verify_conversion(plan, src, tgt, x)
+    except Exception as exc:  # noqa: BLE001 - report any failure as a failed verification
+        return {"ok": False, "max_abs_diff": float("nan"), "untouched": None, "error": _error(exc)}
+    return {"ok": report.ok, "max_abs_diff": report.max_abs_diff, "untouched": len(report.untouched),
+            "atol": report.atol, "error": None}
+
+
+def _transform_counts(entries) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for e in entries:
+        key = e.transform or "copy"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def run_pair(pair: Pair, strategies: Sequence[str], *, seed: int = 0) -> dict[str, Any]:
     """Prove the pair's ground truth, then score every strategy on it."""
-    from weight_mapper import WeightMapper
+    from weight_mapper import WeightMapper, apply_plan
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -83,16 +104,20 @@ def run_pair(pair: Pair, strategies: Sequence[str], *, seed: int = 0) -> dict[st
     tgt_sd = tgt.state_dict()
     fresh = {k: v.clone() for k, v in tgt_sd.items()}  # the target's random init, restored per strategy
     truth = pair.truth(list(src_sd))
-    fused = fuse(pair.not_1to1, src_sd)
 
-    # Proof: the ground truth (plus the concatenations) converts the source exactly.
-    tgt.load_state_dict({**{truth[k]: v for k, v in src_sd.items() if k in truth}, **fused}, strict=True)
+    # Proof: converting through the ground truth (transforms applied) loads strictly and
+    # reproduces the source's outputs; and the truth's plan inverts back to the source exactly.
+    gt_plan = truth_plan(truth, src_sd, tgt_sd)
+    tgt.load_state_dict(apply_plan(gt_plan, src_sd), strict=True)
     proof_diff, scale = output_diff(src, tgt, x, pair.output)
+    gt_counts = _transform_counts(gt_plan.entries)
     record: dict[str, Any] = {
         "name": pair.name, "source": pair.source, "target": pair.target, "note": pair.note,
         "n_source": len(src_sd), "n_target": len(tgt_sd), "n_truth": len(truth),
-        "not_1to1": {t: list(s) for t, s in pair.not_1to1.items()},
-        "proof": {"max_abs_diff": proof_diff, "output_scale": scale, "ok": close_enough(proof_diff, scale)},
+        "truth_transforms": {k: v for k, v in gt_counts.items() if k != "copy"},
+        "truth_not_copy": {t: [list(srcs), tr] for t, (srcs, tr) in truth.items() if tr is not None},
+        "proof": {"max_abs_diff": proof_diff, "output_scale": scale, "ok": close_enough(proof_diff, scale),
+                  "inverse": round_trip(gt_plan, src_sd)},
         "results": [],
     }
 
@@ -104,24 +129,30 @@ def run_pair(pair: Pair, strategies: Sequence[str], *, seed: int = 0) -> dict[st
 
     for label in strategies:
         strategy, use_dummy = STRATEGIES[label]
-        predicted, setup_s, map_s = _predict(mappers, strategy, use_dummy, src_sd, tgt_sd)
-        score = score_mapping(predicted, truth, len(tgt_sd))
+        plan, mapper, setup_s, map_s = _predict(mappers, strategy, use_dummy, src_sd, tgt_sd)
+        score = score_plan(plan, truth, len(tgt_sd))
         tgt.load_state_dict(fresh)
         error = None
         try:
-            # Targets no 1:1 mapping can fill are filled by the benchmark itself, so that the
-            # check judges the 1:1 part; everything else starts from the random init.
-            tgt.load_state_dict({**fused, **convert(predicted, src_sd)}, strict=False)
+            # Every target tensor the plan leaves out keeps the fresh target's random init.
+            tgt.load_state_dict(apply_plan(plan, src_sd), strict=False)
             diff, _ = output_diff(src, tgt, x, pair.output)
-        except Exception as exc:  # noqa: BLE001 - a bad mapping may fail to load or run
-            diff, error = float("nan"), f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        except Exception as exc:  # noqa: BLE001 - a bad mapping may fail to convert, load or run
+            diff, error = float("nan"), _error(exc)
+        tgt.load_state_dict(fresh)
+        verified = _verify(plan, mapper, src, tgt, x)
+        tgt.load_state_dict(fresh)
         record["results"].append({
             "strategy": label,
             "precision": score.precision, "recall": score.recall, "f1": score.f1,
             "n_predicted": score.n_predicted, "n_correct": score.n_correct, "filled": score.filled,
+            "transforms": _transform_counts(plan.entries),
             "max_abs_diff": diff, "functional_ok": close_enough(diff, scale), "error": error,
+            "verify": verified, "inverse": round_trip(plan, src_sd),
             "setup_s": setup_s, "suggest_s": map_s,
-            "wrong": [list(w) for w in score.wrong], "missed": [list(m) for m in score.missed],
+            "wrong": [{"target": t, "predicted": [list(ps), pt], "truth": None if ws is None else [list(ws), wt]}
+                      for t, ps, pt, ws, wt in score.wrong],
+            "missed": [{"target": t, "truth": [list(ws), wt]} for t, ws, wt in score.missed],
         })
     record["total_s"] = time.perf_counter() - t0
     return record
@@ -132,50 +163,87 @@ def _fmt_diff(d: float) -> str:
     return "error" if d != d else f"{d:.1e}"
 
 
+def _fmt_inverse(inv: dict) -> str:
+    if inv["exact"]:
+        return "yes"
+    if inv["error"]:
+        return "no: error"
+    parts = [f"{inv[k]} {w}" for k, w in (("missing", "missing"), ("differ", "differ"), ("extra", "extra")) if inv[k]]
+    return "no: " + ", ".join(parts)
+
+
+def _fmt_verify(v: dict) -> str:
+    if v["error"]:
+        return "error"
+    if v["ok"]:
+        return "yes"
+    return "no" + (f" ({v['untouched']} unfilled)" if v["untouched"] else "")
+
+
+def _fmt_transforms(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "-"
+
+
 def proof_table(pairs: Sequence[dict]) -> str:
     lines = [
-        "| pair | source -> target | tensors src/tgt | truth 1:1 | not 1:1 | proof max abs diff (output scale) |",
-        "|---|---|---|---|---|---|",
+        "| pair | source -> target | tensors src/tgt | truth entries | of which transformed | proof max abs diff (output scale) | truth inverts exactly |",
+        "|---|---|---|---|---|---|---|",
     ]
     for p in pairs:
         if "skipped" in p:
-            lines.append(f"| {p['name']} | skipped: {p['skipped']} | | | | |")
+            lines.append(f"| {p['name']} | skipped: {p['skipped']} | | | | | |")
             continue
         ok = "" if p["proof"]["ok"] else " **NOT PROVED**"
         lines.append(
             f"| {p['name']} | {p['source']} -> {p['target']} | {p['n_source']}/{p['n_target']} | {p['n_truth']} "
-            f"| {len(p['not_1to1'])} | {_fmt_diff(p['proof']['max_abs_diff'])} ({p['proof']['output_scale']:.2g}){ok} |"
+            f"| {_fmt_transforms(p['truth_transforms'])} "
+            f"| {_fmt_diff(p['proof']['max_abs_diff'])} ({p['proof']['output_scale']:.2g}){ok} "
+            f"| {_fmt_inverse(p['proof']['inverse'])} |"
         )
     return "\n".join(lines)
 
 
 def results_table(pairs: Sequence[dict]) -> str:
     lines = [
-        "| pair | strategy | precision | recall | F1 | wrong | target filled | max abs diff | outputs match | setup s | suggest s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pair | strategy | precision | recall | F1 | wrong | target filled | max abs diff | outputs match "
+        "| verify() | inverse exact | setup s | suggest s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in pairs:
         for r in p.get("results", ()):
             lines.append(
                 f"| {p['name']} | {r['strategy']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} "
                 f"| {r['n_predicted'] - r['n_correct']} | {r['filled']:.1%} | {_fmt_diff(r['max_abs_diff'])} "
-                f"| {('yes' if r['functional_ok'] else 'no') + ('*' if p['not_1to1'] else '')} "
+                f"| {'yes' if r['functional_ok'] else 'no'} | {_fmt_verify(r['verify'])} | {_fmt_inverse(r['inverse'])} "
                 f"| {r['setup_s']:.2f} | {r['suggest_s']:.2f} |"
             )
     return "\n".join(lines)
+
+
+def _fmt_entry(sources: Sequence[str], transform: str | None) -> str:
+    src = ", ".join(f"`{s}`" for s in sources[:3]) + (f", ... ({len(sources)})" if len(sources) > 3 else "")
+    return src + (f" [{transform}]" if transform else "")
 
 
 def failures(pairs: Sequence[dict], n: int = _EXAMPLES) -> str:
     lines = []
     for p in pairs:
         for r in p.get("results", ()):
-            if not r["wrong"] and not r["missed"]:
+            problems = [f"{len(r['wrong'])} wrong, {len(r['missed'])} missed"]
+            if r["error"]:
+                problems.append(f"conversion: {r['error']}")
+            if r["verify"]["error"]:
+                problems.append(f"verify: {r['verify']['error']}")
+            if r["inverse"]["error"]:
+                problems.append(f"inverse: {r['inverse']['error']}")
+            if not r["wrong"] and not r["missed"] and len(problems) == 1:
                 continue
-            lines.append(f"- {p['name']} / {r['strategy']}: {len(r['wrong'])} wrong, {len(r['missed'])} missed")
-            for s, got, want in r["wrong"][:n]:
-                lines.append(f"    - `{s}` -> `{got}` (truth: `{want}`)")
-            for s, want in r["missed"][:n] if not r["wrong"] else ():
-                lines.append(f"    - `{s}` unmapped (truth: `{want}`)")
+            lines.append(f"- {p['name']} / {r['strategy']}: " + "; ".join(problems))
+            for w in r["wrong"][:n]:
+                want = "none" if w["truth"] is None else _fmt_entry(*w["truth"])
+                lines.append(f"    - `{w['target']}` <- {_fmt_entry(*w['predicted'])} (truth: {want})")
+            for m in r["missed"][:n] if not r["wrong"] else ():
+                lines.append(f"    - `{m['target']}` unfilled (truth: {_fmt_entry(*m['truth'])})")
     return "\n".join(lines) or "(none)"
 
 
@@ -227,13 +295,13 @@ def render(report: dict) -> str:
         "",
         proof_table(report["pairs"]),
         "",
-        "Strategies (precision/recall/F1 over the 1:1 ground truth; `wrong` = predicted copies that differ from it;"
-        " `max abs diff` = outputs of the source vs a fresh target loaded with the predicted mapping, `strict=False`):",
+        "Strategies (precision/recall/F1 over the ground-truth entries, an entry correct only if its target, its source"
+        " keys in order and its transform all agree; `wrong` = predicted entries that differ from the truth;"
+        " `max abs diff` = outputs of the source vs a fresh target loaded with `apply_plan(plan, source_state_dict)`,"
+        " `strict=False`; `verify()` = `mapper.verify(source, target, x)` passes; `inverse exact` ="
+        " `apply_plan(plan.inverse(), apply_plan(plan, sd))` gives back every source tensor exactly):",
         "",
         results_table(report["pairs"]),
-        "",
-        "\\* pair with targets no 1:1 mapping can fill (see `not 1:1`): the benchmark fills those itself"
-        " (concatenation) before loading the prediction, so the output check judges the 1:1 part.",
     ])
 
 

@@ -11,7 +11,8 @@ the test suite), and comes with its ground truth as rules for :func:`rules.renam
   position and whose *definition* order differs from the order ``forward`` runs them in. Only
   the execution order (``dummy_input``) can tell them apart.
 - ``fused_qkv``: separate q/k/v projections fused into one ``qkv`` Linear. The fused tensors
-  need a concatenation, which a 1:1 matcher cannot do; only the rest is scored.
+  are a concatenation (dim 0, q, k, v order): :func:`fused_qkv_combined` lists them for
+  :func:`rules.build_truth`.
 """
 
 from __future__ import annotations
@@ -353,7 +354,7 @@ class FusedQKVTransformer(nn.Module):
 
 
 _LAYER = r"layers\.(\d+)\."
-# Only the 1:1 part; q/k/v are left out on purpose (see FUSED_QKV_NOT_1TO1).
+# The renamed part; q/k/v are concatenated into qkv (see fused_qkv_combined).
 FUSED_QKV_RULES: Rules = (
     (r"embed\.(.*)", r"tok_emb.\1"),
     (_LAYER + r"norm1\.(.*)", r"blocks.\1.ln_1.\2"),
@@ -366,18 +367,13 @@ FUSED_QKV_RULES: Rules = (
 )
 
 
-def fused_qkv_not_1to1(n_layers: int = _ATT_LAYERS) -> dict[str, tuple[str, ...]]:
-    """Target key -> the source keys it is concatenated from (dim 0, in q, k, v order)."""
+def fused_qkv_combined(n_layers: int = _ATT_LAYERS) -> dict[str, tuple[tuple[str, ...], str]]:
+    """Target key -> (the source keys concatenated on dim 0 in q, k, v order, ``"concat"``)."""
     return {
-        f"blocks.{i}.attn.qkv.{leaf}": tuple(f"layers.{i}.attn.{p}.{leaf}" for p in "qkv")
+        f"blocks.{i}.attn.qkv.{leaf}": (tuple(f"layers.{i}.attn.{p}.{leaf}" for p in "qkv"), "concat")
         for i in range(n_layers)
         for leaf in ("weight", "bias")
     }
-
-
-def fused_qkv_source_keys_left_out(n_layers: int = _ATT_LAYERS) -> list[str]:
-    """The source keys the 1:1 rules skip on purpose."""
-    return [k for srcs in fused_qkv_not_1to1(n_layers).values() for k in srcs]
 
 
 MLP_INPUT_SHAPE = (4, _MLP_IN)

@@ -401,3 +401,9 @@ def test_torchtune_table_refuses_keys_only_the_numbers_tell_apart():
     mapping = {"layers.0.w": "layers.0.w", "layers.1.w": "layers.1.v"}
     with pytest.raises(MappingError, match=r"'layers\.0\.w' and 'layers\.1\.w' share the table key"):
         rules_to_torchtune_table(infer_rules(mapping), mapping)
+
+
+def test_superscript_and_other_unicode_digits_are_not_numbers():
+    """'¹'.isdigit() is True but int('¹') fails: only decimal digits are read as positions."""
+    mapping = {"": "¹", "a.¹.b": "x.¹.y", "a.١.b": "x.١.y"}
+    assert check_rules(infer_rules(mapping), mapping) == []

@@ -127,7 +127,7 @@ def _buckets_by_key(src_keys: Sequence, tgt_keys: Sequence) -> list[tuple[object
 
 def _path_indices(label: str) -> tuple[int, ...]:
     """The purely numeric components of a dotted name: ModuleList / Sequential positions."""
-    return tuple(int(p) for p in label.split(".") if p.isdigit())
+    return tuple(int(p) for p in label.split(".") if p.isdecimal())
 
 
 def _dense_ranks(keys: list[tuple[int, ...]]) -> list[tuple[int, ...]]:

@@ -592,7 +592,7 @@ def _unit_interval(text: str) -> float:
 
 
 def _non_negative_int(text: str) -> int:
-    if not text.isdigit():
+    if not text.isdecimal():
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return int(text)
 

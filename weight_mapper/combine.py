@@ -73,7 +73,7 @@ def _stack_sets(table: TensorTable, rows: np.ndarray) -> list[tuple[tuple[int, .
     groups: dict[tuple[str, tuple[int, ...]], list[tuple[int, int]]] = {}
     for r in rows:
         parts = table.names[r].split(".")
-        numeric = [i for i, p in enumerate(parts) if p.isdigit()]
+        numeric = [i for i, p in enumerate(parts) if p.isdecimal()]
         if not numeric:
             continue
         k = numeric[-1]

@@ -115,7 +115,7 @@ def name_tokens(name: str) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=65536)
 def _component_tokens(component: str) -> tuple[str, ...]:
-    return tuple(TOKEN_SYNONYMS.get(t, t) for t in _raw_tokens(component) if not t.isdigit())
+    return tuple(TOKEN_SYNONYMS.get(t, t) for t in _raw_tokens(component) if not t.isdecimal())
 
 
 def name_indices(name: str) -> tuple[int, ...]:
@@ -142,7 +142,7 @@ def semantic_chunks(name: str) -> frozenset[str]:
     >>> sorted(semantic_chunks("yolo_backbone"))
     ['backbone', 'yolo']
     """
-    return frozenset(t for t in _raw_tokens(name) if not t.isdigit())
+    return frozenset(t for t in _raw_tokens(name) if not t.isdecimal())
 
 
 def natural_key(name: str) -> tuple:
@@ -151,7 +151,7 @@ def natural_key(name: str) -> tuple:
     >>> sorted(["layers.10.w", "layers.2.w"], key=natural_key)
     ['layers.2.w', 'layers.10.w']
     """
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in _DIGIT_SPLIT.split(name) if p)
+    return tuple((0, int(p), "") if p.isdecimal() else (1, 0, p) for p in _DIGIT_SPLIT.split(name) if p)
 
 
 _DIGIT_SPLIT = re.compile(r"(\d+)")

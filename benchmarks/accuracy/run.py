@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -21,6 +19,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.runinfo import cpu_model, git_state
 from benchmarks.accuracy.evaluate import (
     close_enough,
     output_diff,
@@ -258,24 +257,11 @@ def _versions() -> dict[str, str]:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    return f"{cpu_model()}, torch threads {torch.get_num_threads()}"
 
 
 def _git_state() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "weight_mapper"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
-    return rev + (" (weight_mapper/ has uncommitted changes)" if dirty else "")
+    return git_state()
 
 
 def _interpreter() -> str:

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.runinfo import cpu_model, git_state
 from benchmarks.scale.families import FAMILIES
 from benchmarks.scale.full_size import CASES
 
@@ -156,24 +157,11 @@ def _versions() -> dict[str, str]:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
+    return cpu_model()
 
 
 def _git_state() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "weight_mapper"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
-    return rev + (" (weight_mapper/ has uncommitted changes)" if dirty else "")
+    return git_state()
 
 
 def _sources_hash() -> str:

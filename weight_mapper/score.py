@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -163,20 +163,6 @@ class Items:
     @cached_property
     def leaf_array(self) -> np.ndarray:
         return np.array(self.leaves, dtype=object)
-
-    def take(self, idx: Sequence[int] | np.ndarray) -> Items:
-        """The candidates at positions ``idx``, same columns."""
-        idx = np.asarray(idx, dtype=np.int64)
-        out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is None:
-                out[f.name] = None
-            elif isinstance(value, np.ndarray):
-                out[f.name] = value[idx]
-            else:
-                out[f.name] = tuple(value[i] for i in idx)
-        return Items(**out)
 
     @classmethod
     def of_groups(cls, table: TensorTable, tree: ModuleTree, groups: GroupTable) -> Items:

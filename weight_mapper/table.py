@@ -7,7 +7,7 @@ safetensors header or a ``{name: shape}`` dict give the same table as real weigh
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -308,8 +308,3 @@ def record_execution_order(module: nn.Module, dummy_input: Any) -> dict[str, flo
         module.train(was_training)
     scale = max(len(first_call) - 1, 1)
     return {path: pos / scale for path, pos in first_call.items()}
-
-
-def take_names(table: TensorTable, rows: Sequence[int] | np.ndarray) -> list[str]:
-    """Names of the given rows."""
-    return [table.names[int(r)] for r in rows]

@@ -1,4 +1,4 @@
-"""What every benchmark records about the run: the CPU and the git state of the matcher."""
+"""What every benchmark shares: the CPU and git state it records, and how it pastes its table."""
 
 from __future__ import annotations
 
@@ -33,3 +33,13 @@ def git_state() -> str:
     except OSError:
         return "unknown"
     return rev + (" (weight_mapper/ has uncommitted changes)" if dirty else "")
+
+
+def replace_between(path: Path, begin: str, end: str, text: str) -> None:
+    """Replace what lies between the ``begin`` and ``end`` markers of ``path`` with ``text``."""
+    readme = path.read_text()
+    if begin not in readme or end not in readme:
+        raise SystemExit(f"{path} has no {begin} ... {end} markers; add them where the table goes")
+    head, rest = readme.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{text}\n{end}{tail}")

@@ -6,6 +6,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from dataclasses import replace
+
 import numpy as np
 from torch import nn
 
@@ -398,15 +400,6 @@ def _strip_prefix(mapper: WeightMapper, given: str | None) -> str:
         return ""
     if not all(n.startswith(prefix) for n in src.names):
         raise MappingError(f"source_prefix {prefix!r} is not a prefix of every source key")
-    mapper.source_table = TensorTable(
-        names=tuple(n[len(prefix):] for n in src.names),
-        shapes=src.shapes,
-        dtypes=src.dtypes,
-        is_buffer=src.is_buffer,
-        module_types=src.module_types,
-        exec_pos=src.exec_pos,
-        alias_of=src.alias_of,
-        label=src.label,
-        ordered=src.ordered,
-    )
+    # A new table (not a copy of the old one's cached columns): every derived column follows the names.
+    mapper.source_table = replace(src, names=tuple(n[len(prefix):] for n in src.names))
     return prefix

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.runinfo import cpu_model, git_state
+from benchmarks.runinfo import cpu_model, git_state, replace_between
 from benchmarks.accuracy.evaluate import (
     close_enough,
     output_diff,
@@ -292,12 +292,7 @@ def render(report: dict) -> str:
 
 
 def _update_readme(text: str) -> None:
-    readme = README.read_text()
-    if _BEGIN not in readme or _END not in readme:
-        raise SystemExit(f"{README} has no {_BEGIN} ... {_END} markers; add them where the table goes")
-    head, rest = readme.split(_BEGIN, 1)
-    _, tail = rest.split(_END, 1)
-    README.write_text(f"{head}{_BEGIN}\n{text}\n{_END}{tail}")
+    replace_between(README, _BEGIN, _END, text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

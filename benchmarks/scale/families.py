@@ -28,12 +28,9 @@ def cnn_stack(n_tensors: int) -> tuple[dict, dict, dict]:
     return src, tgt, truth
 
 
-def transformer_stack(n_tensors: int, dim: int = 64) -> tuple[dict, dict, dict]:
-    """Llama-like decoder: HF names -> torchtune-style names."""
-    src, tgt, truth = {}, {}, {}
-    n_layers = max(1, (n_tensors - 3) // 9)
-    hidden = 3 * dim
-    per_layer = [
+def _llama_layer(dim: int, hidden: int) -> list[tuple[str, str, tuple[int, ...]]]:
+    """One Llama layer: (HF leaf, torchtune-style leaf, shape), in HF's definition order."""
+    return [
         ("self_attn.q_proj.weight", "attn.q_proj.weight", (dim, dim)),
         ("self_attn.k_proj.weight", "attn.k_proj.weight", (dim // 2, dim)),
         ("self_attn.v_proj.weight", "attn.v_proj.weight", (dim // 2, dim)),
@@ -44,6 +41,14 @@ def transformer_stack(n_tensors: int, dim: int = 64) -> tuple[dict, dict, dict]:
         ("input_layernorm.weight", "sa_norm.scale", (dim,)),
         ("post_attention_layernorm.weight", "mlp_norm.scale", (dim,)),
     ]
+
+
+def transformer_stack(n_tensors: int, dim: int = 64) -> tuple[dict, dict, dict]:
+    """Llama-like decoder: HF names -> torchtune-style names."""
+    src, tgt, truth = {}, {}, {}
+    n_layers = max(1, (n_tensors - 3) // 9)
+    hidden = 3 * dim
+    per_layer = _llama_layer(dim, hidden)
     src["model.embed_tokens.weight"] = tgt["tok_embeddings.weight"] = (1000, dim)
     truth["model.embed_tokens.weight"] = "tok_embeddings.weight"
     for i in range(n_layers):
@@ -103,17 +108,7 @@ def ambiguous_stack(n_tensors: int, dim: int = 64) -> tuple[dict, dict, dict]:
     src, tgt, truth = {}, {}, {}
     n_layers = max(1, (n_tensors - 3) // 9)
     hidden = 5 * dim // 2
-    src_layer = [  # (source leaf, target leaf, shape), in the source's definition order
-        ("self_attn.q_proj.weight", "attn.q_proj.weight", (dim, dim)),
-        ("self_attn.k_proj.weight", "attn.k_proj.weight", (dim // 2, dim)),
-        ("self_attn.v_proj.weight", "attn.v_proj.weight", (dim // 2, dim)),
-        ("self_attn.o_proj.weight", "attn.output_proj.weight", (dim, dim)),
-        ("mlp.gate_proj.weight", "mlp.w1.weight", (hidden, dim)),
-        ("mlp.up_proj.weight", "mlp.w3.weight", (hidden, dim)),
-        ("mlp.down_proj.weight", "mlp.w2.weight", (dim, hidden)),
-        ("input_layernorm.weight", "sa_norm.scale", (dim,)),
-        ("post_attention_layernorm.weight", "mlp_norm.scale", (dim,)),
-    ]
+    src_layer = _llama_layer(dim, hidden)  # in the source's definition order
     tgt_order = (7, 0, 1, 2, 3, 8, 4, 6, 5)  # the target's definition order, as rows of src_layer
     src["model.embed_tokens.weight"] = tgt["tok_embeddings.weight"] = (1000, dim)
     truth["model.embed_tokens.weight"] = "tok_embeddings.weight"

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.runinfo import cpu_model, git_state
+from benchmarks.runinfo import cpu_model, git_state, replace_between
 from benchmarks.scale.families import FAMILIES
 from benchmarks.scale.full_size import CASES
 
@@ -297,12 +297,7 @@ def render(report: dict) -> str:
 
 
 def _update_readme(text: str) -> None:
-    readme = README.read_text()
-    if _BEGIN not in readme or _END not in readme:
-        raise SystemExit(f"{README} has no {_BEGIN} ... {_END} markers; add them where the table goes")
-    head, rest = readme.split(_BEGIN, 1)
-    _, tail = rest.split(_END, 1)
-    README.write_text(f"{head}{_BEGIN}\n{text}\n{_END}{tail}")
+    replace_between(README, _BEGIN, _END, text)
 
 
 def _report(records: list[dict], meta: dict) -> dict:

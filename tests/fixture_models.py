@@ -171,3 +171,76 @@ class EncoderDecoder(nn.Module):
         super().__init__()
         self.encoder = nn.Linear(5, 5)
         self.decoder = nn.Linear(5, 5)
+
+
+def _conv_bn(c_in: int, c_out: int, k: int = 1, act: bool = True) -> nn.Sequential:
+    layers = [nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out)]
+    return nn.Sequential(*layers, nn.ReLU()) if act else nn.Sequential(*layers)
+
+
+class ShortcutFirst(nn.Module):
+    """RegNet as torchvision writes it: each stage's shortcut ``proj`` defined and run first.
+
+    ``proj`` and the residual branch's first conv ``f.a`` have the same shape; only the data
+    flow tells them apart (``f.a`` feeds ``f.b``, ``proj`` feeds the sum).
+    """
+
+    class Block(nn.Module):
+        def __init__(self, c_in: int, c_out: int):
+            super().__init__()
+            self.proj = _conv_bn(c_in, c_out, act=False) if c_in != c_out else None
+            self.f = nn.Module()
+            self.f.a = _conv_bn(c_in, c_out)
+            self.f.b = _conv_bn(c_out, c_out, 3)
+            self.f.c = _conv_bn(c_out, c_out, act=False)
+
+        def forward(self, x):
+            shortcut = self.proj(x) if self.proj is not None else x
+            return torch.relu(shortcut + self.f.c(self.f.b(self.f.a(x))))
+
+    def __init__(self, widths=(4, 8, 12)):
+        super().__init__()
+        self.stem = _conv_bn(3, widths[0], 3)
+        self.trunk = nn.Sequential()
+        for s, (c_in, c_out) in enumerate(zip(widths, widths[1:]), start=1):
+            self.trunk.add_module(f"block{s}", nn.Sequential(*(
+                self.Block(c_in if i == 0 else c_out, c_out) for i in range(2)
+            )))
+
+    def forward(self, x):
+        return self.trunk(self.stem(x)).mean((2, 3))
+
+
+class ShortcutLast(nn.Module):
+    """RegNet as timm writes it: ``conv1..conv3`` first, the shortcut ``downsample`` last."""
+
+    class Block(nn.Module):
+        def __init__(self, c_in: int, c_out: int):
+            super().__init__()
+            self.conv1 = _conv_bn(c_in, c_out)
+            self.conv2 = _conv_bn(c_out, c_out, 3)
+            self.conv3 = _conv_bn(c_out, c_out, act=False)
+            self.downsample = _conv_bn(c_in, c_out, act=False) if c_in != c_out else None
+
+        def forward(self, x):
+            out = self.conv3(self.conv2(self.conv1(x)))
+            return torch.relu(out + (self.downsample(x) if self.downsample is not None else x))
+
+    def __init__(self, widths=(4, 8, 12)):
+        super().__init__()
+        self.stem = _conv_bn(3, widths[0], 3)
+        self.stages = nn.ModuleList(
+            nn.Sequential(*(self.Block(c_in if i == 0 else c_out, c_out) for i in range(2)))
+            for c_in, c_out in zip(widths, widths[1:])
+        )
+
+    def forward(self, x):
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return x.mean((2, 3))
+
+
+SHORTCUT_TRUTH = {  # ShortcutFirst module -> ShortcutLast module, per stage s and block b
+    "proj": "downsample", "f.a": "conv1", "f.b": "conv2", "f.c": "conv3",
+}

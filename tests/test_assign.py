@@ -76,3 +76,17 @@ def test_assign_reports_levels_rounds_and_components():
     assert a.converged and a.rounds[0] >= 2
     assert set(a.components) == {"shape", "name", "hierarchy", "context"}
     assert (a.score >= 0.6).all()
+
+
+def test_buckets_split_along_repeated_blocks_whatever_their_names():
+    """``block3.block3-1`` (digit runs 3, 3, 1) and ``s3.b2`` (3, 2) are the same block."""
+    shape = (8, 8, 1, 1)
+    src = {f"trunk.block{s}.block{s}-{b}.f.{leaf}.0.weight": shape for s in (1, 2) for b in range(3) for leaf in "ac"}
+    tgt = {f"s{s}.b{b + 1}.conv{k}.conv.weight": shape for s in (1, 2) for b in range(3) for k in (1, 3)}
+    a = assign(TensorTable.from_state_dict(src), TensorTable.from_state_dict(tgt),
+               weights=validate_weights(None), threshold=0.0)
+    assert a.largest_bucket == (2, 2)  # one bucket per block, not one of 12
+    s_names, t_names = list(src), list(tgt)
+    pairs = {s_names[i]: t_names[j] for i, j in zip(a.src, a.tgt)}
+    assert pairs["trunk.block2.block2-1.f.c.0.weight"] == "s2.b2.conv3.conv.weight"
+    assert pairs["trunk.block1.block1-2.f.a.0.weight"] == "s1.b3.conv1.conv.weight"

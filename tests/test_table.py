@@ -5,7 +5,7 @@ from torch import nn
 
 from fixture_models import BatchNormed, Tied
 from weight_mapper import MappingError
-from weight_mapper.table import TensorTable, record_execution_order
+from weight_mapper.table import TensorTable
 
 
 def test_module_table_has_parameters_and_persistent_buffers_in_order():
@@ -73,15 +73,6 @@ def test_derived_columns():
     assert table.ndim.tolist() == [2, 1]
     assert table.numel.tolist() == [6, 4]
     assert table.shape_matrix.tolist() == [[3, 2], [4, -1]]
-
-
-def test_execution_order_is_recorded_and_the_model_left_as_it_was():
-    model = BatchNormed().train()
-    order = record_execution_order(model, torch.randn(1, 3, 4, 4))
-    assert order["conv1"] < order["bn1"] < order["conv2"] < order["fc"]
-    assert model.training
-    table = TensorTable.from_module(model, exec_order=order)
-    assert not np.isnan(table.exec_pos).any()
 
 
 def test_safetensors_rows_are_in_natural_order_and_marked_unordered(tmp_path):

@@ -24,3 +24,14 @@ def test_groups_and_signatures():
     assert groups.signatures[1] == "bias:8|num_batches_tracked:|running_mean:8|running_var:8|weight:8"
     assert groups.signatures[1] == groups.signatures[3]
     assert groups.members[4].tolist() == [table.name2row["fc.weight"], table.name2row["fc.bias"]]
+
+
+def test_repeat_ranks_count_repeated_siblings_only():
+    names = [f"trunk_output.block{s}.block{s}-{b}.f.{leaf}.0.weight" for s in (1, 2) for b in (0, 1) for leaf in "ac"]
+    names += [f"s{s}.b{b}.conv{k}.conv.weight" for s in (1, 2) for b in (1, 2) for k in (1, 3)]
+    tree = ModuleTree(TensorTable.from_state_dict({n: (1,) for n in names}))
+    ranks = dict(zip(tree.paths, tree.repeat_ranks))
+    # stage, block; f.a and f.c have different names, and the lone "0" under each repeats nothing
+    assert ranks["trunk_output.block2.block2-1.f.c.0"] == (1, 1)
+    assert ranks["s2.b2.conv3.conv"] == (1, 1, 1)  # conv1 / conv3 repeat: rank 1
+    assert ranks["trunk_output"] == ranks[""] == ()

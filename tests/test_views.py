@@ -162,7 +162,7 @@ W weight, B bias, buf persistent buffer, … deeper modules not shown
 WHY_BN1_RUNNING_MEAN = """\
 ╭─ Why bn1.running_mean -> stem.norm.running_mean? ─────────────────╮
 │ Matched as part of module bn1 -> stem.norm, score 0.744           │
-│ It beats the runner-up block.norm by 0.091                        │
+│ It beats the runner-up block.norm by 0.093                        │
 │                                                                   │
 │ score component       weight  score                          adds │
 │ ───────────────────────────────────────────────────────────────── │
@@ -176,7 +176,8 @@ WHY_BN1_RUNNING_MEAN = """\
 │ hierarchy               0.20  0.812  ████████████████░░░░   0.163 │
 │   depth                 0.15  0.500  ██████████░░░░░░░░░░   0.015 │
 │   sibling position      0.15  0.250  █████░░░░░░░░░░░░░░░   0.007 │
-│   definition order      0.70  1.000  ████████████████████   0.140 │
+│   definition order      0.20  1.000  ████████████████████   0.040 │
+│   execution order       0.50  1.000  ████████████████████   0.100 │
 │                                                                   │
 │ base                          0.744  ███████████████░░░░░   0.744 │
 │ context                 0.20  0.500  ██████████░░░░░░░░░░  +0.000 │
@@ -189,7 +190,7 @@ WHY_BN1_RUNNING_MEAN = """\
 │ Alternatives (best first)                                         │
 │ candidate   score  vs chosen  shape   name  hierarchy  context    │
 │ ──────────────────────────────────────────────────────────────    │
-│ block.norm  0.653     -0.091  1.000  0.310      0.301    0.500    │
+│ block.norm  0.651     -0.093  1.000  0.310      0.291    0.500    │
 ╰───────────────────────────────────────────────────────────────────╯
 """
 
@@ -202,7 +203,7 @@ WHY_UNDER_THRESHOLD = """\
 │ candidate   score  shape   name  hierarchy  context                                              │
 │ ───────────────────────────────────────────────────                                              │
 │ stem.norm   0.744  1.000  0.272      0.812    0.500                                              │
-│ block.norm  0.653  1.000  0.310      0.301    0.500                                              │
+│ block.norm  0.651  1.000  0.310      0.291    0.500                                              │
 ╰──────────────────────────────────────────────────────────────────────────────────────────────────╯
 """
 

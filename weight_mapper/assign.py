@@ -153,14 +153,16 @@ def split_by_indices(
     """Decompose buckets along repeated blocks: ``layers.3.*`` only competes with ``layers.3.*``.
 
     A bucket is split by the positions its candidates' names enumerate, when both sides
-    enumerate the same positions, as the same network under other names does. Three readings
-    are tried: the numeric path components (``layers.3.experts.7`` -> ``(3, 7)``), then every
-    digit run (``layer4.2.conv1`` -> ``(4, 2, 1)``), both with the same count per position on
-    each side; then the outermost path position alone (the layer) with the same set of values
-    on each side. Each position's values are replaced by their rank, so 0- and 1-based
-    numbering agree. Otherwise the bucket stays whole. Each
-    sub-bucket is solved optimally on its own, so tens of thousands of same-shaped experts
-    cost many tiny problems instead of one dense one.
+    enumerate the same positions, as the same network under other names does. These readings
+    are tried in turn: the numeric path components (``layers.3.experts.7`` -> ``(3, 7)``), then
+    every digit run (``layer4.2.conv1`` -> ``(4, 2, 1)``), both with the same count per
+    position on each side; then the outermost path position alone (the layer) with the same
+    set of values on each side; then the ranks among repeated siblings in the module tree
+    (:attr:`~weight_mapper.tree.ModuleTree.repeat_ranks`: ``block3.block3-1`` and ``s3.b2``
+    both read ``(2, 1)``), cut to the longest prefix on which both sides agree. Each
+    position's values are replaced by their rank, so 0- and 1-based numbering agree. Otherwise
+    the bucket stays whole. Each sub-bucket is solved optimally on its own, so tens of
+    thousands of same-shaped experts cost many tiny problems instead of one dense one.
     """
     src_path = [_path_indices(lab) for lab in src_items.labels]
     tgt_path = [_path_indices(lab) for lab in tgt_items.labels]
@@ -173,17 +175,40 @@ def split_by_indices(
     )
     out = []
     for key, s, t in buckets:
-        for src_ix, tgt_ix, exact in readings if len(s) > 1 else ():
+        if len(s) < 2:
+            out.append((key, s, t))
+            continue
+        for src_ix, tgt_ix, exact in readings:
             s_keys = _dense_ranks([src_ix[i] for i in s])
             t_keys = _dense_ranks([tgt_ix[j] for j in t])
             agree = sorted(s_keys) == sorted(t_keys) if exact else set(s_keys) == set(t_keys)
             if len(set(s_keys)) < 2 or not agree:
                 continue
-            out.extend(((key, ix), s[a], t[b]) for ix, a, b in _buckets_by_key(s_keys, t_keys))
             break
         else:
-            out.append((key, s, t))
+            s_keys, t_keys = _common_prefix_keys([src_items.positions[i] for i in s],
+                                                 [tgt_items.positions[j] for j in t])
+            if s_keys is None:
+                out.append((key, s, t))
+                continue
+        out.extend(((key, ix), s[a], t[b]) for ix, a, b in _buckets_by_key(s_keys, t_keys))
     return out
+
+
+def _common_prefix_keys(src_pos: list[tuple[int, ...]], tgt_pos: list[tuple[int, ...]]):
+    """The longest prefix of the positions that splits both sides alike, or ``(None, None)``.
+
+    Deeper positions may mean different things on the two sides (a ``Sequential``'s conv/norm
+    index in one, ``conv1``..``conv3`` in the other), so the positions are cut to the longest
+    length at which both sides hold the same multiset of (dense-ranked) keys.
+    """
+    longest = max((len(p) for p in [*src_pos, *tgt_pos]), default=0)
+    for length in range(longest, 0, -1):
+        s_keys = _dense_ranks([p[:length] for p in src_pos])
+        t_keys = _dense_ranks([p[:length] for p in tgt_pos])
+        if len(set(s_keys)) > 1 and sorted(s_keys) == sorted(t_keys):
+            return s_keys, t_keys
+    return None, None
 
 
 def _tensor_bucket_key(shape: tuple[int, ...], tolerance: float) -> str:

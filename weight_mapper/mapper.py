@@ -16,7 +16,8 @@ from weight_mapper.combine import combine
 from weight_mapper.errors import MappingError
 from weight_mapper.plan import MappingPlan, build_plan
 from weight_mapper.score import validate_incompatible_pairs, validate_weights
-from weight_mapper.table import TensorTable, record_execution_order
+from weight_mapper.flow import record_execution_order, trace_execution_order
+from weight_mapper.table import TensorTable
 
 __all__ = ["WeightMapper", "STRATEGIES"]
 
@@ -37,8 +38,11 @@ class WeightMapper:
         target_module: The model (or state dict of names to tensors/shapes) to fill.
         shape_tolerance: Relative difference per dimension under which two shapes still count
             as a (weak) match; 0 accepts only equal or transposed shapes.
-        dummy_input: Input to run both models once and record execution order (a tensor, a
-            tuple of arguments or a dict of keyword arguments); None skips it.
+        dummy_input: Input to run both models once and record their data flow (a tensor, a
+            tuple of arguments or a dict of keyword arguments); see :mod:`weight_mapper.flow`.
+        trace: Without ``dummy_input``, read the data flow of both models from
+            ``torch.fx.symbolic_trace`` instead (nothing runs). Used only when both sides are
+            modules and both trace; ``False`` skips it.
         incompatible_pairs: Pairs of module names whose tensors must never be matched across,
             e.g. ``[("encoder", "decoder")]``; None or ``[]`` allows everything.
 
@@ -61,6 +65,7 @@ class WeightMapper:
         incompatible_pairs: Sequence[tuple[str, str]] | None = None,
         *,
         source_prefix: str | None = None,
+        trace: bool = True,
     ):
         if not isinstance(shape_tolerance, (int, float)) or not 0 <= shape_tolerance < 1:
             raise MappingError(f"shape_tolerance must be a number in [0, 1), got {shape_tolerance!r}")
@@ -69,8 +74,9 @@ class WeightMapper:
         self.dummy_input = dummy_input
         self.source_module = source_module if isinstance(source_module, nn.Module) else None
         self.target_module = target_module if isinstance(target_module, nn.Module) else None
-        self.source_table = _to_table(source_module, dummy_input, "source")
-        self.target_table = _to_table(target_module, dummy_input, "target")
+        orders = _flow_orders(source_module, target_module, dummy_input, trace)
+        self.source_table = _to_table(source_module, orders[0], "source")
+        self.target_table = _to_table(target_module, orders[1], "target")
         self.source_prefix = _strip_prefix(self, source_prefix)
         self.plan: MappingPlan | None = None
 
@@ -376,12 +382,27 @@ class WeightMapper:
         print_view(ScoreBreakdownView.from_plan(explanation, self._require_plan()), console=console)
 
 
-def _to_table(side: Any, dummy_input: Any, which: str) -> TensorTable:
+def _flow_orders(source: Any, target: Any, dummy_input: Any, trace: bool) -> tuple[dict | None, dict | None]:
+    """Data-flow positions of both sides: from ``dummy_input`` if given, else from traces.
+
+    A trace is only worth it when both sides are modules and both trace: execution order is
+    compared between the two sides, and one side alone says nothing.
+    """
+    modules = [side if isinstance(side, nn.Module) else None for side in (source, target)]
+    if dummy_input is not None:
+        return tuple(record_execution_order(m, dummy_input) if m is not None else None for m in modules)
+    if not trace or None in modules:
+        return None, None
+    source_order = trace_execution_order(modules[0])
+    target_order = trace_execution_order(modules[1]) if source_order is not None else None
+    return (source_order, target_order) if target_order is not None else (None, None)
+
+
+def _to_table(side: Any, exec_order: Mapping[str, float] | None, which: str) -> TensorTable:
     if isinstance(side, TensorTable):
         return side
     if isinstance(side, nn.Module):
-        order = record_execution_order(side, dummy_input) if dummy_input is not None else None
-        return TensorTable.from_module(side, exec_order=order)
+        return TensorTable.from_module(side, exec_order=exec_order)
     if isinstance(side, Mapping):
         return TensorTable.from_state_dict(side, label=f"{which} state_dict")
     raise MappingError(

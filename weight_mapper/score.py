@@ -95,6 +95,8 @@ class Items:
             votes for mapping these onto the target's, level by level.
         rows: Row of each candidate in its group table or tensor table.
         module_types: Class name of the owning module (``""`` when unknown).
+        positions: The owning module's ranks among repeated siblings, from the root down
+            (:attr:`~weight_mapper.tree.ModuleTree.repeat_ranks`).
         order_rank, exec_rank: Rank by definition / execution order within the candidate's
             bucket, in [0, 1] (set by :meth:`with_ranks`; NaN until then or when unknown).
     """
@@ -114,6 +116,7 @@ class Items:
     chain: np.ndarray
     rows: np.ndarray
     module_types: tuple[str, ...] = ()
+    positions: tuple[tuple[int, ...], ...] = ()
     order_rank: np.ndarray | None = None
     exec_rank: np.ndarray | None = None
 
@@ -185,6 +188,7 @@ class Items:
             chain=tree.ancestor_ids(groups.module_ids, VOTE_LEVELS),
             rows=np.arange(len(paths), dtype=np.int64),
             module_types=tuple(table.module_types[r] for r in first),
+            positions=tuple(tree.repeat_ranks[m] for m in groups.module_ids),
         )
 
     @classmethod
@@ -208,6 +212,7 @@ class Items:
             chain=tree.ancestor_ids(module_ids, VOTE_LEVELS),
             rows=rows,
             module_types=tuple(table.module_types[r] for r in rows),
+            positions=tuple(tree.repeat_ranks[m] for m in module_ids),
         )
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from weight_mapper.errors import MappingError
 from weight_mapper.names import name_indices, name_skeleton, name_tokens, natural_key, normalise_leaf, split_name
 
-__all__ = ["TensorTable", "record_execution_order"]
+__all__ = ["TensorTable"]
 
 _CANONICAL = -1  # alias_of value of a tensor that owns its storage
 
@@ -34,7 +34,8 @@ class TensorTable:
         dtypes: dtype names (``"float32"``), ``""`` when only a shape was given.
         is_buffer: True for persistent buffers (BatchNorm running stats), False for parameters.
         module_types: Class name of the owning module, ``""`` when unknown (state dicts).
-        exec_pos: First-execution position of the owning module in [0, 1], NaN when unknown.
+        exec_pos: Position in the data flow in [0, 1] (:mod:`weight_mapper.flow`): the tensor's
+            first use, else its module's or nearest ancestor's; NaN when unknown.
         alias_of: Row of the tensor whose storage this one shares (tied weights), -1 if none.
         label: A short description of where the table came from (model class or file).
         ordered: Whether row order is definition order (False for safetensors files, whose
@@ -63,7 +64,9 @@ class TensorTable:
 
         Args:
             module: The model.
-            exec_order: Module path -> position in [0, 1] from :func:`record_execution_order`.
+            exec_order: Tensor name or module path -> position in [0, 1], from
+                :func:`~weight_mapper.flow.record_execution_order` or
+                :func:`~weight_mapper.flow.trace_execution_order`.
             label: Description shown in reports; defaults to the module's class name.
 
         Raises:
@@ -165,7 +168,7 @@ class TensorTable:
         exec_pos = np.full(len(names), np.nan)
         if exec_order:
             for row, name in enumerate(names):
-                exec_pos[row] = _lookup_exec(exec_order, split_name(name)[0])
+                exec_pos[row] = exec_order[name] if name in exec_order else _lookup_exec(exec_order, split_name(name)[0])
         return cls(
             names=tuple(names),
             shapes=tuple(shapes),
@@ -257,54 +260,3 @@ def _lookup_exec(exec_order: Mapping[str, float], module_path: str) -> float:
         if not path:
             return float("nan")
         path = path.rpartition(".")[0]
-
-
-def record_execution_order(module: nn.Module, dummy_input: Any) -> dict[str, float] | None:
-    """Run ``module`` once on ``dummy_input`` and record when each submodule first runs.
-
-    The model runs in eval mode under ``torch.no_grad()`` (so BatchNorm statistics are not
-    updated) and its training flag is restored afterwards. ``dummy_input`` is a tensor, a
-    tuple/list of positional arguments, or a dict of keyword arguments.
-
-    Returns:
-        Module path -> first-call position scaled to [0, 1], or None (with a warning) if the
-        forward pass failed.
-
-    >>> order = record_execution_order(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), torch.ones(1, 2))
-    >>> order["0"] < order["1"]
-    True
-    """
-    first_call: dict[str, int] = {}
-    handles = []
-
-    def make_hook(path: str):
-        def hook(_mod, _args):
-            first_call.setdefault(path, len(first_call))
-
-        return hook
-
-    for path, sub in module.named_modules():
-        handles.append(sub.register_forward_pre_hook(make_hook(path)))
-    was_training = module.training
-    try:
-        module.eval()
-        with torch.no_grad():
-            if isinstance(dummy_input, Mapping):
-                module(**dummy_input)
-            elif isinstance(dummy_input, (tuple, list)):
-                module(*dummy_input)
-            else:
-                module(dummy_input)
-    except Exception as exc:  # noqa: BLE001 - any failure of user code only disables this signal
-        warnings.warn(
-            f"forward pass of {type(module).__name__} on dummy_input failed ({type(exc).__name__}: "
-            f"{exc}); continuing without execution order",
-            stacklevel=2,
-        )
-        return None
-    finally:
-        for h in handles:
-            h.remove()
-        module.train(was_training)
-    scale = max(len(first_call) - 1, 1)
-    return {path: pos / scale for path, pos in first_call.items()}

@@ -14,6 +14,7 @@ from functools import cached_property
 import networkx as nx
 import numpy as np
 
+from weight_mapper.names import name_skeleton, natural_key
 from weight_mapper.table import TensorTable
 
 __all__ = ["ModuleTree", "GroupTable", "ROOT"]
@@ -72,6 +73,30 @@ class ModuleTree:
                 for i, child in enumerate(children):
                     out[self.path2id[child]] = i / (len(children) - 1)
         return out
+
+    @cached_property
+    def repeat_ranks(self) -> tuple[tuple[int, ...], ...]:
+        """Each module's positions among repeated siblings, from the root down.
+
+        Siblings whose names differ only in their digits (``layer1``..``layer4``, ``0``..``11``,
+        ``block3-0``..``block3-5``, ``b1``..``b6``) are repetitions of one block; a module's rank
+        among them, in natural order, is one position. Unrepeated modules add none, so two
+        implementations that nest the same repetitions under other wrappers agree:
+        ``trunk_output.block3.block3-1.f.c`` -> ``(2, 1)`` and ``s3.b2.conv3`` -> ``(2, 1, 2)``
+        (``conv1``..``conv3`` repeat too).
+        """
+        ranks: dict[str, tuple[int, ...]] = {ROOT: ()}
+        for node in self.paths:  # parents come before their children
+            repeated: dict[str, list[str]] = {}
+            for child in self.graph.successors(node):
+                repeated.setdefault(name_skeleton(child.rpartition(".")[2]), []).append(child)
+            for children in repeated.values():
+                if len(children) == 1:
+                    ranks[children[0]] = ranks[node]
+                    continue
+                for rank, child in enumerate(sorted(children, key=lambda c: natural_key(c.rpartition(".")[2]))):
+                    ranks[child] = (*ranks[node], rank)
+        return tuple(ranks[p] for p in self.paths)
 
     def ancestor_ids(self, module_ids: np.ndarray, levels: int) -> np.ndarray:
         """``[n, levels]`` ids of the module itself (level 0) and its ancestors; root repeats."""

@@ -33,31 +33,34 @@ from benchmarks.accuracy.pairs import PAIRS, REPO_ROOT, Pair, missing_requiremen
 
 __all__ = ["main", "run_pair", "STRATEGIES"]
 
-# label -> (weight_mapper strategy or None for the positional baseline, pass dummy_input?)
-STRATEGIES: dict[str, tuple[str | None, bool]] = {
-    "positional": (None, False),
-    "greedy": ("greedy", False),
-    "best_match": ("best_match", False),
-    "best_match+dummy": ("best_match", True),
+# label -> (weight_mapper strategy or None for the positional baseline, what the mapper is given:
+# "module" both models, "dummy" both models and dummy_input, "state_dict" the source's state
+# dict and the target model, as `weight-mapper map CHECKPOINT FACTORY` does)
+STRATEGIES: dict[str, tuple[str | None, str]] = {
+    "positional": (None, "module"),
+    "greedy": ("greedy", "module"),
+    "best_match": ("best_match", "module"),
+    "best_match+dummy": ("best_match", "dummy"),
+    "best_match+sd": ("best_match", "state_dict"),
     # not run by default; pick them with --strategies
-    "shape_only": ("shape_only", False),
-    "conservative": ("conservative", False),
-    "greedy+dummy": ("greedy", True),
+    "shape_only": ("shape_only", "module"),
+    "conservative": ("conservative", "module"),
+    "greedy+dummy": ("greedy", "dummy"),
 }
-DEFAULT_STRATEGIES = ("positional", "greedy", "best_match", "best_match+dummy")
+DEFAULT_STRATEGIES = ("positional", "greedy", "best_match", "best_match+dummy", "best_match+sd")
 DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "accuracy.json"
 README = REPO_ROOT / "benchmarks" / "README.md"
 _BEGIN, _END = "<!-- accuracy-table:begin -->", "<!-- accuracy-table:end -->"
 _EXAMPLES = 3  # wrong pairs printed per (pair, strategy); the JSON keeps all
 
 
-def _predict(pair_mappers: dict[bool, Any], strategy: str | None, use_dummy: bool, src_sd, tgt_sd):
+def _predict(pair_mappers: dict[str, Any], strategy: str | None, given: str, src_sd, tgt_sd):
     """``(plan, mapper or None, setup seconds, mapping seconds)`` for one strategy."""
     if strategy is None:
         start = time.perf_counter()
         plan = positional_plan(src_sd, tgt_sd)
         return plan, None, 0.0, time.perf_counter() - start
-    mapper, setup_s = pair_mappers[use_dummy]
+    mapper, setup_s = pair_mappers[given]
     start = time.perf_counter()
     mapper.suggest_mapping(strategy=strategy)
     elapsed = time.perf_counter() - start
@@ -120,15 +123,18 @@ def run_pair(pair: Pair, strategies: Sequence[str], *, seed: int = 0) -> dict[st
         "results": [],
     }
 
-    mappers: dict[bool, Any] = {}
-    for use_dummy in sorted({STRATEGIES[s][1] for s in strategies if STRATEGIES[s][0] is not None}):
+    mappers: dict[str, Any] = {}
+    for given in sorted({STRATEGIES[s][1] for s in strategies if STRATEGIES[s][0] is not None}):
         start = time.perf_counter()
-        mapper = WeightMapper(src, tgt, dummy_input=x if use_dummy else None)
-        mappers[use_dummy] = (mapper, time.perf_counter() - start)
+        if given == "state_dict":
+            mapper = WeightMapper(src_sd, tgt)
+        else:
+            mapper = WeightMapper(src, tgt, dummy_input=x if given == "dummy" else None)
+        mappers[given] = (mapper, time.perf_counter() - start)
 
     for label in strategies:
-        strategy, use_dummy = STRATEGIES[label]
-        plan, mapper, setup_s, map_s = _predict(mappers, strategy, use_dummy, src_sd, tgt_sd)
+        strategy, given = STRATEGIES[label]
+        plan, mapper, setup_s, map_s = _predict(mappers, strategy, given, src_sd, tgt_sd)
         score = score_plan(plan, truth, len(tgt_sd))
         tgt.load_state_dict(fresh)
         error = None

@@ -96,3 +96,17 @@ def stacked_experts():
 
 def expert_input() -> torch.Tensor:
     return torch.randn(5, 8)
+
+
+def shortcut_first():
+    """RegNet-like, torchvision's layout: the shortcut defined and run first (``--source-model``)."""
+    from fixture_models import ShortcutFirst
+
+    return ShortcutFirst()
+
+
+def shortcut_last():
+    """The same network in timm's layout: the shortcut last."""
+    from fixture_models import ShortcutLast
+
+    return ShortcutLast()

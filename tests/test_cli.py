@@ -381,3 +381,29 @@ def test_stacked_experts_map_apply_and_verify_from_the_cli(tmp_path, capsys, mon
                  "--strict", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["verification"]["ok"] and report["verification"]["max_abs_diff"] < 1e-6
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_map_with_the_source_model_knows_its_data_flow(tmp_path, capsys, suffix):
+    """A checkpoint alone cannot tell RegNet's shortcut from its first conv; its model can."""
+    from fixture_models import ShortcutFirst
+    from test_flow import shortcut_truth
+
+    source = ShortcutFirst()
+    ckpt = tmp_path / f"regnet_like{suffix}"
+    save_checkpoint({f"module.{k}": v for k, v in source.state_dict().items()}, ckpt)  # a DDP prefix, too
+    plan_path = tmp_path / "plan.json"
+    argv = ["map", str(ckpt), "cli_factories:shortcut_last", "-o", str(plan_path), "--json"]
+    assert main([*argv, "--source-model", "cli_factories:shortcut_first"]) == 0
+    assert MappingPlan.from_json(plan_path).mapping == {f"module.{k}": v for k, v in shortcut_truth(source).items()}
+    assert main(argv) == 0  # without it, definition order swaps them
+    assert MappingPlan.from_json(plan_path).mapping["module.trunk.block1.0.proj.0.weight"] == "stages.0.0.conv1.0.weight"
+    capsys.readouterr()
+
+
+def test_map_refuses_a_source_model_that_is_not_the_checkpoints(files, tmp_path, capsys):
+    code = main(["map", str(files["plain.pt"]), _FACTORY, "-o", str(tmp_path / "p.json"),
+                 "--source-model", "cli_factories:shortcut_first"])
+    err = capsys.readouterr().err
+    assert code != 0 and "plain.pt is not a state dict of ShortcutFirst: missing: stem.0.weight" in err
+    assert "unexpected: backbone.0.weight" in err and not (tmp_path / "p.json").exists()

@@ -86,3 +86,26 @@ def test_safetensors_rows_are_in_natural_order_and_marked_unordered(tmp_path):
     assert table.names == ("head.w", "layers.2.w", "layers.10.w")
     assert not table.ordered
     assert TensorTable.from_state_dict({"a": (1,)}).ordered
+
+
+def test_with_module_takes_order_types_and_buffers_from_the_model():
+    model = BatchNormed()
+    sorted_ckpt = TensorTable.from_state_dict(model.state_dict(), natural_order=True)
+    described = sorted_ckpt.with_module(model)
+    reference = TensorTable.from_module(model)
+    assert described.names == reference.names and described.ordered
+    assert described.module_types == reference.module_types
+    assert described.is_buffer.tolist() == reference.is_buffer.tolist()
+
+
+def test_with_module_keeps_tied_weights_tied():
+    described = TensorTable.from_state_dict(Tied().state_dict()).with_module(Tied())
+    assert described.alias_of[described.name2row["head.weight"]] == described.name2row["embed.weight"]
+
+
+def test_with_module_names_what_does_not_fit():
+    state_dict = {k: v for k, v in BatchNormed().state_dict().items() if k != "fc.bias"}
+    state_dict["conv1.weight"] = torch.zeros(1)
+    with pytest.raises(MappingError, match=r"state_dict is not a state dict of BatchNormed: missing: fc.bias; "
+                                           r"shape conflicts: conv1.weight \[1\] vs \[8, 3, 3, 3\]"):
+        TensorTable.from_state_dict(state_dict).with_module(BatchNormed())

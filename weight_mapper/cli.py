@@ -236,7 +236,8 @@ def _cmd_map(args: argparse.Namespace) -> int:
     # known, so that the plan can never be written over them.
     source_table = TensorTable.from_checkpoint(source, label=Path(args.source).name)
     target, target_files = _load_target(args.target, key=args.target_key, trust_pickle=args.trust_pickle)
-    mapper = WeightMapper(source_table, target)
+    source_model = _build_model(args.source_model) if args.source_model else None
+    mapper = WeightMapper(source_table, target, source_model=source_model)
     explain_names = [_source_name(mapper, name, args.source) for name in args.explain]
     if args.html:  # fail before matching, not after the plan was written
         _refuse_overwrite(Path(args.html), [(Path(args.output), "the plan")]
@@ -678,7 +679,8 @@ for a command's options and examples.""",
   {_PROG} map old.ckpt mypkg.models:new_model -o plan.json
   {_PROG} map old.pth new_layout.safetensors -o plan.json --strategy conservative
   {_PROG} map old.pth mypkg.models:NewNet -o plan.json --weights shape=0.6,name=0.4 --json
-  {_PROG} map old.ckpt mypkg.models:new_model -o plan.json --tree --explain backbone.0.weight --html review.html""",
+  {_PROG} map old.ckpt mypkg.models:new_model -o plan.json --tree --explain backbone.0.weight --html review.html
+  {_PROG} map regnet.pth timm_factory:regnety_004 -o plan.json --source-model torchvision.models:regnet_y_400mf""",
     )
     mapping.add_argument("source", metavar="SOURCE",
                          help="the checkpoint holding the weights (any format inspect reads)")
@@ -696,6 +698,10 @@ for a command's options and examples.""",
                          help="score component weights, e.g. shape=0.5,name=0.3,hierarchy=0.2 (the default)")
     mapping.add_argument("--top", type=_non_negative_int, default=10, metavar="N",
                          help="matches (lowest scores first) and unmatched tensors to list (default: %(default)s)")
+    mapping.add_argument("--source-model", metavar="FACTORY", default=None,
+                         help="the architecture SOURCE was saved from, as package.module:callable (built "
+                              "on the meta device): adds its module types, definition order and data flow "
+                              "to the checkpoint's names and shapes")
     mapping.add_argument("--target-key", metavar="K", default=None,
                          help="like --key, for a TARGET checkpoint")
     mapping.add_argument("--tree", action="store_true",

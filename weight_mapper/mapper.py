@@ -43,6 +43,10 @@ class WeightMapper:
         trace: Without ``dummy_input``, read the data flow of both models from
             ``torch.fx.symbolic_trace`` instead (nothing runs). Used only when both sides are
             modules and both trace; ``False`` skips it.
+        source_model: When the source is a state dict or a checkpoint's table: the model it was
+            saved from (the meta device is fine). It adds module types, definition order and
+            the data flow to the source's names and shapes (see
+            :meth:`TensorTable.with_module`); the weights still come from the source.
         incompatible_pairs: Pairs of module names whose tensors must never be matched across,
             e.g. ``[("encoder", "decoder")]``; None or ``[]`` allows everything.
 
@@ -66,6 +70,7 @@ class WeightMapper:
         *,
         source_prefix: str | None = None,
         trace: bool = True,
+        source_model: nn.Module | None = None,
     ):
         if not isinstance(shape_tolerance, (int, float)) or not 0 <= shape_tolerance < 1:
             raise MappingError(f"shape_tolerance must be a number in [0, 1), got {shape_tolerance!r}")
@@ -74,8 +79,13 @@ class WeightMapper:
         self.dummy_input = dummy_input
         self.source_module = source_module if isinstance(source_module, nn.Module) else None
         self.target_module = target_module if isinstance(target_module, nn.Module) else None
-        orders = _flow_orders(source_module, target_module, dummy_input, trace)
+        if source_model is not None and isinstance(source_module, nn.Module):
+            raise MappingError("source_model describes a state dict or checkpoint source; the source is already a model")
+        orders = _flow_orders(source_model if source_model is not None else source_module, target_module,
+                              dummy_input, trace)
         self.source_table = _to_table(source_module, orders[0], "source")
+        if source_model is not None:
+            self.source_table = self.source_table.with_module(source_model, exec_order=orders[0])
         self.target_table = _to_table(target_module, orders[1], "target")
         self.source_prefix = _strip_prefix(self, source_prefix)
         self.plan: MappingPlan | None = None
@@ -91,6 +101,7 @@ class WeightMapper:
         shape_tolerance: float = 0.0,
         dummy_input: Any = None,
         incompatible_pairs: Sequence[tuple[str, str]] | None = None,
+        source_model: nn.Module | None = None,
     ) -> WeightMapper:
         """Map a state dict (or anything ``torch.load`` returned, envelope included).
 
@@ -98,11 +109,13 @@ class WeightMapper:
             state_dict: Flat state dict, or a checkpoint dict (Lightning, ``{"model": ...}``).
             target_module: The model to fill.
             key: Envelope key to take the state dict from when there are several candidates.
+            source_model: The model the state dict was saved from, if you have it (see
+                :class:`WeightMapper`).
         """
         from weight_mapper.checkpoint import unwrap_state_dict
 
         tensors, _, _, _ = unwrap_state_dict(state_dict, key=key)
-        return cls(tensors, target_module, shape_tolerance, dummy_input, incompatible_pairs)
+        return cls(tensors, target_module, shape_tolerance, dummy_input, incompatible_pairs, source_model=source_model)
 
     @classmethod
     def from_checkpoint(
@@ -115,17 +128,22 @@ class WeightMapper:
         shape_tolerance: float = 0.0,
         dummy_input: Any = None,
         incompatible_pairs: Sequence[tuple[str, str]] | None = None,
+        source_model: nn.Module | None = None,
     ) -> WeightMapper:
         """Map a checkpoint file or sharded folder; only shapes are read for matching.
 
+        ``source_model`` is the model the checkpoint was saved from, if you have it (see
+        :class:`WeightMapper`).
+
         Raises:
             CheckpointError: If the file is missing, corrupt, or needs ``trust_pickle=True``.
+            MappingError: If ``source_model``'s tensors are not the checkpoint's.
         """
         from weight_mapper.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(path, key=key, trust_pickle=trust_pickle)
         table = TensorTable.from_checkpoint(ckpt, label=Path(path).name)
-        return cls(table, target_module, shape_tolerance, dummy_input, incompatible_pairs)
+        return cls(table, target_module, shape_tolerance, dummy_input, incompatible_pairs, source_model=source_model)
 
     # ------------------------------------------------------------------ matching
     def suggest_mapping(

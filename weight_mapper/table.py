@@ -98,6 +98,55 @@ class TensorTable:
             label if label is not None else type(module).__name__,
         )
 
+    def with_module(self, module: nn.Module, *, exec_order: Mapping[str, float] | None = None) -> TensorTable:
+        """This table, described by the model its tensors were saved from.
+
+        A checkpoint holds names and shapes; its model adds what only the model knows: each
+        tensor's module type (GPT-2's ``Conv1D`` stores weights transposed), parameter or
+        buffer, definition order (a safetensors header is sorted by name), and with
+        ``exec_order`` the data-flow positions. Rows are put in the model's order. A wrapper
+        prefix on the table's names (``module.``) is allowed. Meta-device models work.
+
+        Raises:
+            MappingError: If the table does not hold exactly the model's tensors and shapes.
+
+        >>> ckpt = TensorTable.from_state_dict({"module.bias": (3,), "module.weight": (3, 2)}, natural_order=True)
+        >>> described = ckpt.with_module(nn.Linear(2, 3))
+        >>> described.names, described.module_types, described.ordered
+        (('module.weight', 'module.bias'), ('Linear', 'Linear'), True)
+        """
+        from weight_mapper.checkpoint import detect_wrapper_prefix
+
+        model = TensorTable.from_module(module)
+        prefix = detect_wrapper_prefix(self.names)
+        if set(self.names) == set(model.names):
+            prefix = ""
+        local = [n[len(prefix):] for n in self.names]
+        missing = [n for n in model.names if n not in set(local)]
+        unexpected = [self.names[r] for r, n in enumerate(local) if n not in model.name2row]
+        conflicts = [f"{self.names[r]} {list(self.shapes[r])} vs {list(model.shapes[model.name2row[n]])}"
+                     for r, n in enumerate(local) if n in model.name2row and model.shapes[model.name2row[n]] != self.shapes[r]]
+        if missing or unexpected or conflicts:
+            details = "; ".join(f"{what}: {', '.join(items[:3])}" + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+                                for what, items in (("missing", missing), ("unexpected", unexpected),
+                                                    ("shape conflicts", conflicts)) if items)
+            raise MappingError(f"{self.label} is not a state dict of {type(module).__name__}: {details}. Pass the "
+                               "architecture the checkpoint was saved from, or leave the source model out.")
+        rows = sorted(range(len(self)), key=lambda r: model.name2row[local[r]])
+        model_rows = [model.name2row[local[r]] for r in rows]
+        canonical = {r: (r if self.alias_of[r] == _CANONICAL else int(self.alias_of[r])) for r in rows}
+        return TensorTable(
+            names=tuple(self.names[r] for r in rows),
+            shapes=tuple(self.shapes[r] for r in rows),
+            dtypes=tuple(self.dtypes[r] for r in rows),
+            is_buffer=model.is_buffer[model_rows],
+            module_types=tuple(model.module_types[m] for m in model_rows),
+            exec_pos=_exec_positions([local[r] for r in rows], exec_order),
+            alias_of=_alias_rows([canonical[r] for r in rows]),
+            label=self.label,
+            ordered=True,
+        )
+
     @classmethod
     def from_checkpoint(cls, checkpoint: Any, *, label: str | None = None) -> TensorTable:
         """Build the table of a :class:`~weight_mapper.checkpoint.Checkpoint` from shapes alone.
@@ -159,16 +208,8 @@ class TensorTable:
 
     @classmethod
     def _build(cls, names, shapes, dtypes, is_buffer, types, identities, exec_order, label, ordered=True) -> TensorTable:
-        first_row: dict[Any, int] = {}
-        alias_of = np.full(len(names), _CANONICAL, dtype=np.int64)
-        for row, ident in enumerate(identities):
-            owner = first_row.setdefault(ident, row)
-            if owner != row:
-                alias_of[row] = owner
-        exec_pos = np.full(len(names), np.nan)
-        if exec_order:
-            for row, name in enumerate(names):
-                exec_pos[row] = exec_order[name] if name in exec_order else _lookup_exec(exec_order, split_name(name)[0])
+        alias_of = _alias_rows(identities)
+        exec_pos = _exec_positions(names, exec_order)
         return cls(
             names=tuple(names),
             shapes=tuple(shapes),
@@ -249,6 +290,26 @@ def _storage_identity(t: torch.Tensor) -> Any:
     if ptr == 0:  # empty storage: every empty tensor would look tied
         return ("id", id(t))
     return ("storage", ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def _alias_rows(identities) -> np.ndarray:
+    """Row of the first row with the same identity (tied storage), or -1 for that first row."""
+    first_row: dict[Any, int] = {}
+    alias_of = np.full(len(identities), _CANONICAL, dtype=np.int64)
+    for row, ident in enumerate(identities):
+        owner = first_row.setdefault(ident, row)
+        if owner != row:
+            alias_of[row] = owner
+    return alias_of
+
+
+def _exec_positions(names, exec_order: Mapping[str, float] | None) -> np.ndarray:
+    """Each tensor's data-flow position: its own first use, else its module's or an ancestor's."""
+    exec_pos = np.full(len(names), np.nan)
+    if exec_order:
+        for row, name in enumerate(names):
+            exec_pos[row] = exec_order[name] if name in exec_order else _lookup_exec(exec_order, split_name(name)[0])
+    return exec_pos
 
 
 def _lookup_exec(exec_order: Mapping[str, float], module_path: str) -> float:

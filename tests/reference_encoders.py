@@ -102,6 +102,27 @@ class _Expert(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class FusedExperts(nn.Module):
+    """The MoE block as transformers 5 stores it: ``gate_up_proj`` ``[E, 2H, D]`` (every expert's
+    ``w1`` then its ``w3``) and ``down_proj`` ``[E, D, H]``."""
+
+    def __init__(self, dim, hidden, n_experts, top_k=2):
+        super().__init__()
+        self.top_k = top_k
+        self.router = nn.Linear(dim, n_experts, bias=False)
+        self.gate_up_proj = nn.Parameter(torch.randn(n_experts, 2 * hidden, dim) * 0.1)
+        self.down_proj = nn.Parameter(torch.randn(n_experts, dim, hidden) * 0.1)
+
+    def forward(self, x):
+        weights, chosen = torch.topk(self.router(x).softmax(-1), self.top_k, dim=-1)
+        out = torch.zeros_like(x)
+        for e in range(self.gate_up_proj.shape[0]):
+            w = (weights * (chosen == e)).sum(-1, keepdim=True)
+            gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+            out = out + w * F.linear(F.silu(gate) * up, self.down_proj[e])
+        return out
+
+
 class StackedExperts(nn.Module):
     """The same MoE block with every expert's weights stacked into 3-D tensors."""
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from reference_encoders import ExpertList, LinearGPT2, StackedExperts, TorchBert
+from reference_encoders import ExpertList, FusedExperts, LinearGPT2, StackedExperts, TorchBert
 from weight_mapper import MappingPlan, WeightMapper, apply_plan
 
 transformers = pytest.importorskip("transformers")
@@ -65,6 +65,22 @@ def test_module_list_of_experts_stacks_into_3d_tensors():
     assert mapping["gate.weight"] == "router.weight"
     stacked = {e.target: e.source for e in mapper.get_plan().entries if e.transform == "stack"}
     assert stacked == {f"w{k}": tuple(f"experts.{e}.w{k}.weight" for e in range(4)) for k in (1, 2, 3)}
+    tgt.load_state_dict(round_trip(mapper, src.state_dict()), strict=True)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        assert torch.allclose(src(x), tgt(x), atol=1e-6)
+
+
+def test_experts_stack_and_fuse_into_gate_up_proj():
+    """transformers 5's MoE layout: per-expert w1 and w3 -> one [E, 2H, D] gate_up_proj."""
+    src, tgt = ExpertList(8, 16, 4).eval(), FusedExperts(8, 16, 4).eval()
+    mapper = WeightMapper(src, tgt)
+    mapper.suggest_mapping()
+    entries = {e.target: e for e in mapper.get_plan().entries}
+    gate_up = entries["gate_up_proj"]
+    assert gate_up.transform == "stack_concat" and gate_up.args["parts"] == 2 and gate_up.args["concat_dim"] == 1
+    assert gate_up.source == tuple(f"experts.{e}.w{k}.weight" for k in (1, 3) for e in range(4))
+    assert entries["down_proj"].transform == "stack"
     tgt.load_state_dict(round_trip(mapper, src.state_dict()), strict=True)
     x = torch.randn(5, 8)
     with torch.no_grad():

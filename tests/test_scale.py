@@ -186,6 +186,21 @@ def test_deepseek_v3_meta_module_one_moe_layer_every_1to1_tensor_correct():
     assert got == truth
 
 
+def test_deepseek_v3_stacked_experts_are_built_by_stack_and_stack_concat():
+    """transformers 5 stacks each MoE layer's experts: gate_up_proj from every w1 then every w3."""
+    target = _meta_deepseek(n_layers=3, n_dense=2)
+    source, _ = _from_target(_unstacked(_shapes(target)), _DEEPSEEK_FROM_REF)
+    mapper = WeightMapper(source, target)
+    mapper.suggest_mapping()
+    entries = {e.target: e for e in mapper.get_plan().entries}
+    n_experts = target.config.n_routed_experts
+    gate_up, down = entries["model.layers.2.mlp.experts.gate_up_proj"], entries["model.layers.2.mlp.experts.down_proj"]
+    assert gate_up.transform == "stack_concat" and gate_up.args["concat_dim"] == 1
+    assert gate_up.source == tuple(f"layers.2.ffn.experts.{e}.w{k}.weight" for k in (1, 3) for e in range(n_experts))
+    assert down.transform == "stack"
+    assert down.source == tuple(f"layers.2.ffn.experts.{e}.w2.weight" for e in range(n_experts))
+
+
 # ------------------------------------------------------------------------------------ header only
 
 

@@ -720,8 +720,8 @@ for a command's options and examples.""",
     apply = sub.add_parser(
         "apply", parents=[reading, output], formatter_class=_HelpFormatter,
         help="convert SOURCE with a plan from 'map' and save it (safetensors or torch, by extension)",
-        description="Rename SOURCE's tensors as the plan says (and transpose, reshape, concatenate or stack them "
-                    "where it says so), and save "
+        description="Rename SOURCE's tensors as the plan says (and transpose, reshape, concatenate, stack or "
+                    "stack-and-concatenate them where it says so), and save "
                     "them atomically to OUT: safetensors for *.safetensors, a folder of safetensors shards for a "
                     "path without suffix, a torch file otherwise (which keeps the envelope, e.g. Lightning's "
                     "epoch). SOURCE is never overwritten.",

@@ -4,7 +4,9 @@ After the 1:1 assignment, a target tensor left without a partner may be the conc
 sibling source tensors (separate ``q_proj, k_proj, v_proj`` -> one fused ``qkv`` or
 ``in_proj_weight``; ``gate_proj + up_proj`` -> ``gate_up_proj``; unequal parts as in
 grouped-query attention) or the stack of a ModuleList's tensors (N experts -> one 3-D
-tensor). Candidate source sets are found from shapes and the module tree alone; each is
+tensor), or both: a stack of per-item concatenations (N experts' ``w1`` and ``w3`` -> one
+``gate_up_proj`` ``[N, 2I, H]``, transform ``stack_concat``). Candidate source sets are found
+from shapes and the module tree alone; each is
 scored like any match (its first tensor stands for its name and place) and the best one-to-one
 choice is made with ``linear_sum_assignment``.
 """
@@ -32,9 +34,11 @@ class Combination:
     Attributes:
         src: Source tensor rows, in the order they are combined.
         tgt: Target tensor row.
-        transform: ``"concat"`` or ``"stack"`` (along dim 0).
+        transform: ``"concat"``, ``"stack"`` (along dim 0) or ``"stack_concat"`` (``parts``
+            stacks along dim 0, concatenated along dim 1; ``src`` part-major).
         score, margin: As for 1:1 matches.
         components: ``shape``, ``name``, ``hierarchy``, ``context`` of the representative.
+        parts: Number of parts of a ``stack_concat`` (1 otherwise).
     """
 
     src: tuple[int, ...]
@@ -43,28 +47,62 @@ class Combination:
     score: float
     margin: float
     components: Mapping[str, float]
+    parts: int = 1
 
 
 def _concat_runs(table: TensorTable, rows: np.ndarray) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """Contiguous runs of sibling tensors (same parent module and leaf) that can be concatenated."""
-    groups: dict[tuple[str, str], list[int]] = {}
+    """Runs of sibling tensors (same parent module and leaf) that can be concatenated on dim 0.
+
+    Siblings whose trailing dims differ are skipped, not run-breaking: a SwiGLU's ``w1, w2,
+    w3`` gives the run ``(w1, w3)`` (gate and up, fused into ``gate_up_proj``).
+    """
+    groups: dict[tuple[str, str, tuple[int, ...]], list[int]] = {}
     for r in rows:
-        module = table.modules[r]
-        groups.setdefault((split_name(module)[0], table.leaves[r]), []).append(int(r))
+        shape = table.shapes[r]
+        if shape:
+            groups.setdefault((split_name(table.modules[r])[0], table.leaves[r], shape[1:]), []).append(int(r))
     out = []
-    for members in groups.values():
+    for (_, _, trailing), members in groups.items():
         members.sort()
         for i in range(len(members)):
-            trailing = table.shapes[members[i]][1:]
-            if not table.shapes[members[i]]:
-                continue
             total = table.shapes[members[i]][0]
             for j in range(i + 1, len(members)):
-                shape = table.shapes[members[j]]
-                if not shape or shape[1:] != trailing:
-                    break
-                total += shape[0]
+                total += table.shapes[members[j]][0]
                 out.append((tuple(members[i:j + 1]), (total, *trailing)))
+    return out
+
+
+def _item_key(name: str) -> tuple[str, int] | None:
+    """``(name with its last numeric path component as *, that number)``: a ModuleList item."""
+    parts = name.split(".")
+    numeric = [i for i, p in enumerate(parts) if p.isdecimal()]
+    if not numeric:
+        return None
+    k = numeric[-1]
+    return ".".join(parts[:k] + ["*"] + parts[k + 1:]), int(parts[k])
+
+
+def _stacked_runs(table: TensorTable, runs) -> list[tuple[tuple[int, ...], tuple[int, ...], int]]:
+    """Stacks of the same concat run over consecutive ModuleList items.
+
+    Returns ``(source rows part-major, stacked shape, parts)``: N experts' ``(w1, w3)`` give
+    ``(e0.w1, ..., eN.w1, e0.w3, ..., eN.w3)`` for an ``[N, 2I, H]`` target.
+    """
+    groups: dict[tuple, dict[int, tuple[int, ...]]] = {}
+    for members, shape in runs:
+        keys = [_item_key(table.names[r]) for r in members]
+        if None in keys or len({k[1] for k in keys}) != 1:
+            continue
+        pattern = (tuple(k[0] for k in keys), tuple(table.shapes[r] for r in members))
+        groups.setdefault(pattern, {})[keys[0][1]] = members
+    out = []
+    for (_, shapes), items in groups.items():
+        indices = sorted(items)
+        if len(indices) < 2 or indices != list(range(indices[0], indices[0] + len(indices))):
+            continue
+        parts = len(shapes)
+        rows = tuple(items[i][p] for p in range(parts) for i in indices)
+        out.append((rows, (len(indices), sum(sh[0] for sh in shapes), *shapes[0][1:]), parts))
     return out
 
 
@@ -134,10 +172,12 @@ def combine(
     left_tgt = np.setdiff1d(np.flatnonzero(tgt_table.is_canonical), assignment.tgt)
     if len(left_src) < 2 or len(left_tgt) == 0:
         return []
-    candidates = [(rows, shape, "concat") for rows, shape in _concat_runs(src_table, left_src)]
-    candidates += [(rows, shape, "stack") for rows, shape in _stack_sets(src_table, left_src)]
+    runs = _concat_runs(src_table, left_src)
+    candidates = [(rows, shape, "concat", 1) for rows, shape in runs]
+    candidates += [(rows, shape, "stack", 1) for rows, shape in _stack_sets(src_table, left_src)]
+    candidates += [(rows, shape, "stack_concat", parts) for rows, shape, parts in _stacked_runs(src_table, runs)]
     by_shape: dict[tuple[int, ...], list[int]] = {}
-    for k, (_, shape, _) in enumerate(candidates):
+    for k, (_, shape, _, _) in enumerate(candidates):
         by_shape.setdefault(tuple(shape), []).append(k)
     pair_c, pair_t = [], []
     for j, t in enumerate(left_tgt):
@@ -150,9 +190,15 @@ def combine(
 
     # Score each (candidate set, target) like a 1:1 match of the set's first tensor.
     src_tree, tgt_tree = ModuleTree(src_table), ModuleTree(tgt_table)
-    reps = np.array([rows[0] for rows, _, _ in candidates], dtype=np.int64)
-    s_items = Items.of_tensors(src_table, src_tree, reps).with_ranks(np.zeros(len(reps), np.int64))
-    t_items = Items.of_tensors(tgt_table, tgt_tree, left_tgt).with_ranks(np.zeros(len(left_tgt), np.int64))
+    reps = np.array([rows[0] for rows, _, _, _ in candidates], dtype=np.int64)
+    # Ranks are taken among the candidates of one shape: a set that fits no target of its shape
+    # must not shift the order scores of those that compete.
+    shape_id = {shape: i for i, shape in enumerate(by_shape)}
+    s_bucket = np.array([shape_id[tuple(shape)] for _, shape, _, _ in candidates], dtype=np.int64)
+    t_bucket = np.array([shape_id.get(tuple(tgt_table.shapes[t]), -1 - j) for j, t in enumerate(left_tgt)],
+                        dtype=np.int64)
+    s_items = Items.of_tensors(src_table, src_tree, reps).with_ranks(s_bucket)
+    t_items = Items.of_tensors(tgt_table, tgt_tree, left_tgt).with_ranks(t_bucket)
     scores = score_edges(s_items, t_items, pair_c, pair_t, weights=weights)
     scores["shape"] = np.ones(len(pair_c))  # the set fits the target exactly
     base = weights["shape"] + weights["name"] * scores["name"] + weights["hierarchy"] * scores["hierarchy"]
@@ -173,7 +219,7 @@ def combine(
     used: set[int] = set()
     out = []
     for k, j, m in chosen:  # overlapping runs (q,k,v vs k,v,o): the better-scoring one wins
-        src_rows, _, transform = candidates[k]
+        src_rows, _, transform, parts = candidates[k]
         if used.intersection(src_rows):
             continue
         used.update(src_rows)
@@ -183,5 +229,6 @@ def combine(
             score=float(total[e]), margin=float(m),
             components={"shape": 1.0, "name": float(scores["name"][e]),
                         "hierarchy": float(scores["hierarchy"][e]), "context": float(ctx[e])},
+            parts=parts,
         ))
     return sorted(out, key=lambda c: c.tgt)

@@ -320,8 +320,7 @@ def build_plan(
             source_shape=src_table.shapes[c.src[0]],
             target_shape=tgt_table.shapes[c.tgt],
             components=dict(c.components),
-            args={"dim": 0, "sizes": [src_table.shapes[r][0] for r in c.src],
-                  "source_shapes": [list(src_table.shapes[r]) for r in c.src]},
+            args=_combined_args(src_table, c),
         )
         if withhold_ambiguous and entry.ambiguous:
             withheld.append(entry)
@@ -355,6 +354,16 @@ def _alias_lists(table: TensorTable) -> dict[int, list[int]]:
         owner = int(table.alias_of[row])
         out.setdefault(owner, [owner]).append(int(row))
     return out
+
+
+def _combined_args(src_table: TensorTable, c: Combination) -> dict:
+    """A combined entry's transform arguments, from its source shapes."""
+    shapes = [list(src_table.shapes[r]) for r in c.src]
+    if c.transform == "stack_concat":
+        n = len(c.src) // c.parts
+        return {"dim": 0, "parts": c.parts, "concat_dim": 1, "sizes": [shapes[p * n][0] for p in range(c.parts)],
+                "source_shapes": shapes}
+    return {"dim": 0, "sizes": [s[0] for s in shapes], "source_shapes": shapes}
 
 
 def transform_for(s_shape, t_shape, s_type: str = "", t_type: str = "") -> tuple[str | None, dict]:

@@ -13,6 +13,13 @@ reversed (:func:`invert_entries`). Applying a transform never scores anything.
 | ``slice`` | 1 | ``dim``, ``start``, ``length`` | ``concat`` of the slices |
 | ``stack`` | n | ``dim`` | one ``index`` per source |
 | ``index`` | 1 | ``dim``, ``index`` | ``stack`` of the indices |
+| ``stack_concat`` | parts x n | ``dim``, ``parts``, ``concat_dim``, ``sizes`` | one ``slice_index`` per source |
+| ``slice_index`` | 1 | ``dim``, ``index``, ``concat_dim``, ``start``, ``length`` | ``stack_concat`` |
+
+``stack_concat`` is what a fused, stacked expert weight needs (transformers 5's
+``mlp.experts.gate_up_proj`` ``[E, 2I, H]`` from per-expert ``w1`` and ``w3``): its sources are
+part-major (every expert's ``w1``, then every expert's ``w3``); each part's ``n`` tensors are
+stacked along ``dim`` and the ``parts`` stacks concatenated along ``concat_dim``.
 """
 
 from __future__ import annotations
@@ -62,8 +69,25 @@ TRANSFORMS: dict[str, Transform] = {
         ),
         Transform("stack", lambda ts, a: torch.stack(list(ts), dim=a.get("dim", 0)), "index", True),
         Transform("index", lambda ts, a: ts[0].select(a.get("dim", 0), a["index"]).contiguous(), "stack"),
+        Transform("stack_concat", lambda ts, a: _stack_concat(ts, a), "slice_index", True),
+        Transform(
+            "slice_index",
+            lambda ts, a: ts[0].narrow(a["concat_dim"], a["start"], a["length"]).select(a.get("dim", 0), a["index"])
+            .contiguous(),
+            "stack_concat",
+        ),
     )
 }
+
+
+def _stack_concat(tensors: Sequence[torch.Tensor], args: Mapping[str, Any]) -> torch.Tensor:
+    parts = int(args["parts"])
+    if parts < 1 or len(tensors) % parts:
+        raise PlanError(f"stack_concat needs a multiple of parts={parts} source tensors, got {len(tensors)}")
+    n = len(tensors) // parts
+    dim = args.get("dim", 0)
+    return torch.cat([torch.stack(list(tensors[p * n:(p + 1) * n]), dim=dim) for p in range(parts)],
+                     dim=args["concat_dim"])
 
 
 def get_transform(name: str | None) -> Transform:
@@ -94,8 +118,11 @@ def invert_entries(entries: Sequence[PlanEntry]) -> list[PlanEntry]:
     pieces: dict[str, list[PlanEntry]] = {}  # slice / index entries, grouped by their source
     for e in entries:
         op = e.transform or "identity"
-        if op in ("slice", "index"):
+        if op in ("slice", "index", "slice_index"):
             pieces.setdefault(e.source[0], []).append(e)
+            continue
+        if op == "stack_concat":
+            out.extend(_unstack_concat(e))
             continue
         if op in ("concat", "stack"):
             dim = e.args.get("dim", 0)
@@ -119,6 +146,9 @@ def invert_entries(entries: Sequence[PlanEntry]) -> list[PlanEntry]:
                            target_shape=e.source_shape))
     for src, group in pieces.items():
         op = group[0].transform
+        if op == "slice_index":
+            out.append(_restack_concat(src, group))
+            continue
         key = "start" if op == "slice" else "index"
         group = sorted(group, key=lambda e: e.args[key])
         dim = group[0].args.get("dim", 0)
@@ -136,3 +166,41 @@ def invert_entries(entries: Sequence[PlanEntry]) -> list[PlanEntry]:
                            transform="concat" if op == "slice" else "stack", args=args,
                            source_shape=group[0].target_shape, target_shape=group[0].source_shape))
     return out
+
+
+def _unstack_concat(e: PlanEntry) -> list[PlanEntry]:
+    """The inverse of a ``stack_concat`` entry: one ``slice_index`` per source."""
+    parts, sizes = int(e.args["parts"]), list(e.args["sizes"])
+    n = len(e.source) // parts
+    shapes = e.args.get("source_shapes") or [e.source_shape] * len(e.source)
+    out = []
+    for k, (src, shape) in enumerate(zip(e.source, shapes)):
+        p, i = divmod(k, n)
+        args = {"dim": e.args.get("dim", 0), "index": i, "concat_dim": e.args["concat_dim"],
+                "start": sum(sizes[:p]), "length": sizes[p]}
+        out.append(replace(e, source=(e.target,), target=src, transform="slice_index", args=args,
+                           source_shape=e.target_shape, target_shape=tuple(shape)))
+    return out
+
+
+def _restack_concat(src: str, group: list[PlanEntry]) -> PlanEntry:
+    """The inverse of the ``slice_index`` entries of one source: a ``stack_concat``.
+
+    Raises:
+        PlanError: If the pieces do not cover the source exactly.
+    """
+    group = sorted(group, key=lambda g: (g.args["start"], g.args["index"]))
+    first = group[0].args
+    dim, concat_dim = first.get("dim", 0), first["concat_dim"]
+    starts = sorted({g.args["start"] for g in group})
+    parts = [[g for g in group if g.args["start"] == s] for s in starts]
+    n = group[0].source_shape[dim]
+    sizes = [p[0].args["length"] for p in parts]
+    covered = [sum(sizes[:i]) for i in range(len(sizes))] == starts and sum(sizes) == group[0].source_shape[concat_dim]
+    if not covered or any([g.args["index"] for g in p] != list(range(n)) or {g.args["length"] for g in p} != {p[0].args["length"]}
+                          for p in parts):
+        raise PlanError(f"the slices of {src!r} do not cover it exactly; the plan has no inverse")
+    args = {"dim": dim, "parts": len(parts), "concat_dim": concat_dim, "sizes": sizes,
+            "source_shapes": [list(g.target_shape) for g in group]}
+    return replace(group[0], source=tuple(g.target for g in group), target=src, transform="stack_concat", args=args,
+                   source_shape=group[0].target_shape, target_shape=group[0].source_shape)

@@ -42,7 +42,7 @@ def evaluate(plan: Any, truth: Mapping[str, str], not_1to1: Mapping[str, Any] | 
 
     A 1:1 source is correct when its entry copies it, untransformed, onto its truth. A
     not-1:1 target is *recovered* when one entry builds it with the truth's op from exactly
-    the truth's sources in order (only ``stack`` is a single registry transform). Everything
+    the truth's sources in order (``stack``, or ``stack_concat`` along ``concat_dim=1``). Everything
     else a plan does with those sources is wrong.
     """
     not_1to1 = not_1to1 or {}
@@ -67,7 +67,8 @@ def evaluate(plan: Any, truth: Mapping[str, str], not_1to1: Mapping[str, Any] | 
             continue
         mapped.update(e.source)
         want = not_1to1.get(e.target)
-        if want is not None and want.op == e.transform and tuple(e.source) == want.sources and e.args.get("dim", 0) == 0:
+        if (want is not None and want.op == e.transform and tuple(e.source) == want.sources
+                and e.args.get("dim", 0) == 0 and e.args.get("concat_dim", 1) == 1):
             recovered += 1
         else:
             wrong_combined.append([list(e.source[:3]) + (["..."] if len(e.source) > 3 else []), e.target, e.transform])

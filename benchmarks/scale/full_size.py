@@ -263,8 +263,8 @@ class NotOneToOne:
     """A target tensor made of several source tensors: ``op`` over ``sources``, in order.
 
     ``op`` is ``"stack"`` (``torch.stack(sources, dim=0)``, the registry's ``stack``) or
-    ``"stack+concat"`` (one stack per part, concatenated on dim 1: no single registry
-    transform does it).
+    ``"stack_concat"`` (one stack per part, concatenated on dim 1: the registry's
+    ``stack_concat`` with ``concat_dim=1``).
     """
 
     sources: tuple[str, ...]
@@ -296,7 +296,7 @@ def sources_from_target(target_shapes: Mapping[str, tuple[int, ...]], table: Map
             not_1to1[name] = NotOneToOne(tuple(parts), "stack")
         else:  # per part, the experts in order: (e0.w1, e1.w1, ..., e0.w3, e1.w3, ...)
             by_part = tuple(k for j in range(n_parts) for i, k in enumerate(parts) if i % n_parts == j)
-            not_1to1[name] = NotOneToOne(by_part, "stack+concat")
+            not_1to1[name] = NotOneToOne(by_part, "stack_concat")
     order = definition_order(source, table)
     return {k: source[k] for k in order}, truth, not_1to1
 

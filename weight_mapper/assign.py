@@ -5,7 +5,9 @@ tensors of groups left over fall back to per-tensor buckets keyed by shape. With
 the solver is ``scipy.optimize.linear_sum_assignment`` (strategy ``best_match``, optimal) or
 the highest-score-first greedy of the reference design (strategy ``greedy``). The hierarchy
 context (do the parents already map onto each other?) is recomputed from the assignment and
-the buckets re-solved until the assignment stops changing.
+the buckets re-solved until the assignment stops changing. The first, context-free round only
+seeds the module map and is solved highest-first for both strategies; every later round uses
+the strategy's own solver.
 """
 
 from __future__ import annotations

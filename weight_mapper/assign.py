@@ -5,7 +5,9 @@ tensors of groups left over fall back to per-tensor buckets keyed by shape. With
 the solver is ``scipy.optimize.linear_sum_assignment`` (strategy ``best_match``, optimal) or
 the highest-score-first greedy of the reference design (strategy ``greedy``). The hierarchy
 context (do the parents already map onto each other?) is recomputed from the assignment and
-the buckets re-solved until the assignment stops changing.
+the buckets re-solved until the assignment stops changing. The first, context-free round only
+seeds the module map and is solved highest-first for both strategies; every later round uses
+the strategy's own solver.
 """
 
 from __future__ import annotations
@@ -42,6 +44,14 @@ AMBIGUITY_MARGIN = 0.02  # a match whose runner-up is closer than this is ambigu
 MAX_ROUNDS = 10  # bound on hierarchy-context rounds
 _TIE_EPS = 1e-7  # breaks exact ties by relative order, never outweighs a real difference
 COMPONENTS = ("shape", "name", "hierarchy", "context")
+# Solver of the context-free round that only seeds the first module map (see _solve_level).
+# An exact assignment of the base scores alone is a poor seed where many candidates nearly tie
+# (layers told apart by order only): it resolves the near-ties globally, trading the pairs of
+# whole blocks for gains of 1e-3, so the map it votes for is scrambled and the later rounds,
+# exact as they are, climb from there to a worse fixed point (benchmarks/scale: the
+# ``ambiguous`` family). Highest-first keeps the strongest local pairs together. For the greedy
+# strategy this is its own first round, so greedy is unchanged.
+_SEED_SOLVER = "greedy"
 
 
 # ---------------------------------------------------------------------------- solvers
@@ -376,14 +386,20 @@ def _solve_level(
             total = with_context(base, ctx)
         else:
             ctx, total = None, base
+        # The context rounds are a local search (an assignment, then the module map it votes
+        # for, and so on) on a non-convex objective, so where they end depends on where they
+        # start. A context-free round only seeds the first module map: it is solved
+        # highest-score-first, whose votes keep each block's locally strongest pairs together,
+        # and it is never returned when rounds follow (see _SEED_SOLVER).
+        seed = use_context and module_map is None and rounds < max_rounds
         weight = np.where(level.allowed & (total >= threshold), total + level.tie + _TIE_EPS, 0.0)
         # Margins count every admissible alternative, also one just under the threshold.
         margin_weight = np.where(level.allowed, total + _TIE_EPS, 0.0)
-        edges, margin = _solve_buckets(level, weight, margin_weight, solve)
+        edges, margin = _solve_buckets(level, weight, margin_weight, SOLVERS[_SEED_SOLVER] if seed else solve)
         src, tgt = level.si[edges], level.ti[edges]
         module_map, votes = _module_map(src_items, tgt_items, src, tgt, n_src_modules, prior_votes)
         round_total = float(total[edges].sum())
-        if best is None or round_total > best[0]:
+        if not (seed and solve is not SOLVERS[_SEED_SOLVER]) and (best is None or round_total > best[0]):
             best = (round_total, edges, margin, total, ctx, src, tgt, votes)
         if previous is not None and np.array_equal(previous, edges):
             converged = True

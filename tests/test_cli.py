@@ -396,8 +396,13 @@ def test_map_with_the_source_model_knows_its_data_flow(tmp_path, capsys, suffix)
     argv = ["map", str(ckpt), "cli_factories:shortcut_last", "-o", str(plan_path), "--json"]
     assert main([*argv, "--source-model", "cli_factories:shortcut_first"]) == 0
     assert MappingPlan.from_json(plan_path).mapping == {f"module.{k}": v for k, v in shortcut_truth(source).items()}
-    assert main(argv) == 0  # without it, definition order swaps them
-    assert MappingPlan.from_json(plan_path).mapping["module.trunk.block1.0.proj.0.weight"] == "stages.0.0.conv1.0.weight"
+    with_model = MappingPlan.from_json(plan_path)
+    assert main(argv) == 0
+    without = MappingPlan.from_json(plan_path)
+    if suffix == ".pt":  # without the model, definition order swaps the shortcut and the first conv
+        assert without.mapping["module.trunk.block1.0.proj.0.weight"] == "stages.0.0.conv1.0.weight"
+    else:  # a sorted safetensors header has no order at all: many near-ties, reported as such
+        assert sum(e.ambiguous for e in without.entries) > sum(e.ambiguous for e in with_model.entries)
     capsys.readouterr()
 
 

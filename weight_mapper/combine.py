@@ -14,12 +14,12 @@ choice is made with ``linear_sum_assignment``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from weight_mapper.assign import Assignment, _module_map, pair_margins, solve_optimal
-from weight_mapper.names import split_name
+from weight_mapper.names import name_indices, name_skeleton, name_tokens, split_name
 from weight_mapper.score import Items, context_score, forbidden, score_edges, with_context
 from weight_mapper.table import TensorTable
 from weight_mapper.tree import ModuleTree
@@ -125,6 +125,37 @@ def _stack_sets(table: TensorTable, rows: np.ndarray) -> list[tuple[tuple[int, .
     return out
 
 
+def fused_name(names: Sequence[str]) -> str:
+    """The name a concatenation of sibling tensors would have: the parts' modules run together.
+
+    Fused tensors are usually named after their parts (``qkv``, ``wqkv``, ``gate_up_proj``):
+    single letters are run together, longer names joined with ``_``.
+
+    >>> fused_name(["attn.q.weight", "attn.k.weight", "attn.v.weight"])
+    'attn.qkv.weight'
+    >>> fused_name(["mlp.gate_proj.weight", "mlp.up_proj.weight"])
+    'mlp.gate_proj_up_proj.weight'
+    """
+    leaf = split_name(names[0])[1]
+    parents, parts = zip(*(split_name(split_name(n)[0]) for n in names))
+    joined = ("" if all(len(p) == 1 for p in parts) else "_").join(parts)
+    return ".".join(x for x in (parents[0], joined, leaf) if x)
+
+
+def _named_as_sets(items: Items, table: TensorTable, candidates) -> Items:
+    """Name each concat candidate after its whole set (:func:`fused_name`), not its first tensor.
+
+    Scored by its first tensor alone, the run ``(k, v, o)`` looks as much like ``qkv`` as
+    ``(q, k, v)`` does; named as a set, ``kvo`` does not.
+    """
+    labels = list(items.labels)
+    for k, (rows, _, transform, _) in enumerate(candidates):
+        if transform == "concat":
+            labels[k] = fused_name([table.names[r] for r in rows])
+    return replace(items, labels=tuple(labels), tokens=tuple(name_tokens(n) for n in labels),
+                   skeletons=tuple(name_skeleton(n) for n in labels), indices=tuple(name_indices(n) for n in labels))
+
+
 def _joint(total: np.ndarray, candidates, pair_c: np.ndarray, src_table: TensorTable, tgt_table: TensorTable,
            tgt_rows: np.ndarray) -> np.ndarray:
     """Score a candidate together with its module's other tensors: the mean over the pairs that
@@ -191,14 +222,20 @@ def combine(
     # Score each (candidate set, target) like a 1:1 match of the set's first tensor.
     src_tree, tgt_tree = ModuleTree(src_table), ModuleTree(tgt_table)
     reps = np.array([rows[0] for rows, _, _, _ in candidates], dtype=np.int64)
-    # Ranks are taken among the candidates of one shape: a set that fits no target of its shape
-    # must not shift the order scores of those that compete.
+    # Ranks are taken among the candidates of one shape, as in a 1:1 bucket: a set that fits no
+    # target of its shape must not shift the order scores of those that compete. Overlapping
+    # runs make more candidates than targets ((q, k, v) and (k, v, o) per layer for one qkv),
+    # and then the k-th candidate's rank says nothing about which target it is: no rank.
     shape_id = {shape: i for i, shape in enumerate(by_shape)}
     s_bucket = np.array([shape_id[tuple(shape)] for _, shape, _, _ in candidates], dtype=np.int64)
     t_bucket = np.array([shape_id.get(tuple(tgt_table.shapes[t]), -1 - j) for j, t in enumerate(left_tgt)],
                         dtype=np.int64)
-    s_items = Items.of_tensors(src_table, src_tree, reps).with_ranks(s_bucket)
-    t_items = Items.of_tensors(tgt_table, tgt_tree, left_tgt).with_ranks(t_bucket)
+    n_cand = np.bincount(s_bucket, minlength=len(shape_id))
+    n_tgt = np.bincount(t_bucket[t_bucket >= 0], minlength=len(shape_id))
+    s_items = _named_as_sets(Items.of_tensors(src_table, src_tree, reps), src_table, candidates)
+    s_items = s_items.with_ranks(s_bucket, n_cand[s_bucket] != n_tgt[s_bucket])
+    t_items = Items.of_tensors(tgt_table, tgt_tree, left_tgt).with_ranks(
+        t_bucket, np.where(t_bucket >= 0, n_cand[np.maximum(t_bucket, 0)] != n_tgt[np.maximum(t_bucket, 0)], False))
     scores = score_edges(s_items, t_items, pair_c, pair_t, weights=weights)
     scores["shape"] = np.ones(len(pair_c))  # the set fits the target exactly
     base = weights["shape"] + weights["name"] * scores["name"] + weights["hierarchy"] * scores["hierarchy"]

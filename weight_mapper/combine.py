@@ -51,18 +51,19 @@ class Combination:
 
 
 def _concat_runs(table: TensorTable, rows: np.ndarray) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """Runs of sibling tensors (same parent module and leaf) that can be concatenated on dim 0.
+    """Runs of sibling tensors (same parent module, leaf and module type) that can be concatenated on dim 0.
 
     Siblings whose trailing dims differ are skipped, not run-breaking: a SwiGLU's ``w1, w2,
     w3`` gives the run ``(w1, w3)`` (gate and up, fused into ``gate_up_proj``).
     """
-    groups: dict[tuple[str, str, tuple[int, ...]], list[int]] = {}
+    groups: dict[tuple[str, str, str, tuple[int, ...]], list[int]] = {}
     for r in rows:
         shape = table.shapes[r]
-        if shape:
-            groups.setdefault((split_name(table.modules[r])[0], table.leaves[r], shape[1:]), []).append(int(r))
+        if shape:  # like layers only: q/k/v are all Linear, a conv's bias never fuses with a norm's
+            key = (split_name(table.modules[r])[0], table.leaves[r], table.module_types[r], shape[1:])
+            groups.setdefault(key, []).append(int(r))
     out = []
-    for (_, _, trailing), members in groups.items():
+    for (*_, trailing), members in groups.items():
         members.sort()
         for i in range(len(members)):
             total = table.shapes[members[i]][0]

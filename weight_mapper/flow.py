@@ -220,7 +220,7 @@ def trace_execution_order(module: nn.Module) -> dict[str, float] | None:
         graph = fx.symbolic_trace(module).graph
     except Exception:  # noqa: BLE001 - untraceable code is common and only disables this signal
         return None
-    tensor_names = set(_tensor_names(module).values())
+    tensor_names = {n for n, v in module.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
     below: dict[str, set[str]] = {}  # module path -> the tensor names in its subtree
     for name in tensor_names:
         module_path = name.rpartition(".")[0]

@@ -244,3 +244,56 @@ class ShortcutLast(nn.Module):
 SHORTCUT_TRUTH = {  # ShortcutFirst module -> ShortcutLast module, per stage s and block b
     "proj": "downsample", "f.a": "conv1", "f.b": "conv2", "f.c": "conv3",
 }
+
+
+class NestedLayerScale(nn.Module):
+    """ConvNeXt as torchvision writes it: each block's layers one ``block`` Sequential deeper
+    than its ``[C, 1, 1]`` layer scale."""
+
+    class Block(nn.Module):
+        def __init__(self, c: int):
+            super().__init__()
+            self.block = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c), nn.GELU(), nn.Conv2d(c, c, 1))
+            self.layer_scale = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+
+        def forward(self, x):
+            return x + self.layer_scale * self.block(x)
+
+    def __init__(self, widths=(4, 8)):
+        super().__init__()
+        self.features = nn.Sequential()
+        for i, c in enumerate(widths):
+            if i:
+                self.features.append(nn.Conv2d(widths[i - 1], c, 1))
+            self.features.append(nn.Sequential(*(self.Block(c) for _ in range(2))))
+
+    def forward(self, x):
+        return self.features(x).mean((2, 3))
+
+
+class FlatLayerScale(nn.Module):
+    """The same network as timm writes it: named layers beside a ``[C]`` ``gamma``."""
+
+    class Block(nn.Module):
+        def __init__(self, c: int):
+            super().__init__()
+            self.conv_dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+            self.pw = nn.Conv2d(c, c, 1)
+            self.gamma = nn.Parameter(torch.ones(c))
+
+        def forward(self, x):
+            return x + self.gamma[:, None, None] * self.pw(nn.functional.gelu(self.conv_dw(x)))
+
+    def __init__(self, widths=(4, 8)):
+        super().__init__()
+        self.stages = nn.ModuleList()
+        for i, c in enumerate(widths):
+            stage = nn.Module()
+            stage.downsample = nn.Conv2d(widths[i - 1], c, 1) if i else nn.Identity()
+            stage.blocks = nn.Sequential(*(self.Block(c) for _ in range(2)))
+            self.stages.append(stage)
+
+    def forward(self, x):
+        for stage in self.stages:
+            x = stage.blocks(stage.downsample(x))
+        return x.mean((2, 3))

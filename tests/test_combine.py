@@ -181,3 +181,16 @@ def test_rules_reproduce_the_renames(pair):
     rules = mapper.export_rules()
     assert check_rules(rules, renames) == []
     assert len(rules) <= max(len(renames), 1)
+
+
+def test_layer_scale_one_level_shallower_than_its_layers_is_reshaped_into_place():
+    """ConvNeXt, torchvision -> timm: the context must see through a Sequential of difference."""
+    from fixture_models import FlatLayerScale, NestedLayerScale
+
+    src, tgt = NestedLayerScale().eval(), FlatLayerScale().eval()
+    mapper = WeightMapper(src, tgt)
+    mapper.suggest_mapping()
+    scales = {e.target: e.source[0] for e in mapper.get_plan().entries if e.transform == "reshape"}
+    assert scales == {f"stages.{s}.blocks.{b}.gamma": f"features.{2 * s}.{b}.layer_scale" for s in (0, 1) for b in (0, 1)}
+    tgt.load_state_dict(round_trip(mapper, src.state_dict()), strict=True)
+    assert mapper.verify(src, tgt, torch.randn(2, 4, 6, 6)).ok

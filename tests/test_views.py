@@ -138,11 +138,11 @@ MAPPING_BN_TOP4 = """\
 Matches
 source            target                  score  transform  level  shape
 ────────────────────────────────────────────────────────────────────────
-bn1.weight        stem.norm.weight        0.744  exact      GROUP  [8]
-bn1.bias          stem.norm.bias          0.744  exact      GROUP  [8]
-bn1.running_mean  stem.norm.running_mean  0.744  exact      GROUP  [8]
-bn1.running_var   stem.norm.running_var   0.744  exact      GROUP  [8]
-4 of 14 shown: the ambiguous and lowest-scoring ones; the other 10 score >= 0.744
+bn1.weight        stem.norm.weight        0.795  exact      GROUP  [8]
+bn1.bias          stem.norm.bias          0.795  exact      GROUP  [8]
+bn1.running_mean  stem.norm.running_mean  0.795  exact      GROUP  [8]
+bn1.running_var   stem.norm.running_var   0.795  exact      GROUP  [8]
+4 of 14 shown: the ambiguous and lowest-scoring ones; the other 10 score >= 0.795
 score: green > 0.8, yellow 0.6-0.8, red < 0.6
 """
 
@@ -161,8 +161,8 @@ W weight, B bias, buf persistent buffer, … deeper modules not shown
 
 WHY_BN1_RUNNING_MEAN = """\
 ╭─ Why bn1.running_mean -> stem.norm.running_mean? ─────────────────╮
-│ Matched as part of module bn1 -> stem.norm, score 0.744           │
-│ It beats the runner-up block.norm by 0.093                        │
+│ Matched as part of module bn1 -> stem.norm, score 0.795           │
+│ It beats the runner-up block.norm by 0.074                        │
 │                                                                   │
 │ score component       weight  score                          adds │
 │ ───────────────────────────────────────────────────────────────── │
@@ -180,9 +180,9 @@ WHY_BN1_RUNNING_MEAN = """\
 │   execution order       0.50  1.000  ████████████████████   0.100 │
 │                                                                   │
 │ base                          0.744  ███████████████░░░░░   0.744 │
-│ context                 0.20  0.500  ██████████░░░░░░░░░░  +0.000 │
+│ context                 0.20  1.000  ████████████████████  +0.051 │
 │                                                                   │
-│ score                         0.744  ███████████████░░░░░   0.744 │
+│ score                         0.795  ████████████████░░░░   0.795 │
 │ weight of a sub-score: its share of the component                 │
 │ adds: its part of the score                                       │
 │ score = 0.80 × base + 0.20 × max(base, context)                   │
@@ -190,14 +190,14 @@ WHY_BN1_RUNNING_MEAN = """\
 │ Alternatives (best first)                                         │
 │ candidate   score  vs chosen  shape   name  hierarchy  context    │
 │ ──────────────────────────────────────────────────────────────    │
-│ block.norm  0.651     -0.093  1.000  0.310      0.291    0.500    │
+│ block.norm  0.721     -0.074  1.000  0.310      0.291    1.000    │
 ╰───────────────────────────────────────────────────────────────────╯
 """
 
 WHY_UNDER_THRESHOLD = """\
 ╭─ Why is bn1.weight not in the plan? ─────────────────────────────────────────────────────────────╮
 │ bn1.weight stayed unmatched: its best candidate stem.norm scores 0.744, under the threshold      │
-│ 0.80.                                                                                            │
+│ 0.85.                                                                                            │
 │                                                                                                  │
 │ Best candidates                                                                                  │
 │ candidate   score  shape   name  hierarchy  context                                              │
@@ -330,7 +330,7 @@ def test_breakdown_of_a_tensor_without_candidates():
 
 
 def test_breakdown_of_a_tensor_under_the_threshold():
-    assert render(batchnormed(threshold=0.8).visualize_score_breakdown, "bn1.weight") == WHY_UNDER_THRESHOLD
+    assert render(batchnormed(threshold=0.85).visualize_score_breakdown, "bn1.weight") == WHY_UNDER_THRESHOLD
 
 
 @pytest.mark.parametrize("make", [partial, batchnormed, norms])
@@ -524,3 +524,9 @@ def test_html_opens_in_headless_chromium(tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert "Mapping review" in _visible(dom.stdout)
     assert "Why bn1.weight -> stem.norm.weight?" in _visible(dom.stdout)
+
+
+def test_breakdown_of_a_tensor_matched_alone_after_its_group_was_not():
+    """At 0.8 the BatchNorm group scores under the threshold, but its weight, matched alone, clears it."""
+    text = render(batchnormed(threshold=0.8).visualize_score_breakdown, "bn1.weight")
+    assert text.startswith("╭─ Why bn1.weight -> stem.norm.weight?") and "Matched as a single tensor" in text

@@ -43,6 +43,7 @@ _UNMATCHED = -1
 AMBIGUITY_MARGIN = 0.02  # a match whose runner-up is closer than this is ambiguous
 MAX_ROUNDS = 10  # bound on hierarchy-context rounds
 _TIE_EPS = 1e-7  # breaks exact ties by relative order, never outweighs a real difference
+_VOTE_FLOOR = 1e-3  # a match's vote for its modules' mapping weighs this plus its margin
 COMPONENTS = ("shape", "name", "hierarchy", "context")
 # Solver of the context-free round that only seeds the first module map (see _solve_level).
 # An exact assignment of the base scores alone is a poor seed where many candidates nearly tie
@@ -321,26 +322,35 @@ class _LevelResult:
 
 def _module_map(
     src_items: Items, tgt_items: Items, src: np.ndarray, tgt: np.ndarray, n_src_modules: int,
-    prior: tuple[np.ndarray, np.ndarray] | None = None,
-) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """Majority vote of matched candidates for mapping their modules and ancestors.
+    prior: tuple[np.ndarray, ...] | None = None, margin: np.ndarray | None = None,
+) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """Weighted majority vote of matched candidates for mapping their modules and ancestors.
+
+    A match votes, level by level, for mapping its module and ancestors onto the target's.
+    Its vote weighs :data:`_VOTE_FLOOR` plus its margin: when a module's two children went to
+    two places (a shortcut conv decided by the data flow, its BatchNorm still a near-tie), the
+    sure one decides where the module went.
 
     Returns ``(src2tgt_module, votes)``; ``votes`` can seed the next level's map.
     """
     vs = src_items.chain[src].ravel()
     vt = tgt_items.chain[tgt].ravel()
+    weight = _VOTE_FLOOR + (np.clip(margin, 0.0, None) if margin is not None else np.zeros(len(src)))
+    vw = np.repeat(weight, src_items.chain.shape[1])
     if prior is not None:
-        vs = np.concatenate([prior[0], vs])
-        vt = np.concatenate([prior[1], vt])
+        vs, vt, vw = np.concatenate([prior[0], vs]), np.concatenate([prior[1], vt]), np.concatenate([prior[2], vw])
     src2tgt = np.full(n_src_modules, _UNMATCHED, dtype=np.int64)
     if len(vs):
-        pairs, counts = np.unique(np.stack([vs, vt], 1), axis=0, return_counts=True)
-        order = np.lexsort((pairs[:, 1], -counts, pairs[:, 0]))
+        width = int(vt.max()) + 1
+        codes, inverse = np.unique(vs * width + vt, return_inverse=True)
+        totals = np.bincount(inverse.reshape(-1), weights=vw)
+        pairs = np.stack([codes // width, codes % width], 1)
+        order = np.lexsort((pairs[:, 1], -totals, pairs[:, 0]))
         pairs = pairs[order]
         first = np.ones(len(pairs), dtype=bool)
         first[1:] = pairs[1:, 0] != pairs[:-1, 0]
         src2tgt[pairs[first, 0]] = pairs[first, 1]
-    return src2tgt, (vs, vt)
+    return src2tgt, (vs, vt, vw)
 
 
 def _solve_buckets(level: Level, weight: np.ndarray, margin_weight: np.ndarray, solve) -> tuple[np.ndarray, ...]:
@@ -376,7 +386,7 @@ def _solve_level(
     module_map = None
     if use_context and prior_votes is not None and len(prior_votes[0]):
         module_map, _ = _module_map(src_items, tgt_items, np.zeros(0, int), np.zeros(0, int), n_src_modules, prior_votes)
-    previous, votes = None, prior_votes if prior_votes is not None else (np.zeros(0, int), np.zeros(0, int))
+    previous, votes = None, prior_votes if prior_votes is not None else (np.zeros(0, int), np.zeros(0, int), np.zeros(0))
     rounds, converged = 0, not use_context
     ctx, best = None, None
     for rounds in range(1, (max_rounds if use_context else 1) + 1):
@@ -397,7 +407,7 @@ def _solve_level(
         margin_weight = np.where(level.allowed, total + _TIE_EPS, 0.0)
         edges, margin = _solve_buckets(level, weight, margin_weight, SOLVERS[_SEED_SOLVER] if seed else solve)
         src, tgt = level.si[edges], level.ti[edges]
-        module_map, votes = _module_map(src_items, tgt_items, src, tgt, n_src_modules, prior_votes)
+        module_map, votes = _module_map(src_items, tgt_items, src, tgt, n_src_modules, prior_votes, margin)
         round_total = float(total[edges].sum())
         if not (seed and solve is not SOLVERS[_SEED_SOLVER]) and (best is None or round_total > best[0]):
             best = (round_total, edges, margin, total, ctx, src, tgt, votes)
@@ -576,10 +586,10 @@ def explain(
     row = int(src_table.name2row[name])
     if not src_table.is_canonical[row]:
         row = int(src_table.alias_of[row])
-    candidates = (
-        ("group", src_table.modules[row]),
-        ("tensor", src_table.names[row]),
-    )
+    candidates = [("group", src_table.modules[row]), ("tensor", src_table.names[row])]
+    hit = np.flatnonzero(assignment.src == row)
+    if len(hit) and assignment.level[hit[0]] == "tensor":  # its group went unmatched; the tensor did not
+        candidates.reverse()
     for level_name, label in candidates:
         detail: LevelDetail | None = assignment.levels.get(level_name)
         if detail is None:

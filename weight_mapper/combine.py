@@ -243,7 +243,7 @@ def combine(
     matched_s = Items.of_tensors(src_table, src_tree, assignment.src)
     matched_t = Items.of_tensors(tgt_table, tgt_tree, assignment.tgt)
     module_map, _ = _module_map(matched_s, matched_t, np.arange(len(assignment.src)), np.arange(len(assignment.tgt)),
-                                len(src_tree))
+                                len(src_tree), margin=assignment.margin)
     ctx = context_score(s_items, t_items, pair_c, pair_t, module_map)
     total = _joint(with_context(base, ctx), candidates, pair_c, src_table, tgt_table, left_tgt[pair_t])
     allowed = ~forbidden(s_items, t_items, pair_c, pair_t, incompatible_pairs)

@@ -143,6 +143,13 @@ class Items:
         return _shape_matrix(self.shapes or [])
 
     @cached_property
+    def containers(self) -> np.ndarray:
+        """``[n, VOTE_LEVELS - 1]`` the candidate's parent (``ancestors[:, 0]``) and its ancestors."""
+        offset = (self.chain[:, 0] != self.ancestors[:, 0]).astype(np.int64) if len(self) else np.zeros(0, np.int64)
+        cols = offset[:, None] + np.arange(VOTE_LEVELS - 1)[None, :]
+        return np.take_along_axis(self.chain, cols, axis=1)
+
+    @cached_property
     def index_matrix(self) -> np.ndarray:
         width = max((len(i) for i in self.indices), default=0)
         return np.array(pad_indices(self.indices, max(width, 1)), dtype=np.int64).reshape(len(self), max(width, 1))
@@ -472,14 +479,20 @@ def context_score(
 ) -> np.ndarray:
     """How consistently the candidates' parents are already mapped onto each other.
 
-    ``src2tgt_module[m]`` is the target module id that source module ``m`` maps to (-1 if
-    none). Per ancestor level: 1 if the mapped source ancestor is the target ancestor, 0 if it
-    maps elsewhere, :data:`UNKNOWN_CONTEXT` if it is unmapped; levels are averaged.
+    ``src2tgt_module[m]`` is the target module that source module ``m`` maps to (-1 if none).
+    Per ancestor level of the source candidate (parent, grandparent): 1 if it maps onto the
+    target candidate's parent or one of its ancestors (so ``features.3.1`` mapped onto
+    ``stages.1.blocks.1`` supports a target inside it at any depth), 0 if it maps elsewhere,
+    :data:`UNKNOWN_CONTEXT` if it is unmapped; levels are averaged.
     """
     if src2tgt_module is None:
         return np.full(len(si), UNKNOWN_CONTEXT)
     mapped = src2tgt_module[src.ancestors[si]]  # [n_edges, levels]
-    per_level = np.where(mapped < 0, UNKNOWN_CONTEXT, (mapped == tgt.ancestors[ti]).astype(float))
+    containers = tgt.containers
+    inside = np.zeros(mapped.shape, dtype=bool)
+    for k in range(containers.shape[1]):
+        inside |= mapped == containers[ti, k][:, None]
+    per_level = np.where(mapped < 0, UNKNOWN_CONTEXT, inside.astype(float))
     return per_level.mean(-1)
 
 

@@ -142,6 +142,13 @@ PAIRS: tuple[Pair, ...] = (
         requires=("torchvision", "timm"), note="both fuse q/k/v as one [3d, d] tensor, so all 1:1",
     ),
     Pair(
+        "convnext_tiny", "torchvision convnext_tiny", "timm convnext_tiny",
+        _tv_timm("convnext_tiny", "convnext_tiny"), _image(224), _by_rules(rules.TV_CONVNEXT_TO_TIMM),
+        requires=("torchvision", "timm"),
+        note="flat features.N -> stem/stages.S.downsample/blocks; layers one Sequential deeper; "
+             "layer scale [C, 1, 1] -> gamma [C]: 18 reshapes",
+    ),
+    Pair(
         "regnet_y_400mf", "torchvision regnet_y_400mf", "timm regnety_004",
         _tv_timm("regnet_y_400mf", "regnety_004"), _image(224), _by_rules(rules.TV_REGNET_TO_TIMM),
         requires=("torchvision", "timm"),

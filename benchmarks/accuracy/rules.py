@@ -152,6 +152,29 @@ TV_REGNET_TO_TIMM: Rules = (
     (r"fc\.(weight|bias)", r"head.fc.\1"),
 )
 
+# torchvision convnext_tiny -> timm convnext_tiny. torchvision numbers stages and downsamplings
+# in one flat `features` (stem 0, stages 1/3/5/7, downsamplings 2/4/6) and keeps each block's
+# layers in a `block` Sequential (0 dwconv, 2 LayerNorm, 3/5 Linear) with a [C, 1, 1]
+# `layer_scale`; timm names them and keeps the scale as a [C] `gamma`: a reshape.
+_CONVNEXT_BLOCK = {"block.0": "conv_dw", "block.2": "norm", "block.3": "mlp.fc1", "block.5": "mlp.fc2"}
+
+
+def _convnext_stage(m: re.Match) -> int:
+    return (int(m[1]) - 1) // 2
+
+
+TV_CONVNEXT_TO_TIMM: Rules = (
+    (r"features\.0\.(\d)\.(weight|bias)", r"stem.\1.\2"),
+    (r"features\.([246])\.(\d)\.(weight|bias)", lambda m: f"stages.{int(m[1]) // 2}.downsample.{m[2]}.{m[3]}"),
+    *((rf"features\.([1357])\.(\d+)\.{re.escape(tv)}\.(weight|bias)",
+       (lambda tm: lambda m: f"stages.{_convnext_stage(m)}.blocks.{m[2]}.{tm}.{m[3]}")(tm))
+      for tv, tm in _CONVNEXT_BLOCK.items()),
+    (r"features\.([1357])\.(\d+)\.layer_scale", lambda m: f"stages.{_convnext_stage(m)}.blocks.{m[2]}.gamma",
+     "reshape"),
+    (r"classifier\.0\.(weight|bias)", r"head.norm.\1"),
+    (r"classifier\.2\.(weight|bias)", r"head.fc.\1"),
+)
+
 # MobileNetV2's inverted-residual settings: blocks per stage (torchvision and timm agree).
 MOBILENET_V2_BLOCKS = (1, 2, 3, 4, 3, 3, 1)
 

@@ -142,6 +142,13 @@ PAIRS: tuple[Pair, ...] = (
         requires=("torchvision", "timm"), note="both fuse q/k/v as one [3d, d] tensor, so all 1:1",
     ),
     Pair(
+        "efficientnet_b0", "torchvision efficientnet_b0", "timm efficientnet_b0",
+        _tv_timm("efficientnet_b0", "efficientnet_b0"), _image(224), _by_rules(rules.TV_EFFICIENTNET_TO_TIMM),
+        requires=("torchvision", "timm"),
+        note="flat features.N.B.block.K -> blocks.S.B.<named>; each MBConv's two BatchNorms of the expanded "
+             "width tell apart only by place",
+    ),
+    Pair(
         "convnext_tiny", "torchvision convnext_tiny", "timm convnext_tiny",
         _tv_timm("convnext_tiny", "convnext_tiny"), _image(224), _by_rules(rules.TV_CONVNEXT_TO_TIMM),
         requires=("torchvision", "timm"),

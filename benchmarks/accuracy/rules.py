@@ -175,6 +175,33 @@ TV_CONVNEXT_TO_TIMM: Rules = (
     (r"classifier\.2\.(weight|bias)", r"head.fc.\1"),
 )
 
+# torchvision efficientnet_b0 -> timm efficientnet_b0. torchvision: `features.0` stem,
+# `features.1..7` stages of MBConv blocks whose layers are numbered in `block` (expand,
+# depthwise, squeeze-excitation, project; stage 1 has no expand), `features.8` head conv.
+# timm names them (`conv_pw`, `bn1`, `conv_dw`, `bn2`, `se.conv_reduce/expand`, `conv_pwl`,
+# `bn3`; stage 0 `conv_dw`, `bn1`, `se`, `conv_pw`, `bn2`) under `blocks.<stage - 1>.<block>`.
+_EFFNET_FIRST = {"block.0.0": "conv_dw", "block.0.1": "bn1", "block.1.fc1": "se.conv_reduce",
+                 "block.1.fc2": "se.conv_expand", "block.2.0": "conv_pw", "block.2.1": "bn2"}
+_EFFNET_BLOCK = {"block.0.0": "conv_pw", "block.0.1": "bn1", "block.1.0": "conv_dw", "block.1.1": "bn2",
+                 "block.2.fc1": "se.conv_reduce", "block.2.fc2": "se.conv_expand", "block.3.0": "conv_pwl",
+                 "block.3.1": "bn3"}
+
+
+def _effnet_rule(stages: str, tv: str, tm: str) -> tuple[str, Replacement]:
+    return (rf"features\.([{stages}])\.(\d+)\.{re.escape(tv)}\.(.*)",
+            lambda m: f"blocks.{int(m[1]) - 1}.{m[2]}.{tm}.{m[3]}")
+
+
+TV_EFFICIENTNET_TO_TIMM: Rules = (
+    (r"features\.0\.0\.(.*)", r"conv_stem.\1"),
+    (r"features\.0\.1\.(.*)", r"bn1.\1"),
+    *(_effnet_rule("1", tv, tm) for tv, tm in _EFFNET_FIRST.items()),
+    *(_effnet_rule("234567", tv, tm) for tv, tm in _EFFNET_BLOCK.items()),
+    (r"features\.8\.0\.(.*)", r"conv_head.\1"),
+    (r"features\.8\.1\.(.*)", r"bn2.\1"),
+    (r"classifier\.1\.(.*)", r"classifier.\1"),
+)
+
 # MobileNetV2's inverted-residual settings: blocks per stage (torchvision and timm agree).
 MOBILENET_V2_BLOCKS = (1, 2, 3, 4, 3, 3, 1)
 

@@ -530,3 +530,16 @@ def test_breakdown_of_a_tensor_matched_alone_after_its_group_was_not():
     """At 0.8 the BatchNorm group scores under the threshold, but its weight, matched alone, clears it."""
     text = render(batchnormed(threshold=0.8).visualize_score_breakdown, "bn1.weight")
     assert text.startswith("╭─ Why bn1.weight -> stem.norm.weight?") and "Matched as a single tensor" in text
+
+
+def test_a_combined_entry_with_many_sources_is_one_short_line():
+    """256 experts must not print 512 names: the first two, the last, the count; shapes run-length."""
+    from reference_encoders import ExpertList, FusedExperts
+
+    mapper = WeightMapper(ExpertList(8, 16, 4), FusedExperts(8, 16, 4))
+    mapper.suggest_mapping()
+    text = render(mapper.visualize_mapping)
+    assert "8 x [16, 8] -> [4, 32, 8]" in text
+    assert "experts.1.w1.weight, …," in text and "experts.3.w3.weight (8" in text
+    assert "experts.2.w1.weight" not in text
+    assert "experts.2.w2.weight," in text  # 4 sources are still listed

@@ -90,9 +90,28 @@ def _level_badge(level: str) -> Text:
     return Text(badge, style=_BADGE_STYLES.get(badge, "bold"))
 
 
+_LISTED_SOURCES = 4  # a combined entry with more sources is abbreviated (256 experts are one line)
+
+
+def _sources_text(sources: Sequence[str]) -> str:
+    """The source keys of an entry; past a few, the first two, the last and the count."""
+    if len(sources) <= _LISTED_SOURCES:
+        return ", ".join(sources)
+    return f"{sources[0]}, {sources[1]}, …, {sources[-1]} ({len(sources)} tensors)"
+
+
 def _entry_shape(entry: PlanEntry) -> str:
     # A fused entry records every source's shape in its transform arguments.
     source_shapes = (getattr(entry, "args", None) or {}).get("source_shapes")
+    if source_shapes and len(source_shapes) > _LISTED_SOURCES:
+        runs: list[list] = []  # equal consecutive shapes as "n x [shape]"
+        for shape in source_shapes:
+            if runs and runs[-1][1] == shape:
+                runs[-1][0] += 1
+            else:
+                runs.append([1, shape])
+        parts = [f"{n} x {format_shape(shape)}" if n > 1 else format_shape(shape) for n, shape in runs]
+        return " + ".join(parts) + f" -> {format_shape(entry.target_shape)}"
     if source_shapes and len(source_shapes) > 1:
         return " + ".join(map(format_shape, source_shapes)) + f" -> {format_shape(entry.target_shape)}"
     if entry.source_shape == entry.target_shape:
@@ -214,7 +233,7 @@ class MappingView:
         other_widths = [5, len("transform"), len("level"), max(map(len, ["shape", *shapes]))] + [8] * with_flags
         n_columns = 2 + len(other_widths)
         budget = (max_width - sum(other_widths) - 2 * (n_columns - 1)) // 2  # 2: padding and rule
-        for side, names in (("source", [", ".join(e.source) for e in shown]), ("target", [e.target for e in shown])):
+        for side, names in (("source", [_sources_text(e.source) for e in shown]), ("target", [e.target for e in shown])):
             longest = max(map(len, names))
             table.add_column(side, overflow="fold", min_width=min(longest, budget) if budget >= 12 else None)
         table.add_column("score", justify="right")
@@ -225,7 +244,7 @@ class MappingView:
             table.add_column("margin", no_wrap=True, min_width=8)
         for e, shape in zip(shown, shapes):
             marker = _transform_marker(e)
-            cells = [", ".join(e.source), e.target, _score(e.score),
+            cells = [_sources_text(e.source), e.target, _score(e.score),
                      Text(marker, style="dim" if marker == "exact" else "bold"), _level_badge(e.level), shape]
             if with_flags:
                 cells.append(Text(f"⚠ {e.margin:.3f}", style="bold yellow") if e.ambiguous else Text(""))

@@ -90,3 +90,21 @@ def test_buckets_split_along_repeated_blocks_whatever_their_names():
     pairs = {s_names[i]: t_names[j] for i, j in zip(a.src, a.tgt)}
     assert pairs["trunk.block2.block2-1.f.c.0.weight"] == "s2.b2.conv3.conv.weight"
     assert pairs["trunk.block1.block1-2.f.a.0.weight"] == "s1.b3.conv1.conv.weight"
+
+
+@settings(max_examples=100, deadline=None)
+@given(arrays(np.float64, st.tuples(st.integers(1, 40), st.just(2), st.just(2)),
+              elements=st.sampled_from([0.0, 0.2, 0.5, 0.7, 0.9, 1.0])),
+       st.sampled_from([solve_optimal, solve_greedy]))
+def test_batched_two_by_two_buckets_solve_exactly_as_one_by_one(w, solve):
+    """Buckets of two are solved in one vectorised step; exact ties stay with the solver."""
+    from weight_mapper.assign import _solve_pairs_of_two
+
+    margin_weight = w + 0.1
+    bucket, row, col, margin, deferred = _solve_pairs_of_two(w, margin_weight, solve)
+    for b in set(range(len(w))) - set(deferred.tolist()):
+        rows, cols = solve(w[b])
+        expected, _ = pair_margins(margin_weight[b], rows, cols) if len(rows) else (np.zeros(0), None)
+        mine = bucket == b
+        assert row[mine].tolist() == rows.tolist() and col[mine].tolist() == cols.tolist()
+        assert np.allclose(margin[mine], expected)

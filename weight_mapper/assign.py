@@ -353,11 +353,44 @@ def _module_map(
     return src2tgt, (vs, vt, vw)
 
 
+def _solve_pairs_of_two(w: np.ndarray, mw: np.ndarray, solve) -> tuple[np.ndarray, ...]:
+    """Solve many 2 x 2 buckets at once, exactly as :func:`solve_optimal` / :func:`solve_greedy`
+    and :func:`pair_margins` would one by one.
+
+    Args:
+        w, mw: ``[B, 2, 2]`` weights and margin weights.
+
+    Returns:
+        ``(bucket, row, col, margin)`` of every chosen pair, and the buckets left for the
+        one-by-one solver: with the optimal solver, those whose two assignments tie exactly
+        (there the choice is the solver's own tie-break).
+    """
+    diag, anti = w[:, 0, 0] + w[:, 1, 1], w[:, 0, 1] + w[:, 1, 0]
+    if solve is solve_optimal:
+        deferred = diag == anti
+        use_anti = anti > diag
+    else:  # highest first, ties by (row, col): the first maximum in row-major order
+        first = np.argmax(w.reshape(len(w), 4), axis=1)
+        deferred = np.zeros(len(w), dtype=bool)
+        use_anti = (first == 1) | (first == 2)
+    b = np.flatnonzero(~deferred)
+    rows = np.array([0, 1])
+    cols = np.where(use_anti[b, None], rows[::-1][None, :], rows[None, :])  # [n, 2]
+    bucket, row = np.repeat(b, 2), np.tile(rows, len(b))
+    col = cols.reshape(-1)
+    keep = w[bucket, row, col] > 0
+    bucket, row, col = bucket[keep], row[keep], col[keep]
+    m = np.where(mw > 0, mw, 0.0)
+    runner_up = np.maximum(np.maximum(m[bucket, row, 1 - col], m[bucket, 1 - row, col]), 0.0)
+    return bucket, row, col, m[bucket, row, col] - runner_up, np.flatnonzero(deferred)
+
+
 def _solve_buckets(level: Level, weight: np.ndarray, margin_weight: np.ndarray, solve) -> tuple[np.ndarray, ...]:
     """Solve every bucket; returns matched edge ids and their margins.
 
     Buckets of one candidate per side (most of them once repeated blocks are split) are
-    decided in one vectorised step; the others each get their own solver call.
+    decided in one vectorised step, and so are buckets of two (a layer's two norms); the
+    others each get their own solver call.
     """
     n_src = np.array([len(s) for s in level.bucket_src], dtype=np.int64)
     n_tgt = np.array([len(t) for t in level.bucket_tgt], dtype=np.int64)
@@ -365,7 +398,14 @@ def _solve_buckets(level: Level, weight: np.ndarray, margin_weight: np.ndarray, 
     edges = level.offsets[single]
     keep = weight[edges] > 0
     chosen, margins = [edges[keep]], [margin_weight[edges[keep]]]
-    for k in np.flatnonzero(~((n_src == 1) & (n_tgt == 1))):
+    two = np.flatnonzero((n_src == 2) & (n_tgt == 2))
+    block_edges = level.offsets[two][:, None] + np.arange(4)[None, :]
+    bucket, row, col, margin, deferred = _solve_pairs_of_two(
+        weight[block_edges].reshape(-1, 2, 2), margin_weight[block_edges].reshape(-1, 2, 2), solve)
+    chosen.append(level.offsets[two][bucket] + row * 2 + col)
+    margins.append(margin)
+    one_by_one = np.flatnonzero(~((n_src == 1) & (n_tgt == 1)) & ~((n_src == 2) & (n_tgt == 2)))
+    for k in np.concatenate([one_by_one, two[deferred]]).astype(np.int64):
         w = level.block(weight, k)
         rows, cols = solve(w)
         if len(rows):

@@ -194,3 +194,37 @@ def test_layer_scale_one_level_shallower_than_its_layers_is_reshaped_into_place(
     assert scales == {f"stages.{s}.blocks.{b}.gamma": f"features.{2 * s}.{b}.layer_scale" for s in (0, 1) for b in (0, 1)}
     tgt.load_state_dict(round_trip(mapper, src.state_dict()), strict=True)
     assert mapper.verify(src, tgt, torch.randn(2, 4, 6, 6)).ok
+
+
+class FlatHead(nn.Module):
+    """A Linear classifier over the flattened [C, H, W] map (torchvision's VGG)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Conv2d(3, 4, 3, padding=1)
+        self.classifier = nn.Linear(4 * 5 * 5, 6)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class ConvHead(nn.Module):
+    """The same head as a conv whose kernel covers the whole map (timm's ConvMlp)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Conv2d(4, 6, 5)
+
+    def forward(self, x):
+        return self.fc(self.features(x)).flatten(1)
+
+
+def test_a_linear_over_a_flattened_map_is_reshaped_into_a_full_kernel_conv():
+    src, tgt = FlatHead().eval(), ConvHead().eval()
+    mapper = WeightMapper(src, tgt)
+    assert mapper.suggest_mapping()["classifier.weight"] == "fc.weight"
+    entry = next(e for e in mapper.get_plan().entries if e.target == "fc.weight")
+    assert entry.transform == "reshape" and entry.args["shape"] == [6, 4, 5, 5]
+    tgt.load_state_dict(round_trip(mapper, src.state_dict()), strict=True)
+    assert mapper.verify(src, tgt, torch.randn(2, 3, 5, 5)).ok

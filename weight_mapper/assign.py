@@ -1,7 +1,7 @@
 """Stage 4: the one-to-one assignment of source tensors to target tensors.
 
 Module groups are bucketed by signature and each bucket is solved on its own score matrix;
-tensors of groups left over fall back to per-tensor buckets keyed by shape. Within a bucket
+tensors of groups left over fall back to per-tensor buckets keyed by size. Within a bucket
 the solver is ``scipy.optimize.linear_sum_assignment`` (strategy ``best_match``, optimal) or
 the highest-score-first greedy of the reference design (strategy ``greedy``). The hierarchy
 context (do the parents already map onto each other?) is recomputed from the assignment and
@@ -12,6 +12,7 @@ the strategy's own solver.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -223,13 +224,11 @@ def _common_prefix_keys(src_pos: list[tuple[int, ...]], tgt_pos: list[tuple[int,
 
 
 def _tensor_bucket_key(shape: tuple[int, ...], tolerance: float) -> str:
-    """Shapes that can possibly match share a key: equal, 2-D transposed, reshaped, or near."""
+    """Shapes that can possibly match share a key: the same number of elements (equal,
+    2-D transposed, reshaped or flattened), or the same rank under ``shape_tolerance``."""
     if tolerance > 0:
         return f"ndim{len(shape)}"
-    squeezed = tuple(d for d in shape if d != 1)
-    if len(squeezed) == 2:
-        return "x".join(map(str, sorted(squeezed))) + "/2d"
-    return "x".join(map(str, squeezed)) + f"/{len(squeezed)}d"
+    return f"numel{math.prod(shape)}"
 
 
 @dataclass(eq=False)
@@ -560,7 +559,7 @@ def assign(
     g_src_rows = np.concatenate(src_rows) if src_rows else np.zeros(0, np.int64)
     g_tgt_rows = np.concatenate(tgt_rows) if tgt_rows else np.zeros(0, np.int64)
 
-    # Fallback: tensors of unmatched groups, bucketed by compatible shape.
+    # Fallback: tensors of unmatched groups, bucketed by size (shapes that can possibly match).
     left_src = np.setdiff1d(np.concatenate(src_groups.members or [np.zeros(0, np.int64)]), g_src_rows)
     left_tgt = np.setdiff1d(np.concatenate(tgt_groups.members or [np.zeros(0, np.int64)]), g_tgt_rows)
     t_src, t_tgt = Items.of_tensors(src_table, src_tree, left_src), Items.of_tensors(tgt_table, tgt_tree, left_tgt)

@@ -373,6 +373,8 @@ def transform_for(s_shape, t_shape, s_type: str = "", t_type: str = "") -> tuple
     ('transpose', {})
     >>> transform_for((8, 1, 1), (8,))
     ('reshape', {'shape': [8]})
+    >>> transform_for((16, 72), (16, 8, 3, 3))
+    ('reshape', {'shape': [16, 8, 3, 3]})
     """
     s_shape, t_shape = tuple(s_shape), tuple(t_shape)
     if len(s_shape) == 2 and (s_type, t_type) in TRANSPOSED_TYPES:
@@ -382,6 +384,9 @@ def transform_for(s_shape, t_shape, s_type: str = "", t_type: str = "") -> tuple
     if len(s_shape) == 2 and s_shape[::-1] == t_shape:
         return "transpose", {}
     if [d for d in s_shape if d != 1] == [d for d in t_shape if d != 1]:
+        return "reshape", {"shape": list(t_shape)}
+    if (min(len(s_shape), len(t_shape)) >= 2 and s_shape[0] == t_shape[0]
+            and math.prod(s_shape) == math.prod(t_shape)):  # flattened trailing dims
         return "reshape", {"shape": list(t_shape)}
     return None, {}
 

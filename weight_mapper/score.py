@@ -69,6 +69,10 @@ TRANSPOSED_SCORE = 0.7  # shape score of a 2-D tensor whose target has the rever
 # it is square (the shapes alone cannot tell).
 TRANSPOSED_TYPES: frozenset[tuple[str, str]] = frozenset({("Conv1D", "Linear"), ("Linear", "Conv1D")})
 RESHAPE_SCORE = 0.6  # shape score of equal shapes up to size-1 dims ([C, 1, 1] vs [C])
+# Shape score of a flattened weight: the same first dim and size, other trailing dims. A
+# Linear over a flattened [C, H, W] feature map is a conv with an H x W kernel (torchvision's
+# VGG classifier [4096, 25088] vs timm's ConvMlp [4096, 512, 7, 7]).
+FLATTEN_SCORE = 0.55
 NEAR_SCORE = 0.5  # shape score of a near shape accepted by shape_tolerance
 UNKNOWN_CONTEXT = 0.5  # context of a candidate whose parent has no mapped counterpart yet
 CONTEXT_LEVELS = 2  # parent and grandparent
@@ -279,7 +283,7 @@ def _unique_pair_ids(a_keys: np.ndarray, b_keys: np.ndarray, si: np.ndarray, ti:
 
 # ---------------------------------------------------------------------------- shape
 def shape_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray, *, tolerance: float = 0.0) -> np.ndarray:
-    """1.0 equal, 0.7 transposed 2-D, 0.6 equal but for size-1 dims, 0.5 near, else 0.
+    """1.0 equal, 0.7 transposed 2-D, 0.6 equal but for size-1 dims, 0.55 flattened, 0.5 near, else 0.
 
     A near shape has the same number of dimensions and every dimension within ``tolerance``
     (relative). Groups (``shapes is None``) are bucketed by signature, so they score 1.
@@ -299,6 +303,9 @@ def shape_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray, *, toler
     out = np.where(exact, 1.0, np.where(transposed, TRANSPOSED_SCORE, 0.0))
     squeezed = (out == 0) & (_squeeze_rows(a) == _squeeze_rows(b)).all(-1)
     out = np.where(squeezed, RESHAPE_SCORE, out)
+    numel_a, numel_b = np.where(a >= 0, a, 1).prod(1), np.where(b >= 0, b, 1).prod(1)
+    flattened = (out == 0) & (nd_a != nd_b) & (np.minimum(nd_a, nd_b) >= 2) & (a[:, 0] == b[:, 0]) & (numel_a == numel_b)
+    out = np.where(flattened, FLATTEN_SCORE, out)
     if tolerance > 0:
         fa, fb = a.astype(float), b.astype(float)
         rel = np.abs(fa - fb) / np.maximum(np.maximum(fa, fb), 1.0)

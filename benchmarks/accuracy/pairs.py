@@ -156,6 +156,13 @@ PAIRS: tuple[Pair, ...] = (
              "layer scale [C, 1, 1] -> gamma [C]: 18 reshapes",
     ),
     Pair(
+        "vgg16_bn", "torchvision vgg16_bn", "timm vgg16_bn",
+        _tv_timm("vgg16_bn", "vgg16_bn"), _image(224), _by_rules(rules.TV_VGG_TO_TIMM),
+        requires=("torchvision", "timm"),
+        note="Linear classifier over the flattened map -> ConvMlp: a [4096, 25088] -> [4096, 512, 7, 7] "
+             "flatten and a 1x1 conv",
+    ),
+    Pair(
         "regnet_y_400mf", "torchvision regnet_y_400mf", "timm regnety_004",
         _tv_timm("regnet_y_400mf", "regnety_004"), _image(224), _by_rules(rules.TV_REGNET_TO_TIMM),
         requires=("torchvision", "timm"),

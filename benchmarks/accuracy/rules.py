@@ -202,6 +202,18 @@ TV_EFFICIENTNET_TO_TIMM: Rules = (
     (r"classifier\.1\.(.*)", r"classifier.\1"),
 )
 
+# torchvision vgg16_bn -> timm vgg16_bn. The same `features`; torchvision's classifier is three
+# Linears over the flattened [512, 7, 7] map, timm's `pre_logits` a ConvMlp whose first layer
+# is a 7x7 conv ([4096, 25088] -> [4096, 512, 7, 7]) and whose second a 1x1 conv.
+TV_VGG_TO_TIMM: Rules = (
+    (r"(features\..*)", r"\1"),
+    (r"classifier\.0\.weight", "pre_logits.fc1.weight", "reshape"),
+    (r"classifier\.0\.bias", "pre_logits.fc1.bias"),
+    (r"classifier\.3\.weight", "pre_logits.fc2.weight", "reshape"),
+    (r"classifier\.3\.bias", "pre_logits.fc2.bias"),
+    (r"classifier\.6\.(weight|bias)", r"head.fc.\1"),
+)
+
 # MobileNetV2's inverted-residual settings: blocks per stage (torchvision and timm agree).
 MOBILENET_V2_BLOCKS = (1, 2, 3, 4, 3, 3, 1)
 

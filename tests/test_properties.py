@@ -90,10 +90,8 @@ def test_suggestions_are_admissible(src, tgt, strategy, threshold):
         assert e.score >= max(threshold, 0.75 if strategy == "conservative" else 0.0) - 1e-9
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(nested_models(), nested_models())
-def test_optimal_total_is_never_below_greedy_on_the_same_scores(src, tgt):
-    # Same score matrices for both solvers: the group-level problem with context disabled.
+def group_level(src: dict, tgt: dict):
+    """``(Level, source ModuleTree)``: the group-level assignment problems of two state dicts."""
     from weight_mapper.assign import Level, _buckets_by_key
     from weight_mapper.score import Items, validate_weights
     from weight_mapper.table import TensorTable
@@ -105,6 +103,14 @@ def test_optimal_total_is_never_below_greedy_on_the_same_scores(src, tgt):
     s_items, t_items = Items.of_groups(s_tab, s_tree, s_groups), Items.of_groups(t_tab, t_tree, t_groups)
     buckets = _buckets_by_key(s_groups.signatures, t_groups.signatures)
     level = Level.build(s_items, t_items, buckets, weights=validate_weights(None), tolerance=0.0, incompatible_pairs=())
+    return level, s_tree
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(nested_models(), nested_models())
+def test_optimal_total_is_never_below_greedy_on_the_same_scores(src, tgt):
+    # Same score matrices for both solvers: the group-level problem with context disabled.
+    level, _ = group_level(src, tgt)
     for k in range(len(level)):
         w = level.block(level.scores["base"], k)
         r1, c1 = solve_optimal(w)
@@ -117,17 +123,9 @@ def test_optimal_total_is_never_below_greedy_on_the_same_scores(src, tgt):
 def test_first_context_round_is_solved_on_the_weights_greedy_is_scored_with(src, tgt):
     # Both strategies seed the module map with the same highest-first round, so the first
     # context round solves the same weights: there the optimal total cannot be below greedy's.
-    from weight_mapper.assign import Level, _buckets_by_key, _solve_level
-    from weight_mapper.score import Items, validate_weights
-    from weight_mapper.table import TensorTable
-    from weight_mapper.tree import GroupTable, ModuleTree
+    from weight_mapper.assign import _solve_level
 
-    s_tab, t_tab = TensorTable.from_state_dict(src), TensorTable.from_state_dict(tgt)
-    s_tree, t_tree = ModuleTree(s_tab), ModuleTree(t_tab)
-    s_groups, t_groups = GroupTable.from_table(s_tab, s_tree), GroupTable.from_table(t_tab, t_tree)
-    s_items, t_items = Items.of_groups(s_tab, s_tree, s_groups), Items.of_groups(t_tab, t_tree, t_groups)
-    buckets = _buckets_by_key(s_groups.signatures, t_groups.signatures)
-    level = Level.build(s_items, t_items, buckets, weights=validate_weights(None), tolerance=0.0, incompatible_pairs=())
+    level, s_tree = group_level(src, tgt)
     totals = {
         solver: _solve_level(level, solver=solver, threshold=0.0, use_context=True, max_rounds=2,
                              n_src_modules=len(s_tree))[0].score.sum()

@@ -24,6 +24,17 @@ def write_sharded(model, folder, n_shards=3):
     return folder
 
 
+def renamed_shards(old, new, folder):
+    """``(folder, renamer)``: ``old`` written as shards, renamed by the plan mapping ``old`` onto
+    ``new`` (the mapping from the models, the conversion from the files)."""
+    src = write_sharded(old, folder)
+    mapper = WeightMapper(old, new)
+    mapper.suggest_mapping()
+    renamer = WeightRenamer(src)
+    renamer.rename_keys(mapper.get_plan())
+    return src, renamer
+
+
 @pytest.fixture
 def trained_pair():
     old, new = BatchNormed(), BatchNormedRenamed()
@@ -34,11 +45,7 @@ def trained_pair():
 
 def test_sharded_checkpoint_converts_shard_by_shard(tmp_path, trained_pair):
     old, new = trained_pair
-    src = write_sharded(old, tmp_path / "src")
-    mapper = WeightMapper(old, new)  # mapping from the model; conversion from the files
-    mapper.suggest_mapping()
-    renamer = WeightRenamer(src)
-    renamer.rename_keys(mapper.get_plan())
+    _, renamer = renamed_shards(old, new, tmp_path / "src")
     assert renamer.validate(new).ok
     calls = []
     out = renamer.save(tmp_path / "converted", progress=lambda done, total: calls.append((done, total)))
@@ -53,11 +60,7 @@ def test_sharded_checkpoint_converts_shard_by_shard(tmp_path, trained_pair):
 
 def test_interrupted_sharded_save_leaves_nothing(tmp_path, trained_pair, monkeypatch):
     old, new = trained_pair
-    src = write_sharded(old, tmp_path / "src")
-    mapper = WeightMapper(old, new)
-    mapper.suggest_mapping()
-    renamer = WeightRenamer(src)
-    renamer.rename_keys(mapper.get_plan())
+    _, renamer = renamed_shards(old, new, tmp_path / "src")
     real_save, calls = renamer_module.save_checkpoint, []
 
     def failing_save(*args, **kwargs):
@@ -74,11 +77,7 @@ def test_interrupted_sharded_save_leaves_nothing(tmp_path, trained_pair, monkeyp
 
 def test_existing_output_folder_and_source_are_refused(tmp_path, trained_pair):
     old, new = trained_pair
-    src = write_sharded(old, tmp_path / "src")
-    mapper = WeightMapper(old, new)
-    mapper.suggest_mapping()
-    renamer = WeightRenamer(src)
-    renamer.rename_keys(mapper.get_plan())
+    src, renamer = renamed_shards(old, new, tmp_path / "src")
     (tmp_path / "taken").mkdir()
     with pytest.raises(CheckpointError, match="already exists"):
         renamer.save(tmp_path / "taken")

@@ -11,87 +11,34 @@ import re
 import pytest
 import torch
 
+from benchmarks.scale.full_size import (
+    DEEPSEEK_REF_TO_HF, DEEPSEEK_STACKED, LLAMA_META_TO_HF, abstract_key, invert, rename, unstack,
+)
 from weight_mapper import WeightMapper
 
 transformers = pytest.importorskip("transformers")
 
 _DIM, _HIDDEN, _HEADS, _KV_HEADS, _VOCAB = 64, 160, 4, 2, 128
 
-# Meta's Llama reference names -> transformers LlamaForCausalLM.
-_LLAMA_FROM_META = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "layers.{}.attention.wq.weight": "model.layers.{}.self_attn.q_proj.weight",
-    "layers.{}.attention.wk.weight": "model.layers.{}.self_attn.k_proj.weight",
-    "layers.{}.attention.wv.weight": "model.layers.{}.self_attn.v_proj.weight",
-    "layers.{}.attention.wo.weight": "model.layers.{}.self_attn.o_proj.weight",
-    "layers.{}.feed_forward.w1.weight": "model.layers.{}.mlp.gate_proj.weight",
-    "layers.{}.feed_forward.w2.weight": "model.layers.{}.mlp.down_proj.weight",
-    "layers.{}.feed_forward.w3.weight": "model.layers.{}.mlp.up_proj.weight",
-    "layers.{}.attention_norm.weight": "model.layers.{}.input_layernorm.weight",
-    "layers.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-
-# DeepSeek-V3 reference names (inference/model.py, as convert.py writes them) -> transformers.
-_DEEPSEEK_FROM_REF = {
-    "embed.weight": "model.embed_tokens.weight",
-    "layers.{}.attn.wq_a.weight": "model.layers.{}.self_attn.q_a_proj.weight",
-    "layers.{}.attn.q_norm.weight": "model.layers.{}.self_attn.q_a_layernorm.weight",
-    "layers.{}.attn.wq_b.weight": "model.layers.{}.self_attn.q_b_proj.weight",
-    "layers.{}.attn.wkv_a.weight": "model.layers.{}.self_attn.kv_a_proj_with_mqa.weight",
-    "layers.{}.attn.kv_norm.weight": "model.layers.{}.self_attn.kv_a_layernorm.weight",
-    "layers.{}.attn.wkv_b.weight": "model.layers.{}.self_attn.kv_b_proj.weight",
-    "layers.{}.attn.wo.weight": "model.layers.{}.self_attn.o_proj.weight",
-    "layers.{}.ffn.w1.weight": "model.layers.{}.mlp.gate_proj.weight",
-    "layers.{}.ffn.w2.weight": "model.layers.{}.mlp.down_proj.weight",
-    "layers.{}.ffn.w3.weight": "model.layers.{}.mlp.up_proj.weight",
-    "layers.{}.ffn.gate.weight": "model.layers.{}.mlp.gate.weight",
-    "layers.{}.ffn.gate.bias": "model.layers.{}.mlp.gate.e_score_correction_bias",
-    "layers.{}.ffn.experts.{}.w1.weight": "model.layers.{}.mlp.experts.{}.gate_proj.weight",
-    "layers.{}.ffn.experts.{}.w2.weight": "model.layers.{}.mlp.experts.{}.down_proj.weight",
-    "layers.{}.ffn.experts.{}.w3.weight": "model.layers.{}.mlp.experts.{}.up_proj.weight",
-    "layers.{}.ffn.shared_experts.w1.weight": "model.layers.{}.mlp.shared_experts.gate_proj.weight",
-    "layers.{}.ffn.shared_experts.w2.weight": "model.layers.{}.mlp.shared_experts.down_proj.weight",
-    "layers.{}.ffn.shared_experts.w3.weight": "model.layers.{}.mlp.shared_experts.up_proj.weight",
-    "layers.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
-    "layers.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
-    "norm.weight": "model.norm.weight",
-    "head.weight": "lm_head.weight",
-}
-# transformers stacks the routed experts: [E, 2I, H] (gate, then up, on dim 1) and [E, H, I].
-_DEEPSEEK_STACKED = {
-    "model.layers.{}.mlp.experts.gate_up_proj": ("model.layers.{}.mlp.experts.{}.gate_proj.weight",
-                                                 "model.layers.{}.mlp.experts.{}.up_proj.weight"),
-    "model.layers.{}.mlp.experts.down_proj": ("model.layers.{}.mlp.experts.{}.down_proj.weight",),
-}
-
-_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")
-
-
-def _rename(key: str, table: dict[str, str]) -> str:
-    return table[_INDEX.sub("{}", key)].format(*map(int, _INDEX.findall(key)))
+# The rename tables and helpers are the scale benchmark's own (benchmarks/scale/full_size.py):
+# these tests run its code paths at small size, so its ground truth cannot rot either.
+_LLAMA_FROM_META = LLAMA_META_TO_HF
+_DEEPSEEK_FROM_REF = DEEPSEEK_REF_TO_HF
+_DEEPSEEK_STACKED = DEEPSEEK_STACKED["hub"]  # transformers' stacked experts, from the Hub's per-expert names
 
 
 def _from_target(target_shapes: dict, table: dict[str, str]) -> tuple[dict, dict]:
-    """``({source name: shape}, truth)`` through the inverse of ``table``."""
-    back = {v: k for k, v in table.items()}
-    source = {_rename(name, back): tuple(shape) for name, shape in target_shapes.items()}
-    return source, {s: _rename(s, table) for s in source}
+    """``({source name: shape}, truth)`` through the inverse of ``table``, in the target's order."""
+    back = invert(table)
+    source = {rename(name, back): tuple(shape) for name, shape in target_shapes.items()}
+    return source, {s: rename(s, table) for s in source}
 
 
 def _unstacked(shapes: dict) -> dict:
     """Stacked expert parameters split back into per-expert tensors (the Hub checkpoint's names)."""
     out = {}
     for name, shape in shapes.items():
-        abstract, ix = _INDEX.sub("{}", name), list(map(int, _INDEX.findall(name)))
-        if abstract not in _DEEPSEEK_STACKED:
-            out[name] = tuple(shape)
-            continue
-        parts = _DEEPSEEK_STACKED[abstract]
-        for m in range(shape[0]):
-            for p in parts:
-                out[p.format(*ix, m)] = (shape[1] // len(parts), *shape[2:])
+        out.update(unstack(name, tuple(shape), _DEEPSEEK_STACKED) or {name: tuple(shape)})
     return out
 
 
@@ -150,9 +97,9 @@ def test_meta_llama_target_from_meta_names_as_shapes(strategy):
 
 def test_meta_tensor_state_dict_source():
     target = _meta_llama(n_layers=2)
-    back = {v: k for k, v in _LLAMA_FROM_META.items()}
-    source = {_rename(k, back): v for k, v in target.state_dict().items()}  # meta tensors, no data
-    truth = {s: _rename(s, _LLAMA_FROM_META) for s in source}
+    back = invert(_LLAMA_FROM_META)
+    source = {rename(k, back): v for k, v in target.state_dict().items()}  # meta tensors, no data
+    truth = {s: rename(s, _LLAMA_FROM_META) for s in source}
     assert WeightMapper(source, _meta_llama(n_layers=2)).suggest_mapping() == truth
 
 
@@ -168,7 +115,7 @@ def test_deepseek_v3_reference_names_onto_hub_layout_all_correct():
 def _deepseek_onto_meta_module(n_layers: int, n_dense: int) -> tuple[dict, dict]:
     """Reference names onto the meta module itself; the stacked experts have no 1:1 truth."""
     target = _meta_deepseek(n_layers, n_dense)
-    one_to_one = {k: v for k, v in _shapes(target).items() if _INDEX.sub("{}", k) not in _DEEPSEEK_STACKED}
+    one_to_one = {k: v for k, v in _shapes(target).items() if abstract_key(k)[0] not in _DEEPSEEK_STACKED}
     _, truth = _from_target(one_to_one, _DEEPSEEK_FROM_REF)
     source, _ = _from_target(_unstacked(_shapes(target)), _DEEPSEEK_FROM_REF)
     mapping = WeightMapper(source, target).suggest_mapping(strategy="best_match")

@@ -84,10 +84,12 @@ def _item_key(name: str) -> tuple[str, int] | None:
 
 
 def _stacked_runs(table: TensorTable, runs) -> list[tuple[tuple[int, ...], tuple[int, ...], int]]:
-    """Stacks of the same concat run over consecutive ModuleList items.
+    """Stacks of the same run over consecutive ModuleList items (names equal but for the last
+    numeric path component).
 
-    Returns ``(source rows part-major, stacked shape, parts)``: N experts' ``(w1, w3)`` give
-    ``(e0.w1, ..., eN.w1, e0.w3, ..., eN.w3)`` for an ``[N, 2I, H]`` target.
+    A run of one tensor gives a plain stack (N experts' ``w2`` -> ``[N, H, I]``); a concat run
+    a stack of concatenations. Returns ``(source rows part-major, stacked shape, parts)``: N
+    experts' ``(w1, w3)`` give ``(e0.w1, ..., eN.w1, e0.w3, ..., eN.w3)`` for ``[N, 2I, H]``.
     """
     groups: dict[tuple, dict[int, tuple[int, ...]]] = {}
     for members, shape in runs:
@@ -103,26 +105,8 @@ def _stacked_runs(table: TensorTable, runs) -> list[tuple[tuple[int, ...], tuple
             continue
         parts = len(shapes)
         rows = tuple(items[i][p] for p in range(parts) for i in indices)
-        out.append((rows, (len(indices), sum(sh[0] for sh in shapes), *shapes[0][1:]), parts))
-    return out
-
-
-def _stack_sets(table: TensorTable, rows: np.ndarray) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """Tensors whose names differ only in their last numeric path component (ModuleList items)."""
-    groups: dict[tuple[str, tuple[int, ...]], list[tuple[int, int]]] = {}
-    for r in rows:
-        parts = table.names[r].split(".")
-        numeric = [i for i, p in enumerate(parts) if p.isdecimal()]
-        if not numeric:
-            continue
-        k = numeric[-1]
-        key = (".".join(parts[:k] + ["*"] + parts[k + 1:]), table.shapes[r])
-        groups.setdefault(key, []).append((int(parts[k]), int(r)))
-    out = []
-    for (_, shape), members in groups.items():
-        members.sort()
-        if len(members) > 1 and [i for i, _ in members] == list(range(members[0][0], members[0][0] + len(members))):
-            out.append((tuple(r for _, r in members), (len(members), *shape)))
+        item_shape = shapes[0] if parts == 1 else (sum(sh[0] for sh in shapes), *shapes[0][1:])
+        out.append((rows, (len(indices), *item_shape), parts))
     return out
 
 
@@ -205,20 +189,23 @@ def combine(
     if len(left_src) < 2 or len(left_tgt) == 0:
         return []
     runs = _concat_runs(src_table, left_src)
+    singles = [((int(r),), src_table.shapes[r]) for r in left_src]
     candidates = [(rows, shape, "concat", 1) for rows, shape in runs]
-    candidates += [(rows, shape, "stack", 1) for rows, shape in _stack_sets(src_table, left_src)]
-    candidates += [(rows, shape, "stack_concat", parts) for rows, shape, parts in _stacked_runs(src_table, runs)]
+    candidates += [(rows, shape, "stack" if parts == 1 else "stack_concat", parts)
+                   for rows, shape, parts in _stacked_runs(src_table, singles + runs)]
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for k, (_, shape, _, _) in enumerate(candidates):
         by_shape.setdefault(tuple(shape), []).append(k)
-    pair_c, pair_t = [], []
+    tgt_by_shape: dict[tuple[int, ...], list[int]] = {}
     for j, t in enumerate(left_tgt):
-        for k in by_shape.get(tuple(tgt_table.shapes[t]), ()):
-            pair_c.append(k)
-            pair_t.append(j)
-    if not pair_c:
+        tgt_by_shape.setdefault(tuple(tgt_table.shapes[t]), []).append(j)
+    # Every candidate against every unfilled target of its shape, one block per shape.
+    blocks = [(np.tile(by_shape[shape], len(js)), np.repeat(js, len(by_shape[shape])))
+              for shape, js in tgt_by_shape.items() if shape in by_shape]
+    if not blocks:
         return []
-    pair_c, pair_t = np.asarray(pair_c), np.asarray(pair_t)
+    pair_c = np.concatenate([c for c, _ in blocks]).astype(np.int64)
+    pair_t = np.concatenate([t for _, t in blocks]).astype(np.int64)
 
     # Score each (candidate set, target) like a 1:1 match of the set's first tensor.
     src_tree, tgt_tree = ModuleTree(src_table), ModuleTree(tgt_table)
@@ -231,12 +218,12 @@ def combine(
     s_bucket = np.array([shape_id[tuple(shape)] for _, shape, _, _ in candidates], dtype=np.int64)
     t_bucket = np.array([shape_id.get(tuple(tgt_table.shapes[t]), -1 - j) for j, t in enumerate(left_tgt)],
                         dtype=np.int64)
-    n_cand = np.bincount(s_bucket, minlength=len(shape_id))
-    n_tgt = np.bincount(t_bucket[t_bucket >= 0], minlength=len(shape_id))
+    unbalanced = np.bincount(s_bucket, minlength=len(shape_id)) != np.bincount(t_bucket[t_bucket >= 0],
+                                                                            minlength=len(shape_id))
     s_items = _named_as_sets(Items.of_tensors(src_table, src_tree, reps), src_table, candidates)
-    s_items = s_items.with_ranks(s_bucket, n_cand[s_bucket] != n_tgt[s_bucket])
+    s_items = s_items.with_ranks(s_bucket, unbalanced[s_bucket])
     t_items = Items.of_tensors(tgt_table, tgt_tree, left_tgt).with_ranks(
-        t_bucket, np.where(t_bucket >= 0, n_cand[np.maximum(t_bucket, 0)] != n_tgt[np.maximum(t_bucket, 0)], False))
+        t_bucket, (t_bucket >= 0) & unbalanced[np.maximum(t_bucket, 0)])
     scores = score_edges(s_items, t_items, pair_c, pair_t, weights=weights)
     scores["shape"] = np.ones(len(pair_c))  # the set fits the target exactly
     base = weights["shape"] + weights["name"] * scores["name"] + weights["hierarchy"] * scores["hierarchy"]

@@ -91,6 +91,24 @@ def _with_modules(tensor_pos: dict[str, float], module_paths: Iterable[str]) -> 
     return out
 
 
+def _step(uses: list, names: set[str], reads: set[int], is_data: bool) -> tuple[str, frozenset] | None:
+    """The rule both graph sources apply to one operation, given what its inputs are.
+
+    Reading data and parameters (``names``) is a new use, whose result is data derived from
+    it; data alone passes on the uses it derives from (``reads``); parameters alone give a
+    parameter-derived result (``weight.t()``). Returns ``("data", uses)`` or ``("params",
+    names)`` for the result, or None for a constant.
+    """
+    if is_data and names:
+        uses.append((frozenset(names), frozenset(reads)))
+        return "data", frozenset({len(uses) - 1})
+    if is_data:
+        return "data", frozenset(reads)
+    if names:
+        return "params", frozenset(names)
+    return None
+
+
 class _FlowRecorder(TorchFunctionMode):
     """Follows data from the inputs through every torch operation, recording parameter uses.
 
@@ -127,13 +145,9 @@ class _FlowRecorder(TorchFunctionMode):
             elif key in self.data:
                 data |= self.data[key]
                 is_data = True
-        if is_data and names:
-            self.uses.append((frozenset(names), frozenset(data)))
-            self._label(out, self.data, frozenset({len(self.uses) - 1}))
-        elif is_data:
-            self._label(out, self.data, frozenset(data))
-        elif names:
-            self._label(out, self.params, frozenset(names))
+        label = _step(self.uses, names, data, is_data)
+        if label is not None:
+            self._label(out, self.data if label[0] == "data" else self.params, label[1])
         return out
 
     def _label(self, out: Any, table: dict, value: frozenset) -> None:
@@ -251,11 +265,7 @@ def trace_execution_order(module: nn.Module) -> dict[str, float] | None:
             elif arg in data:
                 reads |= data[arg]
                 is_data = True
-        if is_data and names:
-            uses.append((frozenset(names), frozenset(reads)))
-            data[node] = frozenset({len(uses) - 1})
-        elif is_data:
-            data[node] = frozenset(reads)
-        elif names:
-            params[node] = frozenset(names)
+        label = _step(uses, names, reads, is_data)
+        if label is not None:
+            (data if label[0] == "data" else params)[node] = label[1]
     return flow_positions(uses, _module_paths(module)) or None

@@ -41,13 +41,17 @@ MOE = dict(dim=32, hidden=64, experts=8, top_k=2)
 LAYER_SCALE_CHANNELS = 8
 
 
-def _reference_encoders():
-    """``tests/reference_encoders.py``, imported by path (the tests folder is not a package)."""
-    path = _REPO_ROOT / "tests" / "reference_encoders.py"
-    spec = importlib.util.spec_from_file_location("_benchmark_reference_encoders", path)
+def tests_module(name: str):
+    """``tests/<name>.py``, imported by path (the tests folder is not a package)."""
+    path = _REPO_ROOT / "tests" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_benchmark_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _reference_encoders():
+    return tests_module("reference_encoders")
 
 
 # ---------------------------------------------------------------------------- BERT

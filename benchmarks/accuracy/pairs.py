@@ -10,7 +10,6 @@ Every pair is data in :data:`PAIRS`. A builder returns ``(source, target)`` fres
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,12 +92,7 @@ _LLAMA = dict(vocab=128, dim=64, hidden=160, layers=4, heads=4, kv_heads=2, eps=
 
 
 def _reference_llama():
-    """``tests/reference_llama.py``, imported by path (the tests folder is not a package)."""
-    path = REPO_ROOT / "tests" / "reference_llama.py"
-    spec = importlib.util.spec_from_file_location("_benchmark_reference_llama", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return conversions.tests_module("reference_llama")
 
 
 def _build_llama():

@@ -23,9 +23,17 @@ from weight_mapper.errors import PlanError
 from weight_mapper.table import TensorTable
 from weight_mapper.transforms import invert_entries
 
-__all__ = ["PlanEntry", "MappingPlan", "build_plan", "PLAN_FORMAT_VERSION"]
+__all__ = ["PlanEntry", "MappingPlan", "build_plan", "PLAN_FORMAT_VERSION", "FLAG_DESCRIPTIONS", "PROVENANCES"]
 
 PLAN_FORMAT_VERSION = 1
+
+#: What each entry flag means (shown in reports and views).
+FLAG_DESCRIPTIONS = {
+    "order_only": "decided by order alone: names and shapes could not tell the candidates apart",
+}
+
+#: The ways an entry can have been established (``PlanEntry.provenance``).
+PROVENANCES = ("matched", "repaired", "proved")
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,12 @@ class PlanEntry:
         source_shape, target_shape: Shapes on both sides.
         components: ``shape``, ``name``, ``hierarchy`` and ``context`` scores (NaN: not used).
         args: Arguments of the transform (``{"dim": 0, "sizes": [...]}`` for ``concat``...).
+        flags: Reasons to review the entry besides a small margin, e.g. ``"order_only"``
+            (decided by order alone) or ``"convention:rotary"`` (a layout convention may apply
+            that the shapes cannot show). See :data:`FLAG_DESCRIPTIONS`.
+        provenance: How the entry was established: ``"matched"`` (inferred from names,
+            shapes and structure), ``"repaired"`` (changed after a layer-wise proof found the
+            match wrong) or ``"proved"`` (a layer-wise proof confirmed it).
     """
 
     source: tuple[str, ...]
@@ -55,11 +69,18 @@ class PlanEntry:
     target_shape: tuple[int, ...]
     components: Mapping[str, float] = field(default_factory=dict)
     args: Mapping[str, Any] = field(default_factory=dict)
+    flags: tuple[str, ...] = ()
+    provenance: str = "matched"
 
     @property
     def ambiguous(self) -> bool:
         """True when the runner-up scored within :data:`AMBIGUITY_MARGIN` of this match."""
         return self.level != "alias" and self.margin < AMBIGUITY_MARGIN
+
+    @property
+    def flagged(self) -> bool:
+        """True when the entry needs a review: ambiguous, or carrying a flag."""
+        return self.ambiguous or bool(self.flags)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -68,7 +89,9 @@ class PlanEntry:
         out["target_shape"] = list(self.target_shape)
         out["components"] = {k: _json_float(v) for k, v in self.components.items()}
         out["args"] = dict(self.args)
+        out["flags"] = list(self.flags)
         out["ambiguous"] = self.ambiguous
+        out["flagged"] = self.flagged
         return out
 
     @classmethod
@@ -86,6 +109,8 @@ class PlanEntry:
                 target_shape=tuple(int(d) for d in data.get("target_shape", ())),
                 components={k: float("nan") if v is None else float(v) for k, v in data.get("components", {}).items()},
                 args=dict(data.get("args", {})),
+                flags=tuple(str(f) for f in data.get("flags", ())),
+                provenance=str(data.get("provenance", "matched")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"malformed plan entry {dict(data)!r}: {exc}") from None
@@ -280,7 +305,8 @@ def build_plan(
         assignment: Output of :func:`weight_mapper.assign.assign`.
         src_table, tgt_table: The tables it was computed from.
         strategy, threshold, weights: Recorded in the plan.
-        withhold_ambiguous: Move ambiguous entries to ``plan.ambiguous`` instead of using them.
+        withhold_ambiguous: Move flagged entries (ambiguous or carrying a flag) to
+            ``plan.ambiguous`` instead of using them.
         source_prefix: Wrapper prefix stripped from the source table; put back on entry keys.
         combinations: Concat / stack matches from :func:`weight_mapper.combine.combine`.
     """
@@ -295,7 +321,7 @@ def build_plan(
         components = {c: float(v[k]) for c, v in assignment.components.items()}
         entry = _entry(src_table, tgt_table, s, t, float(assignment.score[k]), float(assignment.margin[k]),
                        str(assignment.level[k]), components, source_prefix)
-        if withhold_ambiguous and entry.ambiguous:
+        if withhold_ambiguous and entry.flagged:
             withheld.append(entry)
             continue
         entries.append(entry)
@@ -322,7 +348,7 @@ def build_plan(
             components=dict(c.components),
             args=_combined_args(src_table, c),
         )
-        if withhold_ambiguous and entry.ambiguous:
+        if withhold_ambiguous and entry.flagged:
             withheld.append(entry)
             continue
         entries.append(entry)

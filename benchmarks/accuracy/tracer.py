@@ -98,6 +98,21 @@ def _decode(values: torch.Tensor, base: int, frac: float) -> tuple[torch.Tensor,
     return torch.where(valid, idx, torch.full_like(idx, -1)), valid
 
 
+def _is_copy(value, tracer, keys, starts, sizes, base, frac) -> bool:
+    """Fast path: ``value`` holds one whole source tensor in its own element order."""
+    flat = value.detach().reshape(-1)
+    if flat.numel() == 0:
+        return False
+    idx, valid = _decode(flat[:1], base, frac)
+    if not bool(valid[0]):
+        return False
+    tid = int(torch.searchsorted(starts + sizes, idx, right=True)[0])
+    if tid >= len(keys) or int(idx[0]) != int(starts[tid]) or flat.numel() != int(sizes[tid]):
+        return False
+    src = tracer[keys[tid]].reshape(-1)
+    return flat.dtype == src.dtype and torch.equal(flat, src)
+
+
 def read_truth(
     tracer: Mapping[str, torch.Tensor], converted: Mapping[str, torch.Tensor], target_keys: list[str]
 ) -> dict[str, Origin]:
@@ -126,6 +141,15 @@ def read_truth(
         value = converted.get(tkey)
         if value is None:
             out[tkey] = Origin((), "target_only", 0.0)
+            continue
+        if value.is_floating_point() and not bool((value.detach().abs() >= base - 1).any()):
+            out[tkey] = Origin((), "target_only", 0.0)  # no value of the tracer's magnitude: the target's own init
+            continue
+        if _is_copy(value, tracer, keys, starts, sizes, base, frac):
+            src_key = keys[int(torch.searchsorted(starts + sizes, _decode(value.reshape(-1)[:1], base, frac)[0],
+                                                  right=True))]
+            kind = "copy" if tuple(value.shape) == tuple(tracer[src_key].shape) else "reshape"
+            out[tkey] = Origin((src_key,), kind)
             continue
         idx, valid = _decode(value, base, frac)
         valid &= idx < total

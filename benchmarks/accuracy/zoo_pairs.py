@@ -109,6 +109,30 @@ def _serving(state_dict: Mapping[str, torch.Tensor]) -> Iterator[None]:
         WeightsEnum.get_state_dict = original
 
 
+@contextlib.contextmanager
+def _zero_init() -> Iterator[None]:
+    """Initialise new parameters with zeros instead of random draws (the heads of a 40M-parameter
+    detector take seconds to draw). The values of the target model never matter here: the mapper
+    reads its names, shapes and structure, and the converter's output is read for tracer values,
+    which zeros are not."""
+    import torch.nn.init as init
+
+    names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_") and callable(getattr(init, n))]
+    saved = {n: getattr(init, n) for n in names}
+
+    def zero(tensor, *args, **kwargs):
+        with torch.no_grad():
+            return tensor.zero_()
+
+    for n in names:
+        setattr(init, n, zero)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(init, n, f)
+
+
 def _torchvision(classifier: str, weights: str, builder: str, **kwargs: Any) -> Callable[[], ZooCase]:
     """``classifier`` weights as ``weights_backbone`` of the public ``builder`` (detection / segmentation)."""
 
@@ -124,7 +148,7 @@ def _torchvision(classifier: str, weights: str, builder: str, **kwargs: Any) -> 
         source_sd = source_model.state_dict()
 
         def run(sd: Mapping[str, torch.Tensor]) -> nn.Module:
-            with _default_dtype(torch.float64 if _as_float64(sd) else torch.float32), _serving(sd):
+            with _default_dtype(torch.float64 if _as_float64(sd) else torch.float32), _serving(sd), _zero_init():
                 model = make(weights=None, weights_backbone=weights_enum, **kwargs)
             return model.eval()
 

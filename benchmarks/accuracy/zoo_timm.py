@@ -1,6 +1,7 @@
 """The zoo's timm pairs: original-repository checkpoints -> timm, through timm's ``checkpoint_filter_fn``s.
 
-The original models (Facebook's ConvNeXt, Microsoft's Swin, OpenAI's CLIP, Meta's DINOv2 and
+Where the source model is installed (torchvision's RegNets, which timm's ``regnet._filter_fn``
+converts), its own state dict is the source. Otherwise the original models (Facebook's ConvNeXt, Microsoft's Swin, OpenAI's CLIP, Meta's DINOv2 and
 I-JEPA, the PVT-v2 and PoolFormer repositories) are not installed, so the source checkpoint is
 built by *inverting* the filter: for each target key of the timm model, :data:`TIMM` names the
 source key (and, where the filter reshapes, the source shape) the original repository uses,
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,6 +37,9 @@ class TimmSpec:
             that target from nothing, e.g. a zero bias).
         extra: model -> tensors the original checkpoint has and the filter drops.
         wrap: The checkpoint as the filter receives it (an envelope such as ``{"encoder": sd}``).
+        source_model: ``module:function`` building the source model, where it is installed
+            (torchvision): its state dict is the source, and ``invert`` is not used.
+        with_model: The filter takes ``(state_dict, model)``; else ``(state_dict)``.
     """
 
     name: str
@@ -46,7 +50,8 @@ class TimmSpec:
     invert: Invert
     extra: Callable[[Any], dict[str, torch.Tensor]] = lambda model: {}
     wrap: Callable[[dict], dict] = lambda sd: sd
-    notes: tuple[str, ...] = field(default_factory=tuple)
+    source_model: str | None = None
+    with_model: bool = True
 
 
 def _rules(*rules: tuple[str, Any]) -> Callable[[str], str]:
@@ -212,6 +217,19 @@ TIMM: tuple[TimmSpec, ...] = (
     TimmSpec("timm_vit_dinov2", "facebookresearch/dinov2 (`mask_token` dropped, otherwise timm's names)",
              "vit_small_patch14_dinov2", dict(_VIT, img_size=56),
              "timm.models.vision_transformer:checkpoint_filter_fn", _dinov2_invert, _dinov2_extra),
+    TimmSpec("timm_deit3_fb", "facebookresearch/deit, DeiT III (layer scale as `blocks.N.gamma_1/2`)",
+             "deit3_small_patch16_224", {**_VIT, "img_size": 64},
+             "timm.models.deit:checkpoint_filter_fn(adapt_layer_scale=True)",
+             lambda k, s: (re.sub(r"^(blocks\.\d+)\.ls(\d)\.gamma$", r"\1.gamma_\2", k), s)),
+    TimmSpec("timm_beit_unilm", "microsoft/unilm BEiT (every attention's `relative_position_index` kept)",
+             "beit_base_patch16_224", {**_VIT, "img_size": 64},
+             "timm.models.beit:checkpoint_filter_fn", lambda k, s: (k, s), _swin_extra),
+    TimmSpec("timm_regnety_tv", "torchvision regnet_y_400mf (`trunk_output.blockS.blockS-B`, `f.a/b/c`, `proj`)",
+             "regnety_004", {}, "timm.models.regnet:_filter_fn", lambda k, s: (k, s),
+             source_model="torchvision.models:regnet_y_400mf", with_model=False),
+    TimmSpec("timm_regnetx_tv", "torchvision regnet_x_400mf (`trunk_output.blockS.blockS-B`, `f.a/b/c`, `proj`)",
+             "regnetx_004_tv", {}, "timm.models.regnet:_filter_fn", lambda k, s: (k, s),
+             source_model="torchvision.models:regnet_x_400mf", with_model=False),
     TimmSpec("timm_vit_ijepa", "facebookresearch/ijepa (`{'encoder': {'module.' + key}}`)",
              "vit_huge_patch14_gap_224", dict(_VIT, img_size=56),
              "timm.models.vision_transformer:checkpoint_filter_fn", lambda k, s: ("module." + k, s),
@@ -220,8 +238,17 @@ TIMM: tuple[TimmSpec, ...] = (
 
 
 def _load(path: str):
+    """``module:function`` or ``module:function(keyword=True)`` (a partial with literal keywords)."""
+    import ast
+    import functools
+
     module, fn = path.split(":")
-    return getattr(__import__(module, fromlist=[fn]), fn)
+    kwargs = {}
+    if "(" in fn:
+        fn, args = fn[:-1].split("(", 1)
+        kwargs = {k: ast.literal_eval(v) for k, v in (a.split("=") for a in args.split(","))}
+    f = getattr(__import__(module, fromlist=[fn]), fn)
+    return functools.partial(f, **kwargs) if kwargs else f
 
 
 def _builder(spec: TimmSpec, ZooCase):
@@ -232,7 +259,11 @@ def _builder(spec: TimmSpec, ZooCase):
         target = timm.create_model(spec.model, pretrained=False, **spec.kwargs).eval()
         filter_fn = _load(spec.filter_fn)
         source_sd: dict[str, torch.Tensor] = {}
-        for key, value in target.state_dict().items():
+        source_model = None
+        if spec.source_model is not None:
+            source_model = _load(spec.source_model)().eval()
+            source_sd = dict(source_model.state_dict())
+        for key, value in target.state_dict().items() if source_model is None else ():
             inv = spec.invert(key, tuple(value.shape))
             if inv is None:
                 continue
@@ -246,13 +277,15 @@ def _builder(spec: TimmSpec, ZooCase):
         model_for_filter = timm.create_model(spec.model, pretrained=False, **spec.kwargs).eval()
 
         def convert(sd: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-            return filter_fn(spec.wrap(dict(sd)), model_for_filter)
+            if spec.with_model:
+                return filter_fn(spec.wrap(dict(sd)), model_for_filter)
+            return filter_fn(spec.wrap(dict(sd)))
 
-        return ZooCase(source_sd, target, convert, None)
+        return ZooCase(source_sd, target, convert, source_model)
 
     return build
 
 
 def timm_pairs(ZooPair, ZooCase) -> list:
     return [ZooPair(s.name, "timm", s.source, f"timm {s.model}", s.filter_fn.replace(":", "."), _builder(s, ZooCase),
-                    ("timm",)) for s in TIMM]
+                    ("timm", "torchvision") if s.source_model else ("timm",)) for s in TIMM]

@@ -115,7 +115,7 @@ def _zero_init() -> Iterator[None]:
     detector take seconds to draw). The values of the target model never matter here: the mapper
     reads its names, shapes and structure, and the converter's output is read for tracer values,
     which zeros are not."""
-    import torch.nn.init as init
+    from torch.nn import init
 
     names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_") and callable(getattr(init, n))]
     saved = {n: getattr(init, n) for n in names}

@@ -274,7 +274,7 @@ def pairs_table(records: Sequence[dict]) -> str:
 
 def results_table(records: Sequence[dict]) -> str:
     lines = [("| pair | way | F1 | exact | unflagged wrong | flagged wrong | missed | false alarms | crash | s "
-             "| baseline F1 | baseline exact | baseline unflagged wrong |"),
+             "| baseline F1 | baseline exact | baseline wrong (unflagged) |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in records:
         for row in p.get("ways", ()):
@@ -290,6 +290,8 @@ def results_table(records: Sequence[dict]) -> str:
             bf1, bexact, buw, *_ = _fmt_result(base)
             if base is not None and "crash" in base:
                 bf1 = f"crash: {base['crash']['type']}"
+            elif base is not None:
+                buw = f"{base['wrong']} ({base['unflagged_wrong']})"
             lines.append(f"| {p['name']} | {row['way']} | {f1} | {exact} | {uw} | {fw} | {missed} | {fa} | {crash} "
                          f"| {ours['s']:.1f} | {bf1} | {bexact} | {buw} |")
     return "\n".join(lines)
@@ -298,7 +300,7 @@ def results_table(records: Sequence[dict]) -> str:
 def summary(records: Sequence[dict]) -> str:
     """Totals per way: pairs all exact, entries wrong unflagged, crashes."""
     lines = [("| way | pairs run | all exact | unflagged wrong (pairs with any) | flagged wrong | missed | false alarms "
-             "| crashes | baseline: all exact | baseline: unflagged wrong |"),
+             "| crashes | baseline: all exact | baseline: wrong (unflagged) |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for way in WAYS:
         rows = [r for p in records for r in p.get("ways", ()) if r["way"] == way and "skipped" not in r]
@@ -312,7 +314,8 @@ def summary(records: Sequence[dict]) -> str:
             f"| {sum(o['unflagged_wrong'] for o in ok)} ({sum(o['unflagged_wrong'] > 0 for o in ok)}) "
             f"| {sum(o['flagged_wrong'] for o in ok)} | {sum(o['missed'] for o in ok)} "
             f"| {sum(o['false_alarms'] for o in ok)} | {crashes} "
-            f"| {sum(o['exact'] == o['n_truth'] and not o['wrong'] for o in bok)} | {sum(o['unflagged_wrong'] for o in bok)} |")
+            f"| {sum(o['exact'] == o['n_truth'] and not o['wrong'] for o in bok)} "
+            f"| {sum(o['wrong'] for o in bok)} ({sum(o['unflagged_wrong'] for o in bok)}) |")
     return "\n".join(lines)
 
 
@@ -388,7 +391,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared 2-core machine more threads make it far slower)")
     parser.add_argument("--update-readme", action="store_true", help="rewrite the zoo table in benchmarks/README.md")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="print (and with --update-readme paste) the tables of a saved run instead of running")
     args = parser.parse_args(argv)
+    if args.render is not None:
+        text = render(json.loads(args.render.read_text()))
+        print(text)
+        if args.update_readme:
+            replace_between(README, _BEGIN, _END, text)
+            print(f"updated {README}")
+        return 0
     ways = [w.strip() for w in args.ways.split(",") if w.strip()]
     unknown = [w for w in ways if w not in WAYS]
     if unknown:

@@ -423,7 +423,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         if report is not None and not report.ok and args.strict:
             raise ConversionError(f"{report.message(type(model).__name__)}\n"
                                   f"Nothing was written to {output} (--strict).")
-        output = renamer.save(output)
+        output = renamer.save(output, keep_envelope=True)  # a torch output keeps the envelope (README)
 
     verification = _verify(args, renamer, plan) if args.verify else None
     fmt = ("sharded-safetensors" if output.is_dir() else

@@ -432,7 +432,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         verification = _verify(args, renamer, plan) if args.verify else None
         if verification is not None and not verification.ok and args.strict:
             raise ConversionError(f"{verification.message()}\nNothing was written to {output} (--strict).")
-        output = renamer.save(output)
+        output = renamer.save(output, keep_envelope=True)  # a torch output keeps the envelope (README)
     fmt = ("sharded-safetensors" if output.is_dir() else
            "safetensors" if output.suffix == _SAFETENSORS_SUFFIX else "torch")
     if args.json:

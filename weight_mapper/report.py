@@ -49,6 +49,17 @@ def _entry_row(e: PlanEntry) -> tuple:
     )
 
 
+def _entries_table(title: str) -> Table:
+    # Names wrap instead of being cut: two names that differ only in their last characters (a
+    # swap to review) must stay visibly different at 80 columns.
+    table = Table(title=title)
+    table.add_column("source", overflow="fold")
+    table.add_column("target", overflow="fold")
+    for col in ("score", "shape", "level", "note"):
+        table.add_column(col, overflow="fold")
+    return table
+
+
 def analysis_renderable(plan: MappingPlan, *, top_n: int = 10, show_unmatched: bool = True) -> Group:
     """The ``print_analysis`` view as one rich renderable."""
     n_matched = len(plan.entries)
@@ -69,23 +80,19 @@ def analysis_renderable(plan: MappingPlan, *, top_n: int = 10, show_unmatched: b
         summary.append(f"\n{len(plan.ambiguous)} ambiguous matches withheld", style="yellow")
     parts: list[Any] = [Panel(summary, title="weight_mapper analysis", expand=False)]
     if top_n > 0 and plan.entries:
-        table = Table(title=f"Matches (lowest scores first, {min(top_n, n_matched)} of {n_matched})")
-        for col in ("source", "target", "score", "shape", "level", "note"):
-            table.add_column(col)
+        table = _entries_table(f"Matches (lowest scores first, {min(top_n, n_matched)} of {n_matched})")
         for e in sorted(plan.entries, key=lambda e: (e.score, e.target))[:top_n]:
             table.add_row(*_entry_row(e))
         parts.append(table)
     if plan.ambiguous:
-        table = Table(title="Withheld as ambiguous")
-        for col in ("source", "target", "score", "shape", "level", "note"):
-            table.add_column(col)
+        table = _entries_table("Withheld as ambiguous")
         for e in plan.ambiguous[:top_n]:
             table.add_row(*_entry_row(e))
         parts.append(table)
     if show_unmatched and (plan.unmatched_source or plan.unmatched_target):
         table = Table(title="Unmatched")
-        table.add_column("source")
-        table.add_column("target")
+        table.add_column("source", overflow="fold")
+        table.add_column("target", overflow="fold")
         n = max(len(plan.unmatched_source), len(plan.unmatched_target))
         shown = min(n, max(top_n, 1))
         for i in range(shown):

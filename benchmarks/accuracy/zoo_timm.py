@@ -1,5 +1,8 @@
 """The zoo's timm pairs: original-repository checkpoints -> timm, through timm's ``checkpoint_filter_fn``s.
 
+One pair reads a JAX ``.npz`` (BiT) through ``resnetv2._load_weights``, which permutes every
+conv kernel from [H, W, in, out] to [out, in, H, W]: no rename or transpose reproduces that.
+
 Where the source model is installed (torchvision's RegNets, which timm's ``regnet._filter_fn``
 converts), its own state dict is the source. Otherwise the original models (Facebook's ConvNeXt, Microsoft's Swin, OpenAI's CLIP, Meta's DINOv2 and
 I-JEPA, the PVT-v2 and PoolFormer repositories) are not installed, so the source checkpoint is
@@ -286,6 +289,75 @@ def _builder(spec: TimmSpec, ZooCase):
     return build
 
 
+# --------------------------------------------------------------------------- BiT (google-research, JAX .npz)
+def _bit_model():
+    """A small BiT ResNetV2 (weight-standardised convs, GroupNorm, conv head), as timm's ``resnetv2_*_bit``."""
+    import functools
+
+    from timm.layers import StdConv2d
+    from timm.models.resnetv2 import ResNetV2
+
+    torch.manual_seed(0)
+    return ResNetV2(layers=[1, 1, 1, 1], channels=(128, 256, 512, 1024), num_classes=10, stem_type="fixed",
+                    conv_layer=functools.partial(StdConv2d, eps=1e-8)).eval()
+
+
+def _hwio(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The JAX kernel layout [H, W, in, out] of a torch conv weight [out, in, H, W]."""
+    o, i, h, w = shape
+    return h, w, i, o
+
+
+def _bit_layout(model, prefix: str = "resnet/") -> dict[str, tuple[int, ...]]:
+    """The keys and shapes of a BiT ``.npz`` for ``model``: what ``resnetv2._load_weights`` reads."""
+    out = {f"{prefix}root_block/standardized_conv2d/kernel": _hwio(tuple(model.stem.conv.weight.shape))}
+    for i, stage in enumerate(model.stages):
+        for j, block in enumerate(stage.blocks):
+            bp = f"{prefix}block{i + 1}/unit{j + 1:02d}/"
+            for part, n in (("a", 1), ("b", 2), ("c", 3)):
+                out[f"{bp}{part}/standardized_conv2d/kernel"] = _hwio(tuple(getattr(block, f"conv{n}").weight.shape))
+                norm = getattr(block, f"norm{n}")
+                out[f"{bp}{part}/group_norm/gamma"] = tuple(norm.weight.shape)
+                out[f"{bp}{part}/group_norm/beta"] = tuple(norm.bias.shape)
+            if block.downsample is not None:
+                out[f"{bp}a/proj/standardized_conv2d/kernel"] = _hwio(tuple(block.downsample.conv.weight.shape))
+    out[f"{prefix}group_norm/gamma"] = tuple(model.norm.weight.shape)
+    out[f"{prefix}group_norm/beta"] = tuple(model.norm.bias.shape)
+    out[f"{prefix}head/conv2d/kernel"] = _hwio(tuple(model.head.fc.weight.shape))
+    out[f"{prefix}head/conv2d/bias"] = tuple(model.head.fc.bias.shape)
+    return out
+
+
+def _bit_builder(ZooCase):
+    def build():
+        import tempfile
+        from pathlib import Path
+
+        import numpy as np
+        from timm.models.resnetv2 import _load_weights
+
+        target = _bit_model()
+        source_sd = {k: torch.randn(shape) for k, shape in _bit_layout(target).items()}
+
+        def convert(sd: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+            model = _bit_model().double()
+            with tempfile.TemporaryDirectory(prefix="zoo_bit_") as tmp:
+                path = Path(tmp) / "bit.npz"
+                np.savez(path, **{k: v.numpy() for k, v in sd.items()})
+                with torch.no_grad():
+                    _load_weights(model, str(path))
+            return model.state_dict()
+
+        return ZooCase(source_sd, target, convert, None)
+
+    return build
+
+
 def timm_pairs(ZooPair, ZooCase) -> list:
-    return [ZooPair(s.name, "timm", s.source, f"timm {s.model}", s.filter_fn.replace(":", "."), _builder(s, ZooCase),
-                    ("timm", "torchvision") if s.source_model else ("timm",)) for s in TIMM]
+    pairs = [ZooPair(s.name, "timm", s.source, f"timm {s.model}", s.filter_fn.replace(":", "."), _builder(s, ZooCase),
+                     ("timm", "torchvision") if s.source_model else ("timm",)) for s in TIMM]
+    pairs.append(ZooPair(
+        "timm_bit_jax", "timm", "google-research/big_transfer JAX `.npz` (`resnet/block1/unit01/a/standardized_conv2d/kernel`, "
+        "HWIO kernels)", "timm ResNetV2 (BiT, 4 blocks)", "timm.models.resnetv2._load_weights (HWIO -> OIHW permute)",
+        _bit_builder(ZooCase), ("timm",)))
+    return pairs

@@ -190,6 +190,7 @@ def run_zoo_pair(pair: ZooPair, ways: Sequence[str], *, seed: int = 0) -> dict[s
     record.update({
         "n_source": len(source_sd), "n_target": len(gt["target_keys"]),
         "n_filled": sum(o.kind != "target_only" for o in truth.values()), "truth_kinds": kinds,
+        "n_same_name": sum(o.sources == (t,) for t, o in truth.items()),
         "converter_extra_keys": gt["extra"][:20], "n_converter_extra": len(gt["extra"]),
         "converter_bad_shapes": gt["bad_shape"][:20],
         "source_order": "rebuilt from the target" if ordered else "source model's",
@@ -252,23 +253,24 @@ def _fmt_result(r: dict | None) -> tuple[str, str, str, str, str, str, str]:
 
 
 def pairs_table(records: Sequence[dict]) -> str:
-    lines = ["| pair | source -> target | ground truth (run as code) | tensors src/tgt | filled by the source | how (tracer) |",
-             "|---|---|---|---|---|---|"]
+    lines = [("| pair | source -> target | ground truth (run as code) | tensors src/tgt | filled by the source "
+              "| of which same name | how (tracer) |"),
+             "|---|---|---|---|---|---|---|"]
     for p in records:
         if "skipped" in p:
-            lines.append(f"| {p['name']} | skipped: {p['skipped']} | | | | |")
+            lines.append(f"| {p['name']} | skipped: {p['skipped']} | | | | | |")
             continue
         if "error" in p:
             e = p["error"]
             lines.append(f"| {p['name']} | {p['source']} -> {p['target']} | {p['truth_from']} "
-                         f"| error building: {e['type']}: {e['message'][:100]} | | |")
+                         f"| error building: {e['type']}: {e['message'][:100]} | | | |")
             continue
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(p["truth_kinds"].items(), key=lambda kv: -kv[1]))
         check = ""
         if p["n_converter_extra"] or p["converter_bad_shapes"]:
             check = f" (converter output not in target: {p['n_converter_extra']} keys, {len(p['converter_bad_shapes'])} shapes)"
         lines.append(f"| {p['name']} | {p['source']} -> {p['target']} | `{p['truth_from']}` "
-                     f"| {p['n_source']}/{p['n_target']} | {p['n_filled']}{check} | {kinds} |")
+                     f"| {p['n_source']}/{p['n_target']} | {p['n_filled']}{check} | {p.get('n_same_name', '?')} | {kinds} |")
     return "\n".join(lines)
 
 

@@ -217,8 +217,8 @@ TIMM: tuple[TimmSpec, ...] = (
     TimmSpec("timm_vit_openai_clip", "openai/CLIP, whole model (`visual.*` + a text tower the filter drops)",
              "vit_base_patch32_clip_224", dict(_VIT, embed_dim=64, num_heads=4, num_classes=32, img_size=64),
              "timm.models.vision_transformer:checkpoint_filter_fn", _clip_invert, _clip_text_tower),
-    TimmSpec("timm_vit_dinov2", "facebookresearch/dinov2 (`mask_token` dropped, otherwise timm's names)",
-             "vit_small_patch14_dinov2", dict(_VIT, img_size=56),
+    TimmSpec("timm_vit_dinov2", "facebookresearch/dinov2, SwiGLU as in ViT-g (`mlp.w12` / `w3`, `mask_token` dropped)",
+             "vit_small_patch14_dinov2", {**_VIT, "img_size": 56, "mlp_ratio": 2.66667 * 2, "mlp_layer": "swiglu"},
              "timm.models.vision_transformer:checkpoint_filter_fn", _dinov2_invert, _dinov2_extra),
     TimmSpec("timm_deit3_fb", "facebookresearch/deit, DeiT III (layer scale as `blocks.N.gamma_1/2`)",
              "deit3_small_patch16_224", {**_VIT, "img_size": 64},
@@ -254,12 +254,24 @@ def _load(path: str):
     return functools.partial(f, **kwargs) if kwargs else f
 
 
+def _kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Model keyword arguments; ``mlp_layer="swiglu"`` is ViT-g's packed SwiGLU (``SwiGLUPacked``, SiLU)."""
+    out = dict(kwargs)
+    if out.get("mlp_layer") == "swiglu":
+        from timm.layers import SwiGLUPacked
+
+        out["mlp_layer"] = SwiGLUPacked
+        out["act_layer"] = torch.nn.SiLU
+    return out
+
+
 def _builder(spec: TimmSpec, ZooCase):
     def build():
         import timm
 
         torch.manual_seed(0)
-        target = timm.create_model(spec.model, pretrained=False, **spec.kwargs).eval()
+        kwargs = _kwargs(spec.kwargs)
+        target = timm.create_model(spec.model, pretrained=False, **kwargs).eval()
         filter_fn = _load(spec.filter_fn)
         source_sd: dict[str, torch.Tensor] = {}
         source_model = None
@@ -277,7 +289,7 @@ def _builder(spec: TimmSpec, ZooCase):
                                   else value.clone().reshape(src_shape))
         for key, value in spec.extra(target).items():
             source_sd.setdefault(key, value)
-        model_for_filter = timm.create_model(spec.model, pretrained=False, **spec.kwargs).eval()
+        model_for_filter = timm.create_model(spec.model, pretrained=False, **kwargs).eval()
 
         def convert(sd: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
             if spec.with_model:

@@ -1,7 +1,9 @@
 """The zoo's timm pairs: original-repository checkpoints -> timm, through timm's ``checkpoint_filter_fn``s.
 
-One pair reads a JAX ``.npz`` (BiT) through ``resnetv2._load_weights``, which permutes every
-conv kernel from [H, W, in, out] to [out, in, H, W]: no rename or transpose reproduces that.
+Two pairs read a JAX ``.npz``: BiT through ``resnetv2._load_weights``, which permutes every conv
+kernel from [H, W, in, out] to [out, in, H, W] (no rename or transpose reproduces that), and an
+AugReg ViT through ``vision_transformer._load_weights``, which flattens, transposes and
+concatenates the per-head q / k / v kernels into ``qkv``.
 
 Where the source model is installed (torchvision's RegNets, which timm's ``regnet._filter_fn``
 converts), its own state dict is the source. Otherwise the original models (Facebook's ConvNeXt, Microsoft's Swin, OpenAI's CLIP, Meta's DINOv2 and
@@ -340,24 +342,60 @@ def _bit_layout(model, prefix: str = "resnet/") -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _bit_builder(ZooCase):
+# --------------------------------------------------------------------------- ViT (google-research/vision_transformer, JAX .npz)
+def _vit_jax_model():
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_base_patch16_224", pretrained=False, embed_dim=48, depth=2, num_heads=3,
+                             img_size=32, patch_size=8, num_classes=10).eval()
+
+
+def _vit_jax_layout(model) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes of an AugReg ViT ``.npz`` for ``model``: what ``vision_transformer._load_weights`` reads."""
+    d = model.embed_dim
+    heads = model.blocks[0].attn.num_heads
+    hd = d // heads
+    hidden = model.blocks[0].mlp.fc1.weight.shape[0]
+    out = {"embedding/kernel": _hwio(tuple(model.patch_embed.proj.weight.shape)), "embedding/bias": (d,),
+           "cls": tuple(model.cls_token.shape),
+           "Transformer/posembed_input/pos_embedding": tuple(model.pos_embed.shape)}
+    for i in range(len(model.blocks)):
+        bp = f"Transformer/encoderblock_{i}/"
+        mha = bp + "MultiHeadDotProductAttention_1/"
+        out.update({bp + "LayerNorm_0/scale": (d,), bp + "LayerNorm_0/bias": (d,)})
+        for n in ("query", "key", "value"):
+            out[f"{mha}{n}/kernel"] = (d, heads, hd)
+            out[f"{mha}{n}/bias"] = (heads, hd)
+        out.update({mha + "out/kernel": (heads, hd, d), mha + "out/bias": (d,),
+                    bp + "LayerNorm_2/scale": (d,), bp + "LayerNorm_2/bias": (d,),
+                    bp + "MlpBlock_3/Dense_0/kernel": (d, hidden), bp + "MlpBlock_3/Dense_0/bias": (hidden,),
+                    bp + "MlpBlock_3/Dense_1/kernel": (hidden, d), bp + "MlpBlock_3/Dense_1/bias": (d,)})
+    out.update({"Transformer/encoder_norm/scale": (d,), "Transformer/encoder_norm/bias": (d,),
+                "head/kernel": (d, model.head.weight.shape[0]), "head/bias": (model.head.weight.shape[0],)})
+    return out
+
+
+def _npz_builder(ZooCase, make_model, layout, loader: str):
+    """A JAX ``.npz`` checkpoint in ``layout(model)``, loaded by timm's ``loader(model, path)``."""
+
     def build():
         import tempfile
         from pathlib import Path
 
         import numpy as np
-        from timm.models.resnetv2 import _load_weights
 
-        target = _bit_model()
-        source_sd = {k: torch.randn(shape) for k, shape in _bit_layout(target).items()}
+        load_weights = _load(loader)
+        target = make_model()
+        source_sd = {k: torch.randn(shape) for k, shape in layout(target).items()}
 
         def convert(sd: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-            model = _bit_model().double()
-            with tempfile.TemporaryDirectory(prefix="zoo_bit_") as tmp:
-                path = Path(tmp) / "bit.npz"
+            model = make_model().double()
+            with tempfile.TemporaryDirectory(prefix="zoo_npz_") as tmp:
+                path = Path(tmp) / "checkpoint.npz"
                 np.savez(path, **{k: v.numpy() for k, v in sd.items()})
                 with torch.no_grad():
-                    _load_weights(model, str(path))
+                    load_weights(model, str(path))
             return model.state_dict()
 
         return ZooCase(source_sd, target, convert, None)
@@ -371,5 +409,11 @@ def timm_pairs(ZooPair, ZooCase) -> list:
     pairs.append(ZooPair(
         "timm_bit_jax", "timm", "google-research/big_transfer JAX `.npz` (`resnet/block1/unit01/a/standardized_conv2d/kernel`, "
         "HWIO kernels)", "timm ResNetV2 (BiT, 4 blocks)", "timm.models.resnetv2._load_weights (HWIO -> OIHW permute)",
-        _bit_builder(ZooCase), ("timm",)))
+        _npz_builder(ZooCase, _bit_model, _bit_layout, "timm.models.resnetv2:_load_weights"), ("timm",)))
+    pairs.append(ZooPair(
+        "timm_vit_jax", "timm", "google-research/vision_transformer AugReg JAX `.npz` (`Transformer/encoderblock_0/"
+        "MultiHeadDotProductAttention_1/query/kernel` [d, heads, head_dim]...)", "timm vit_base_patch16_224 (small)",
+        "timm.models.vision_transformer._load_weights (q, k, v kernels flattened, transposed and concatenated)",
+        _npz_builder(ZooCase, _vit_jax_model, _vit_jax_layout, "timm.models.vision_transformer:_load_weights"),
+        ("timm",)))
     return pairs

@@ -707,17 +707,22 @@ def _candidates(proof: _Proof, first: ModuleCheck, checks: list[ModuleCheck]):
             yield (f"{e.target} transposed" if e.transform is None else f"{e.target} not transposed",
                    {i: replace(e, transform=None if e.transform else "transpose", args={})})
 
-    # 3. the order of a concatenation's parts
+    # 3. the order of a concatenation's parts (a module's weight and bias concatenated alike)
+    concats: dict[tuple[str, int], list[int]] = {}
     for i in suspects:
-        e = entries[i]
-        if e.transform == "concat" and 2 <= len(e.source) <= 4:
-            shapes = e.args.get("source_shapes") or [list(e.source_shape)] * len(e.source)
-            for perm in itertools.permutations(range(len(e.source))):
-                if list(perm) == list(range(len(e.source))):
-                    continue
+        if entries[i].transform == "concat" and 2 <= len(entries[i].source) <= 4:
+            concats.setdefault((_owner(entries[i].target), len(entries[i].source)), []).append(i)
+    for (module, n_parts), group in concats.items():
+        for perm in itertools.permutations(range(n_parts)):
+            if list(perm) == list(range(n_parts)):
+                continue
+            change = {}
+            for i in group:
+                e = entries[i]
+                shapes = e.args.get("source_shapes") or [list(e.source_shape)] * n_parts
                 args = {**e.args, "sizes": [e.args["sizes"][p] for p in perm], "source_shapes": [shapes[p] for p in perm]}
-                yield (f"{e.target}: concat order {[e.source[p] for p in perm]}",
-                       {i: replace(e, source=tuple(e.source[p] for p in perm), args=args)})
+                change[i] = replace(e, source=tuple(e.source[p] for p in perm), args=args)
+            yield f"{module or '(root)'}: concat order {list(perm)}", change
 
     # 4. runner-up assignments: exchange the sources of two equally shaped entries: the unproved
     #    ones below the module first, then the flagged ones, then the rest below it (two modules

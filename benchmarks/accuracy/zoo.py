@@ -162,7 +162,7 @@ def _mapper(way: str, case: ZooCase, source_sd: dict[str, torch.Tensor], sorted_
     raise ValueError(way)
 
 
-def run_zoo_pair(pair: ZooPair, ways: Sequence[str], *, seed: int = 0) -> dict[str, Any]:
+def run_zoo_pair(pair: ZooPair, ways: Sequence[str], *, seed: int = 0, strategy: str = STRATEGY) -> dict[str, Any]:
     """Build the pair, read its ground truth, and score every way (crashes become rows)."""
     from safetensors.torch import save_file
 
@@ -215,10 +215,10 @@ def run_zoo_pair(pair: ZooPair, ways: Sequence[str], *, seed: int = 0) -> dict[s
                 row["s"] = time.perf_counter() - start
                 continue
             setup_s = time.perf_counter() - start
-            for label, strategy in (("ours", STRATEGY), ("baseline", BASELINE)):
+            for label, name in (("ours", strategy), ("baseline", BASELINE)):
                 start = time.perf_counter()
                 try:
-                    mapper.suggest_mapping(strategy=strategy)
+                    mapper.suggest_mapping(strategy=name)
                     plan = mapper.get_plan()
                     suggest_s = time.perf_counter() - start
                     row[label] = score_way(plan, truth, gt["converted"], gt["tracer"])
@@ -348,8 +348,36 @@ def failures(records: Sequence[dict], n: int = 3) -> str:
     return "\n".join(out) or "(none)"
 
 
+_COUNTS = ("exact", "unflagged_wrong", "flagged_wrong", "missed", "false_alarms")
+
+
+def _counts(report: dict) -> dict[tuple[str, str], str]:
+    out = {}
+    for p in report["pairs"]:
+        for row in p.get("ways", ()):
+            if "skipped" in row:
+                continue
+            r = {"crash": row["crash"]} if "crash" in row else row.get("ours", {})
+            if "crash" in r:
+                out[(p["name"], row["way"])] = f"crash {r['crash']['type']} at {r['crash']['where']}"
+            else:
+                out[(p["name"], row["way"])] = ", ".join(f"{k} {r[k]}" for k in _COUNTS)
+    return out
+
+
+def compare(old: dict, new: dict) -> str:
+    """Every (pair, way) of ``new`` whose counts (or crash) differ from ``old``'s, one line each."""
+    a, b = _counts(old), _counts(new)
+    lines = []
+    for key in sorted(b):
+        if a.get(key) != b.get(key):
+            lines.append(f"- {key[0]} / {key[1]}: {a.get(key, 'not run')} -> {b.get(key, 'not run')}")
+    return "\n".join(lines) or "(no change)"
+
+
 def render(report: dict) -> str:
     m = report["meta"]
+    strategy = m.get("strategy", STRATEGY)
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
     return "\n".join([
         f"Measured on commit {m['git']} ({m['date']}; {m['machine']}; {versions}); {m['total_s']:.0f} s in all.",
@@ -359,11 +387,11 @@ def render(report: dict) -> str:
         "",
         pairs_table(report["pairs"]),
         "",
-        f"Totals per way (`{STRATEGY}`; baseline `{BASELINE}`):",
+        f"Totals per way (`{strategy}`; baseline `{BASELINE}`):",
         "",
         summary(report["pairs"]),
         "",
-        f"Per pair and way (`{STRATEGY}`; baseline `{BASELINE}`, the positional matcher):",
+        f"Per pair and way (`{strategy}`; baseline `{BASELINE}`, the positional matcher):",
         "",
         results_table(report["pairs"]),
     ])
@@ -390,6 +418,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON,
                         help=f"where to write results (default {DEFAULT_JSON.relative_to(REPO_ROOT)})")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--strategy", default=STRATEGY, choices=("best_match", "greedy", "conservative"),
+                        help=f"the strategy scored (default {STRATEGY}); the baseline is always {BASELINE}")
+    parser.add_argument("--compare", type=Path, metavar="OLD_JSON",
+                        help="also print every (pair, way) whose counts differ from a saved run")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared 2-core machine more threads make it far slower)")
     parser.add_argument("--update-readme", action="store_true", help="rewrite the zoo table in benchmarks/README.md")
@@ -397,8 +429,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="print (and with --update-readme paste) the tables of a saved run instead of running")
     args = parser.parse_args(argv)
     if args.render is not None:
-        text = render(json.loads(args.render.read_text()))
+        report = json.loads(args.render.read_text())
+        text = render(report)
         print(text)
+        if args.compare is not None:
+            print("\nChanges against " + str(args.compare) + ":\n" + compare(json.loads(args.compare.read_text()), report))
         if args.update_readme:
             replace_between(README, _BEGIN, _END, text)
             print(f"updated {README}")
@@ -418,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             records.append({"name": pair.name, "skipped": f"{', '.join(missing)} not importable"})
             continue
         print(f"[{pair.name}] running ...", file=sys.stderr, flush=True)
-        records.append(run_zoo_pair(pair, ways, seed=args.seed))
+        records.append(run_zoo_pair(pair, ways, seed=args.seed, strategy=args.strategy))
         print(f"[{pair.name}] done in {records[-1]['total_s']:.1f} s", file=sys.stderr, flush=True)
         gc.collect()
 
@@ -428,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
             "machine": _machine(), "versions": _zoo_versions(), "git": git_state(),
             "command": f"{_interpreter()} -m benchmarks.accuracy.zoo {argv_shown}".strip(),
-            "ways": ways, "strategy": STRATEGY, "baseline": BASELINE, "seed": args.seed,
+            "ways": ways, "strategy": args.strategy, "baseline": BASELINE, "seed": args.seed,
             "total_s": time.perf_counter() - start,
         },
         "pairs": records,
@@ -436,6 +471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = render(report)
     print(text)
     print("\nCrashes and unflagged wrong entries (first few per pair and way):\n" + failures(records))
+    if args.compare is not None:
+        print("\nChanges against " + str(args.compare) + ":\n" + compare(json.loads(args.compare.read_text()), report))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
     print(f"\nwrote {args.json}")

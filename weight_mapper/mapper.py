@@ -13,6 +13,7 @@ from torch import nn
 
 from weight_mapper.assign import MAX_ROUNDS, assign
 from weight_mapper.combine import combine
+from weight_mapper.conventions import infer_storage
 from weight_mapper.errors import MappingError
 from weight_mapper.plan import MappingPlan, build_plan
 from weight_mapper.score import validate_incompatible_pairs, validate_weights
@@ -88,6 +89,9 @@ class WeightMapper:
             self.source_table = self.source_table.with_module(source_model, exec_order=orders[0])
         self.target_table = _to_table(target_module, orders[1], "target")
         self.source_prefix = _strip_prefix(self, source_prefix)
+        # Untyped sides (state dicts): read their [in, out] storage off the non-square weights.
+        self.source_table = infer_storage(self.source_table, self.target_table)
+        self.target_table = infer_storage(self.target_table, self.source_table)
         self.plan: MappingPlan | None = None
 
     # ------------------------------------------------------------------ constructors

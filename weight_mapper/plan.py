@@ -18,6 +18,7 @@ import numpy as np
 
 from weight_mapper.assign import AMBIGUITY_MARGIN, Assignment
 from weight_mapper.combine import Combination
+from weight_mapper.conventions import TransposeVote, transpose_votes
 from weight_mapper.score import TRANSPOSED_TYPES
 from weight_mapper.errors import PlanError
 from weight_mapper.table import TensorTable
@@ -30,6 +31,10 @@ PLAN_FORMAT_VERSION = 1
 #: What each entry flag means (shown in reports and views).
 FLAG_DESCRIPTIONS = {
     "order_only": "decided by order alone: names and shapes could not tell the candidates apart",
+    "transpose_unknown": "a square 2-D weight whose storage ([out, in] or [in, out]) neither module types nor "
+                         "any non-square weight of its kind shows: copied untransposed, check it",
+    "transpose_split": "a square 2-D weight transposed (or not) by a split majority of the non-square "
+                       "weights of its kind",
 }
 
 #: The ways an entry can have been established (``PlanEntry.provenance``).
@@ -316,11 +321,12 @@ def build_plan(
     filled_tgt: set[int] = set()
     src_aliases = _alias_lists(src_table)
     tgt_aliases = _alias_lists(tgt_table)
+    votes = transpose_votes(src_table, tgt_table, zip(assignment.src.tolist(), assignment.tgt.tolist()))
     for k in range(len(assignment.src)):
         s, t = int(assignment.src[k]), int(assignment.tgt[k])
         components = {c: float(v[k]) for c, v in assignment.components.items()}
         entry = _entry(src_table, tgt_table, s, t, float(assignment.score[k]), float(assignment.margin[k]),
-                       str(assignment.level[k]), components, source_prefix)
+                       str(assignment.level[k]), components, source_prefix, votes.get((s, t)))
         if withhold_ambiguous and entry.flagged:
             withheld.append(entry)
             continue
@@ -332,7 +338,8 @@ def build_plan(
         s_names, t_names = src_aliases.get(s, [s]), tgt_aliases.get(t, [t])
         for i, t_alias in enumerate(t_names[1:], start=1):
             s_alias = s_names[min(i, len(s_names) - 1)]
-            entries.append(_entry(src_table, tgt_table, s_alias, t_alias, 1.0, 1.0, "alias", {}, source_prefix))
+            entries.append(_entry(src_table, tgt_table, s_alias, t_alias, 1.0, 1.0, "alias", {}, source_prefix,
+                                  votes.get((s, t))))
             filled_tgt.add(t_alias)
         used_src.update(s_names)
     for c in combinations:
@@ -417,9 +424,15 @@ def transform_for(s_shape, t_shape, s_type: str = "", t_type: str = "") -> tuple
     return None, {}
 
 
-def _entry(src_table, tgt_table, s, t, score, margin, level, components, prefix) -> PlanEntry:
+def _entry(src_table, tgt_table, s, t, score, margin, level, components, prefix,
+           vote: TransposeVote | None = None) -> PlanEntry:
+    """The entry of one match; ``vote`` decides a square 2-D weight the module types leave open."""
     s_shape, t_shape = src_table.shapes[s], tgt_table.shapes[t]
     transform, args = transform_for(s_shape, t_shape, src_table.module_types[s], tgt_table.module_types[t])
+    flags: tuple[str, ...] = ()
+    if vote is not None:
+        transform, args = ("transpose" if vote.transpose else None), vote.args()
+        flags = (vote.flag,) if vote.flag else ()
     return PlanEntry(
         source=(prefix + src_table.names[s],),
         target=tgt_table.names[t],
@@ -431,4 +444,5 @@ def _entry(src_table, tgt_table, s, t, score, margin, level, components, prefix)
         target_shape=t_shape,
         components=components,
         args=args,
+        flags=flags,
     )

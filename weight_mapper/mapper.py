@@ -12,7 +12,7 @@ import numpy as np
 from torch import nn
 
 from weight_mapper.assign import MAX_ROUNDS, assign
-from weight_mapper.combine import combine
+from weight_mapper.combine import combine, split
 from weight_mapper.conventions import infer_storage
 from weight_mapper.errors import MappingError
 from weight_mapper.plan import MappingPlan, build_plan
@@ -196,7 +196,7 @@ class WeightMapper:
         )
         assignment = assign(self.source_table, self.target_table, **options)
         if progress is not None:
-            progress("combined matches: looking for concat / stack candidates")
+            progress("combined matches: looking for concat / stack / split candidates")
         combinations = combine(
             self.source_table,
             self.target_table,
@@ -205,11 +205,20 @@ class WeightMapper:
             threshold=threshold,
             incompatible_pairs=self.incompatible_pairs,
         ) if strategy != "shape_only" else []
-        if combinations:  # re-match 1:1 without the tensors the combinations take
+        splits = split(
+            self.source_table,
+            self.target_table,
+            assignment,
+            weights=weights,
+            threshold=threshold,
+            incompatible_pairs=self.incompatible_pairs,
+            taken=combinations,
+        ) if strategy != "shape_only" else []
+        if combinations or splits:  # re-match 1:1 without the tensors the combinations and splits take
             assignment = assign(
                 self.source_table, self.target_table, **options,
-                skip_src=np.array([r for c in combinations for r in c.src], dtype=np.int64),
-                skip_tgt=np.array([c.tgt for c in combinations], dtype=np.int64),
+                skip_src=np.array([r for c in combinations for r in c.src] + [c.tgt for c in splits], dtype=np.int64),
+                skip_tgt=np.array([c.tgt for c in combinations] + [r for c in splits for r in c.src], dtype=np.int64),
             )
         self._assignment = assignment
         self.plan = build_plan(
@@ -222,6 +231,7 @@ class WeightMapper:
             withhold_ambiguous=withhold,
             source_prefix=self.source_prefix,
             combinations=combinations,
+            splits=splits,
         )
         return self.plan.mapping
 

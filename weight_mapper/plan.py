@@ -51,8 +51,9 @@ class PlanEntry:
         transform: Name of a registered transform, ``None`` for a plain copy.
         score: Combined similarity in [0, 1]; 1.0 for aliases of a matched tensor.
         margin: Score minus the best alternative's; small means ambiguous.
-        level: ``"group"``, ``"tensor"``, ``"combined"`` (several sources, concat / stack) or
-            ``"alias"`` (tied weight filled from its twin).
+        level: ``"group"``, ``"tensor"``, ``"combined"`` (several sources, concat / stack),
+            ``"split"`` (a piece of one fused source: slice / index) or ``"alias"`` (tied weight
+            filled from its twin).
         source_shape, target_shape: Shapes on both sides.
         components: ``shape``, ``name``, ``hierarchy`` and ``context`` scores (NaN: not used).
         args: Arguments of the transform (``{"dim": 0, "sizes": [...]}`` for ``concat``...).
@@ -303,6 +304,7 @@ def build_plan(
     withhold_ambiguous: bool = False,
     source_prefix: str = "",
     combinations: Sequence[Combination] = (),
+    splits: Sequence[Combination] = (),
 ) -> MappingPlan:
     """Turn matched rows into named entries, expand tied weights, collect the unmatched.
 
@@ -314,6 +316,9 @@ def build_plan(
             ``plan.ambiguous`` instead of using them.
         source_prefix: Wrapper prefix stripped from the source table; put back on entry keys.
         combinations: Concat / stack matches from :func:`weight_mapper.combine.combine`.
+        splits: Fused sources split over several targets, from :func:`weight_mapper.combine.split`
+            (each as the combination of target rows that rebuilds its source row); one
+            ``slice`` / ``index`` / ``slice_index`` entry per target, level ``"split"``.
     """
     entries: list[PlanEntry] = []
     withheld: list[PlanEntry] = []
@@ -361,6 +366,14 @@ def build_plan(
         entries.append(entry)
         used_src.update(c.src)
         filled_tgt.add(c.tgt)
+    for c in splits:
+        pieces = _split_entries(src_table, tgt_table, c, source_prefix)
+        if withhold_ambiguous and any(p.flagged for p in pieces):
+            withheld.extend(pieces)
+            continue
+        entries.extend(pieces)
+        used_src.add(c.tgt)
+        filled_tgt.update(c.src)
     entries.sort(key=lambda e: tgt_table.name2row[e.target])
     unmatched_src = tuple(source_prefix + n for r, n in enumerate(src_table.names) if r not in used_src and src_table.is_canonical[r])
     unmatched_tgt = tuple(n for r, n in enumerate(tgt_table.names) if r not in filled_tgt)
@@ -378,6 +391,23 @@ def build_plan(
         target_label=tgt_table.label,
         source_prefix=source_prefix,
     )
+
+
+def _split_entries(src_table: TensorTable, tgt_table: TensorTable, c: Combination, prefix: str) -> list[PlanEntry]:
+    """The entries of a split: the inverse of the combination of targets that rebuilds the source."""
+    merged = PlanEntry(
+        source=tuple(tgt_table.names[r] for r in c.src),
+        target=prefix + src_table.names[c.tgt],
+        transform=c.transform,
+        score=c.score,
+        margin=c.margin,
+        level="split",
+        source_shape=tgt_table.shapes[c.src[0]],
+        target_shape=src_table.shapes[c.tgt],
+        components=dict(c.components),
+        args=_combined_args(tgt_table, c),
+    )
+    return invert_entries([merged])
 
 
 def _alias_lists(table: TensorTable) -> dict[int, list[int]]:

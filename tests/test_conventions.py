@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from reference_encoders import LinearGPT2
 from safetensors.torch import save_file
 from torch import nn
 
-from reference_encoders import LinearGPT2
 from weight_mapper import MappingPlan, WeightMapper, apply_plan
 from weight_mapper.conventions import infer_storage, transpose_votes
 from weight_mapper.plan import FLAG_DESCRIPTIONS

@@ -26,7 +26,7 @@ from weight_mapper.names import name_skeleton
 from weight_mapper.score import INFERRED_IN_OUT, LINEAR_TYPES
 from weight_mapper.table import TensorTable
 
-__all__ = ["TransposeVote", "infer_storage", "needs_vote", "transpose_votes", "square_decision"]
+__all__ = ["TransposeVote", "infer_storage", "needs_vote", "square_decision", "transpose_votes"]
 
 
 def _kind(table: TensorTable, row: int) -> str:

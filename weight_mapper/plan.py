@@ -141,6 +141,9 @@ class MappingPlan:
         source_label, target_label: Where the two sides came from.
         source_prefix: Wrapper prefix (``module.``) found on every source key and ignored
             while matching; entries keep the full checkpoint keys.
+        flow_sources: Where each side's data-flow positions came from: ``"dummy_input"``,
+            ``"fx"``, ``"meta-synthetic"``, ``"real-synthetic"`` or ``"none"``
+            (see :data:`weight_mapper.flow.FLOW_SOURCES`).
     """
 
     entries: tuple[PlanEntry, ...]
@@ -155,6 +158,7 @@ class MappingPlan:
     source_label: str = ""
     target_label: str = ""
     source_prefix: str = ""
+    flow_sources: tuple[str, str] = ("none", "none")
 
     # ------------------------------------------------------------------ views
     @property
@@ -204,6 +208,7 @@ class MappingPlan:
             source_label=self.target_label,
             target_label=self.source_label,
             source_prefix="",
+            flow_sources=self.flow_sources[::-1],
         )
 
     # ------------------------------------------------------------------ JSON
@@ -214,6 +219,7 @@ class MappingPlan:
             "source_label": self.source_label,
             "target_label": self.target_label,
             "source_prefix": self.source_prefix,
+            "flow_sources": list(self.flow_sources),
             "strategy": self.strategy,
             "threshold": self.threshold,
             "weights": dict(self.weights),
@@ -253,6 +259,7 @@ class MappingPlan:
             source_label=str(data.get("source_label", "")),
             target_label=str(data.get("target_label", "")),
             source_prefix=str(data.get("source_prefix", "")),
+            flow_sources=tuple(str(x) for x in data.get("flow_sources", ("none", "none"))),
         )
 
     def to_json(self, path: str | Path | None = None, *, indent: int = 2) -> str:
@@ -305,6 +312,7 @@ def build_plan(
     source_prefix: str = "",
     combinations: Sequence[Combination] = (),
     splits: Sequence[Combination] = (),
+    flow_sources: tuple[str, str] = ("none", "none"),
 ) -> MappingPlan:
     """Turn matched rows into named entries, expand tied weights, collect the unmatched.
 
@@ -319,6 +327,7 @@ def build_plan(
         splits: Fused sources split over several targets, from :func:`weight_mapper.combine.split`
             (each as the combination of target rows that rebuilds its source row); one
             ``slice`` / ``index`` / ``slice_index`` entry per target, level ``"split"``.
+        flow_sources: Where each side's data-flow positions came from; recorded in the plan.
     """
     entries: list[PlanEntry] = []
     withheld: list[PlanEntry] = []
@@ -390,6 +399,7 @@ def build_plan(
         source_label=src_table.label,
         target_label=tgt_table.label,
         source_prefix=source_prefix,
+        flow_sources=tuple(flow_sources),
     )
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from weight_mapper.assign import MAX_ROUNDS, assign
 from weight_mapper.combine import combine, split
-from weight_mapper.conventions import infer_storage
+from weight_mapper.storage import infer_storage
 from weight_mapper.errors import MappingError
 from weight_mapper.plan import MappingPlan, build_plan
 from weight_mapper.score import validate_incompatible_pairs, validate_weights

@@ -18,7 +18,7 @@ import numpy as np
 
 from weight_mapper.assign import AMBIGUITY_MARGIN, Assignment
 from weight_mapper.combine import Combination
-from weight_mapper.conventions import TransposeVote, transpose_votes
+from weight_mapper.storage import TransposeVote, transpose_votes
 from weight_mapper.score import TRANSPOSED_TYPES
 from weight_mapper.errors import PlanError
 from weight_mapper.table import TensorTable

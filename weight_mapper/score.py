@@ -69,7 +69,7 @@ TRANSPOSED_SCORE = 0.7  # shape score of a 2-D tensor whose target has the rever
 # it is square (the shapes alone cannot tell).
 # INFERRED_IN_OUT is not a class: it marks the modules of a state dict (no types) whose 2-D
 # weights its non-square ones show stored [in, out] against the other side's nn.Linear layers
-# (:func:`weight_mapper.conventions.infer_storage`).
+# (:func:`weight_mapper.storage.infer_storage`).
 INFERRED_IN_OUT = "[in, out]"
 LINEAR_TYPES = ("Linear", "NonDynamicallyQuantizableLinear")
 TRANSPOSED_TYPES: frozenset[tuple[str, str]] = frozenset(

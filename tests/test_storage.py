@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from weight_mapper import MappingPlan, WeightMapper, apply_plan
-from weight_mapper.conventions import infer_storage, transpose_votes
+from weight_mapper.storage import infer_storage, transpose_votes
 from weight_mapper.plan import FLAG_DESCRIPTIONS
 from weight_mapper.score import INFERRED_IN_OUT
 from weight_mapper.table import TensorTable

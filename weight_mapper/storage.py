@@ -1,4 +1,4 @@
-"""Stage 5a: a checkpoint's storage conventions, read off its unambiguous tensors.
+"""Stage 5a: how a checkpoint stores its 2-D weights, read off its unambiguous tensors.
 
 A square 2-D weight looks the same stored ``[out, in]`` (``nn.Linear``) or ``[in, out]``
 (Hugging Face's ``Conv1D``); its shape cannot say whether it must be transposed. Its

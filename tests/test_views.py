@@ -56,9 +56,9 @@ def batchnormed(**options) -> WeightMapper:
 def norms(**options) -> WeightMapper:
     """Two norms that only their names tell apart, from an unordered (safetensors-like) source."""
     source = TensorTable.from_state_dict(
-        {"layers.0.in_norm.weight": (8,), "layers.0.post_norm.weight": (8,), "layers.0.attn.weight": (8, 8)},
+        {"layers.0.in_norm.weight": (8,), "layers.0.post_norm.weight": (8,), "layers.0.attn.weight": (8, 16)},
         natural_order=True, label="hf.safetensors")
-    target = {"layers.0.sa_norm.weight": (8,), "layers.0.mlp_norm.weight": (8,), "layers.0.attention.weight": (8, 8)}
+    target = {"layers.0.sa_norm.weight": (8,), "layers.0.mlp_norm.weight": (8,), "layers.0.attention.weight": (8, 16)}
     mapper = WeightMapper(source, target)
     mapper.suggest_mapping(**options)
     return mapper
@@ -220,11 +220,11 @@ MAPPING_AMBIGUOUS = """\
 ╰───────────────────────────────────────────────────────────────────────────╯
 
 Matches
-source                     target                     score  transform  level  shape   margin
-───────────────────────────────────────────────────────────────────────────────────────────────
-layers.0.in_norm.weight    layers.0.sa_norm.weight    0.951  exact      GROUP  [8]     ⚠ 0.004
-layers.0.post_norm.weight  layers.0.mlp_norm.weight   0.944  exact      GROUP  [8]     ⚠ -0.003
-layers.0.attn.weight       layers.0.attention.weight  1.000  exact      GROUP  [8, 8]
+source                     target                     score  transform  level  shape    margin
+────────────────────────────────────────────────────────────────────────────────────────────────
+layers.0.in_norm.weight    layers.0.sa_norm.weight    0.951  exact      GROUP  [8]      ⚠ 0.004
+layers.0.post_norm.weight  layers.0.mlp_norm.weight   0.944  exact      GROUP  [8]      ⚠ -0.003
+layers.0.attn.weight       layers.0.attention.weight  1.000  exact      GROUP  [8, 16]
 score: green > 0.8, yellow 0.6-0.8, red < 0.6
 ⚠ ambiguous: margin (score minus the runner-up's) under 0.02
 """
@@ -244,8 +244,8 @@ MAPPING_WITHHELD = """\
 
 Matches
 source                target                     score  transform  level  shape
-────────────────────────────────────────────────────────────────────────────────
-layers.0.attn.weight  layers.0.attention.weight  1.000  exact      GROUP  [8, 8]
+─────────────────────────────────────────────────────────────────────────────────
+layers.0.attn.weight  layers.0.attention.weight  1.000  exact      GROUP  [8, 16]
 score: green > 0.8, yellow 0.6-0.8, red < 0.6
 
 Withheld as ambiguous (not in the plan)

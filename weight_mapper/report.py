@@ -73,6 +73,8 @@ def analysis_renderable(plan: MappingPlan, *, top_n: int = 10, show_unmatched: b
     summary.append(f"unmatched: {len(plan.unmatched_source)} source, {len(plan.unmatched_target)} target")
     if plan.source_prefix:
         summary.append(plain(f"\nsource prefix {plan.source_prefix!r} ignored while matching").plain)
+    if tuple(plan.flow_sources) != ("none", "none"):
+        summary.append(f"\ndata flow: {plan.flow_sources[0]} (source), {plan.flow_sources[1]} (target)")
     n_ambiguous = sum(e.ambiguous for e in plan.entries)
     if n_ambiguous:
         summary.append(f"\n{n_ambiguous} matches are ambiguous (runner-up within the margin): review them", style="yellow")

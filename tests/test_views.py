@@ -72,23 +72,24 @@ MAPPING_PARTIAL = """\
 │ coverage          ████████████████░░░░ 7/9 target tensors filled (77.8%) │
 │ matched           7: 6 GROUP, 1 INDIV; 0 ambiguous                       │
 │ transforms        7 exact                                                │
+│ review            0 flagged, 0 repaired, 7 unproved, 0 proved            │
 │ unmatched         1 source, 2 target                                     │
 │ threshold         0.60                                                   │
 │ strategy          best_match                                             │
 │ hierarchy rounds  2 group-level + 2 tensor-level, converged              │
 ╰──────────────────────────────────────────────────────────────────────────╯
 
-Matches
-source               target               score  transform  level  shape
-─────────────────────────────────────────────────────────────────────────────────
-backbone.0.weight    backbone.0.weight    1.000  exact      INDIV  [16, 3, 3, 3]
-backbone.2.weight    backbone.2.weight    0.991  exact      GROUP  [32, 16, 3, 3]
-backbone.2.bias      backbone.2.bias      0.991  exact      GROUP  [32]
-classifier.0.weight  classifier.0.weight  0.989  exact      GROUP  [64, 32]
-classifier.0.bias    classifier.0.bias    0.989  exact      GROUP  [64]
-classifier.2.weight  classifier.2.weight  0.987  exact      GROUP  [10, 64]
-classifier.2.bias    classifier.2.bias    0.987  exact      GROUP  [10]
-score: green > 0.8, yellow 0.6-0.8, red < 0.6
+Matches, riskiest first
+source               target               score  margin  transform  level  shape
+─────────────────────────────────────────────────────────────────────────────────────────
+classifier.2.weight  classifier.2.weight  0.987   0.987  exact      GROUP  [10, 64]
+classifier.2.bias    classifier.2.bias    0.987   0.987  exact      GROUP  [10]
+classifier.0.weight  classifier.0.weight  0.989   0.989  exact      GROUP  [64, 32]
+classifier.0.bias    classifier.0.bias    0.989   0.989  exact      GROUP  [64]
+backbone.2.weight    backbone.2.weight    0.991   0.991  exact      GROUP  [32, 16, 3, 3]
+backbone.2.bias      backbone.2.bias      0.991   0.991  exact      GROUP  [32]
+backbone.0.weight    backbone.0.weight    1.000   1.000  exact      INDIV  [16, 3, 3, 3]
+score: green > 0.8, yellow 0.6-0.8, red < 0.6; margin: score minus the runner-up's
 
 Unmatched
 source (1)       shape  target (2)    shape
@@ -129,21 +130,22 @@ MAPPING_BN_TOP4 = """\
 │ coverage          ████████████████████ 14/14 target tensors filled (100.0%) │
 │ matched           14: 14 GROUP; 0 ambiguous                                 │
 │ transforms        14 exact                                                  │
+│ review            0 flagged, 0 repaired, 14 unproved, 0 proved              │
 │ unmatched         0 source, 0 target                                        │
 │ threshold         0.60                                                      │
 │ strategy          best_match                                                │
 │ hierarchy rounds  2 group-level + 1 tensor-level, converged                 │
 ╰─────────────────────────────────────────────────────────────────────────────╯
 
-Matches
-source            target                  score  transform  level  shape
-────────────────────────────────────────────────────────────────────────
-bn1.weight        stem.norm.weight        0.795  exact      GROUP  [8]
-bn1.bias          stem.norm.bias          0.795  exact      GROUP  [8]
-bn1.running_mean  stem.norm.running_mean  0.795  exact      GROUP  [8]
-bn1.running_var   stem.norm.running_var   0.795  exact      GROUP  [8]
-4 of 14 shown: the ambiguous and lowest-scoring ones; the other 10 score >= 0.795
-score: green > 0.8, yellow 0.6-0.8, red < 0.6
+Matches, riskiest first
+source            target                  score  margin  transform  level  shape
+────────────────────────────────────────────────────────────────────────────────
+bn1.weight        stem.norm.weight        0.795   0.071  exact      GROUP  [8]
+bn1.bias          stem.norm.bias          0.795   0.071  exact      GROUP  [8]
+bn1.running_mean  stem.norm.running_mean  0.795   0.071  exact      GROUP  [8]
+bn1.running_var   stem.norm.running_var   0.795   0.071  exact      GROUP  [8]
+4 of 14 shown; the other 10: 10 unproved, margin >= 0.071
+score: green > 0.8, yellow 0.6-0.8, red < 0.6; margin: score minus the runner-up's
 """
 
 TREES_BN_DEPTH1 = """\
@@ -213,20 +215,22 @@ MAPPING_AMBIGUOUS = """\
 │ coverage          ████████████████████ 3/3 target tensors filled (100.0%) │
 │ matched           3: 3 GROUP; 2 ambiguous                                 │
 │ transforms        3 exact                                                 │
+│ review            2 flagged, 0 repaired, 1 unproved, 0 proved             │
 │ unmatched         0 source, 0 target                                      │
 │ threshold         0.60                                                    │
 │ strategy          best_match                                              │
 │ hierarchy rounds  2 group-level + 1 tensor-level, converged               │
 ╰───────────────────────────────────────────────────────────────────────────╯
 
-Matches
-source                     target                     score  transform  level  shape   margin
-───────────────────────────────────────────────────────────────────────────────────────────────
-layers.0.in_norm.weight    layers.0.sa_norm.weight    0.951  exact      GROUP  [8]     ⚠ 0.004
-layers.0.post_norm.weight  layers.0.mlp_norm.weight   0.944  exact      GROUP  [8]     ⚠ -0.003
-layers.0.attn.weight       layers.0.attention.weight  1.000  exact      GROUP  [8, 8]
-score: green > 0.8, yellow 0.6-0.8, red < 0.6
-⚠ ambiguous: margin (score minus the runner-up's) under 0.02
+Matches, riskiest first
+source                    target                     score  margin  transform  level  shape   review
+────────────────────────────────────────────────────────────────────────────────────────────────────
+layers.0.post_norm.weigh  layers.0.mlp_norm.weight   0.944  -0.003  exact      GROUP  [8]     ⚠
+t
+layers.0.in_norm.weight   layers.0.sa_norm.weight    0.951   0.004  exact      GROUP  [8]     ⚠
+layers.0.attn.weight      layers.0.attention.weight  1.000   1.000  exact      GROUP  [8, 8]
+score: green > 0.8, yellow 0.6-0.8, red < 0.6; margin: score minus the runner-up's
+⚠ ambiguous: margin under 0.02
 """
 
 MAPPING_WITHHELD = """\
@@ -235,6 +239,7 @@ MAPPING_WITHHELD = """\
 │ coverage          ███████░░░░░░░░░░░░░ 1/3 target tensors filled (33.3%) │
 │ matched           1: 1 GROUP; 0 ambiguous                                │
 │ transforms        1 exact                                                │
+│ review            0 flagged, 0 repaired, 1 unproved, 0 proved            │
 │ unmatched         2 source, 2 target                                     │
 │ withheld          2 ambiguous matches (strategy conservative)            │
 │ threshold         0.75                                                   │
@@ -242,19 +247,19 @@ MAPPING_WITHHELD = """\
 │ hierarchy rounds  2 group-level + 1 tensor-level, converged              │
 ╰──────────────────────────────────────────────────────────────────────────╯
 
-Matches
-source                target                     score  transform  level  shape
-────────────────────────────────────────────────────────────────────────────────
-layers.0.attn.weight  layers.0.attention.weight  1.000  exact      GROUP  [8, 8]
-score: green > 0.8, yellow 0.6-0.8, red < 0.6
+Matches, riskiest first
+source                target                     score  margin  transform  level  shape
+────────────────────────────────────────────────────────────────────────────────────────
+layers.0.attn.weight  layers.0.attention.weight  1.000   1.000  exact      GROUP  [8, 8]
+score: green > 0.8, yellow 0.6-0.8, red < 0.6; margin: score minus the runner-up's
 
-Withheld as ambiguous (not in the plan)
-source                     target                    score  transform  level  shape  margin
-─────────────────────────────────────────────────────────────────────────────────────────────
-layers.0.in_norm.weight    layers.0.sa_norm.weight   0.951  exact      GROUP  [8]    ⚠ 0.004
-layers.0.post_norm.weight  layers.0.mlp_norm.weight  0.944  exact      GROUP  [8]    ⚠ -0.003
-score: green > 0.8, yellow 0.6-0.8, red < 0.6
-⚠ ambiguous: margin (score minus the runner-up's) under 0.02
+Withheld as ambiguous (not in the plan), riskiest first
+source                     target                    score  margin  transform  level  shape  review
+───────────────────────────────────────────────────────────────────────────────────────────────────
+layers.0.post_norm.weight  layers.0.mlp_norm.weight  0.944  -0.003  exact      GROUP  [8]    ⚠
+layers.0.in_norm.weight    layers.0.sa_norm.weight   0.951   0.004  exact      GROUP  [8]    ⚠
+score: green > 0.8, yellow 0.6-0.8, red < 0.6; margin: score minus the runner-up's
+⚠ ambiguous: margin under 0.02
 
 Unmatched
 source (2)                 shape  target (2)                shape
@@ -387,7 +392,7 @@ def test_fused_entries_show_every_source_and_their_own_components():
     plan = MappingPlan((entry,), weights={"shape": 0.5, "name": 0.3, "hierarchy": 0.2})
     mapping = render_view(MappingView(plan, show_unmatched=False))
     assert "1: 1 FUSED; 0 ambiguous" in mapping and "1 concat" in mapping
-    assert "attn.in_proj_weight  0.810  concat     FUSED  [4, 4] + [4, 4] + [4, 4]" in mapping
+    assert "0.810   0.500  concat     FUSED  [4, 4] + [4, 4] + [4, 4] -> [12, 4]" in mapping  # one line
     # What WeightMapper.explain says of a tensor the 1:1 assignment did not match.
     explanation = {"source": "attn.k.weight", "target": "attn.in_proj_weight", "level": None, "candidate": None,
                    "target_label": None, "score": None, "components": None, "sub_scores": {}, "alternatives": [],
@@ -538,7 +543,9 @@ def test_a_combined_entry_with_many_sources_is_one_short_line():
 
     mapper = WeightMapper(ExpertList(8, 16, 4), FusedExperts(8, 16, 4))
     mapper.suggest_mapping()
-    text = render(mapper.visualize_mapping)
+    console = Console(color_system=None, width=120, record=True, file=io.StringIO())
+    mapper.visualize_mapping(console=console)
+    text = console.export_text()
     assert "8 x [16, 8] -> [4, 32, 8]" in text
     assert "experts.1.w1.weight, …," in text and "experts.3.w3.weight (8" in text
     assert "experts.2.w1.weight" not in text

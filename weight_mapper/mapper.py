@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -404,6 +404,41 @@ class WeightMapper:
         from weight_mapper.report import export_report
 
         return export_report(self._require_plan(), output_path)
+
+    def export_review_page(
+        self,
+        path: str | Path,
+        *,
+        explain: Iterable[str] = (),
+        max_breakdowns: int | None = None,
+        title: str | None = None,
+        protected: Iterable[str | Path] = (),
+    ) -> Path:
+        """Write the plan as one self-contained HTML page to review it in (see :mod:`weight_mapper.page`).
+
+        Args:
+            path: The HTML file to write, atomically.
+            explain: Source tensors whose score breakdowns must be in the page.
+            max_breakdowns: Breakdowns (sub-scores, alternatives) embedded besides ``explain``,
+                riskiest entries first; default :data:`weight_mapper.page.MAX_BREAKDOWNS`.
+            title: The page title.
+            protected: Paths the page must never overwrite.
+
+        Raises:
+            MappingError: If a name in ``explain`` is not a source tensor.
+            CheckpointError: If ``path`` is protected or its folder is missing.
+        """
+        from weight_mapper.assign import explain_many
+        from weight_mapper.page import MAX_BREAKDOWNS, breakdown_candidates, export_review_page
+
+        plan = self._require_plan()
+        limit = MAX_BREAKDOWNS if max_breakdowns is None else max_breakdowns
+        names = list(dict.fromkeys([*explain, *breakdown_candidates(plan, limit=limit)]))
+        prefix = plan.source_prefix
+        stripped = [n[len(prefix):] if prefix and n.startswith(prefix) else n for n in names]
+        explanations = dict(zip(names, explain_many(self._assignment, self.source_table, stripped)))
+        return export_review_page(plan, path, source_table=self.source_table, target_table=self.target_table,
+                                  explanations=explanations, title=title, protected=protected)
 
     def visualize_mapping(
         self,

@@ -380,7 +380,8 @@ def render(report: dict) -> str:
     strategy = m.get("strategy", STRATEGY)
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
     return "\n".join([
-        f"Measured on commit {m['git']} ({m['date']}; {m['machine']}; {versions}); {m['total_s']:.0f} s in all.",
+        f"Measured on commit {m['git']} ({m['date']}; {m['machine']}; {versions}); {m['total_s']:.0f} s in all"
+        + (f", peak RSS {m['peak_rss_mib']:.0f} MiB." if "peak_rss_mib" in m else "."),
         f"Command: `{m['command']}`",
         "",
         "Pairs and their ground truth (read from the converter's output on tracer values):",
@@ -395,6 +396,12 @@ def render(report: dict) -> str:
         "",
         results_table(report["pairs"]),
     ])
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _zoo_versions() -> dict[str, str]:
@@ -438,6 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             replace_between(README, _BEGIN, _END, text)
             print(f"updated {README}")
         return 0
+    for path in (args.compare, args.render):
+        if path is not None and not path.is_file():
+            parser.error(f"{path}: no such file (a JSON written by --json)")
     ways = [w.strip() for w in args.ways.split(",") if w.strip()]
     unknown = [w for w in ways if w not in WAYS]
     if unknown:
@@ -454,7 +464,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         print(f"[{pair.name}] running ...", file=sys.stderr, flush=True)
         records.append(run_zoo_pair(pair, ways, seed=args.seed, strategy=args.strategy))
-        print(f"[{pair.name}] done in {records[-1]['total_s']:.1f} s", file=sys.stderr, flush=True)
+        records[-1]["peak_rss_mib"] = _peak_rss_mib()
+        print(f"[{pair.name}] done in {records[-1]['total_s']:.1f} s (peak RSS so far {records[-1]['peak_rss_mib']:.0f} MiB)",
+              file=sys.stderr, flush=True)
         gc.collect()
 
     argv_shown = " ".join(sys.argv[1:]) if argv is None else " ".join(argv)
@@ -464,18 +476,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": _machine(), "versions": _zoo_versions(), "git": git_state(),
             "command": f"{_interpreter()} -m benchmarks.accuracy.zoo {argv_shown}".strip(),
             "ways": ways, "strategy": args.strategy, "baseline": BASELINE, "seed": args.seed,
-            "total_s": time.perf_counter() - start,
+            "total_s": time.perf_counter() - start, "peak_rss_mib": _peak_rss_mib(),
         },
         "pairs": records,
     }
     text = render(report)
     print(text)
     print("\nCrashes and unflagged wrong entries (first few per pair and way):\n" + failures(records))
-    if args.compare is not None:
-        print("\nChanges against " + str(args.compare) + ":\n" + compare(json.loads(args.compare.read_text()), report))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
     print(f"\nwrote {args.json}")
+    if args.compare is not None:
+        print("\nChanges against " + str(args.compare) + ":\n" + compare(json.loads(args.compare.read_text()), report))
     if args.update_readme:
         replace_between(README, _BEGIN, _END, text)
         print(f"updated {README}")

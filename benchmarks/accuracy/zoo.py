@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from benchmarks.accuracy.run import _interpreter, _machine, _versions
-from benchmarks.accuracy.tracer import Origin, read_truth, tracer_state_dict
+from benchmarks.accuracy.tracer import Origin, aliases, read_truth, tracer_state_dict
 from benchmarks.accuracy.zoo_pairs import ZOO, ZooCase, ZooPair
 from benchmarks.runinfo import REPO_ROOT, git_state, replace_between
 
@@ -99,12 +99,18 @@ def ground_truth(case: ZooCase) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- scoring
 def score_way(plan: Any, truth: Mapping[str, Origin], converted: Mapping[str, torch.Tensor],
-              tracer: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+              tracer: Mapping[str, torch.Tensor], tied: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Score one plan: key F1, exact tensors, wrong entries flagged or not, missed targets, false alarms.
 
     ``converted`` is the maintainers' output on ``tracer``; the plan is applied to ``tracer`` with
     :class:`weight_mapper.WeightRenamer` and each target tensor compared by ``torch.equal``.
+    ``tied`` (``{key: first key}`` of tied source tensors) makes tied keys one key for the F1.
     """
+    tied = tied or {}
+
+    def keys(sources) -> set[str]:
+        return {tied.get(k, k) for k in sources}
+
     from weight_mapper import WeightRenamer
 
     filled = {t for t, o in truth.items() if o.kind != "target_only"}
@@ -116,7 +122,7 @@ def score_way(plan: Any, truth: Mapping[str, Origin], converted: Mapping[str, to
     false_alarms = 0
     for t, e in entries.items():
         origin = truth.get(t)
-        if origin is not None and t in filled and set(e.source) == set(origin.sources):
+        if origin is not None and t in filled and keys(e.source) == keys(origin.sources):
             key_right += 1
         equal, error = False, None
         if t in filled:
@@ -179,6 +185,7 @@ def run_zoo_pair(pair: ZooPair, ways: Sequence[str], *, seed: int = 0, strategy:
         record["total_s"] = time.perf_counter() - t0
         return record
     truth: dict[str, Origin] = gt["truth"]
+    tied = aliases(case.source_sd)
     kinds: dict[str, int] = {}
     for o in truth.values():
         kinds[o.kind] = kinds.get(o.kind, 0) + 1
@@ -192,7 +199,7 @@ def run_zoo_pair(pair: ZooPair, ways: Sequence[str], *, seed: int = 0, strategy:
         "n_filled": sum(o.kind != "target_only" for o in truth.values()), "truth_kinds": kinds,
         "n_same_name": sum(o.sources == (t,) for t, o in truth.items()),
         "converter_extra_keys": gt["extra"][:20], "n_converter_extra": len(gt["extra"]),
-        "converter_bad_shapes": gt["bad_shape"][:20],
+        "converter_bad_shapes": gt["bad_shape"][:20], "tied_source_keys": tied,
         "source_order": "rebuilt from the target" if ordered else "source model's",
         "truth": {t: o.to_list() for t, o in truth.items()},
         "build_s": time.perf_counter() - t0,
@@ -221,7 +228,7 @@ def run_zoo_pair(pair: ZooPair, ways: Sequence[str], *, seed: int = 0, strategy:
                     mapper.suggest_mapping(strategy=name)
                     plan = mapper.get_plan()
                     suggest_s = time.perf_counter() - start
-                    row[label] = score_way(plan, truth, gt["converted"], gt["tracer"])
+                    row[label] = score_way(plan, truth, gt["converted"], gt["tracer"], tied)
                     row[label]["s"] = setup_s + suggest_s
                 except Exception as exc:  # noqa: BLE001
                     row[label] = {"crash": _crash(exc), "traceback": traceback.format_exc(limit=-6),

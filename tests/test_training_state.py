@@ -1,13 +1,15 @@
 """Optimizer state follows the mapping: resume training after a refactor as if nothing happened."""
 
-import math
+import json
 
 import pytest
 import torch
 from torch import nn
 
-from weight_mapper import MappingPlan, PlanEntry, WeightRenamer
+from training_models import D_IN, D_OUT, NewModel, OldModel, entry, refactor_plan
+from weight_mapper import MappingPlan, WeightRenamer
 from weight_mapper.apply import apply_plan
+from weight_mapper.cli import main
 from weight_mapper.errors import ConversionError
 from weight_mapper.training_state import (
     checkpoint_parameter_order,
@@ -17,7 +19,7 @@ from weight_mapper.training_state import (
     parameter_order,
 )
 
-_D, _D_IN, _D_OUT, _BATCH, _SEQ = 8, 5, 3, 4, 6
+_BATCH, _SEQ = 4, 6
 _N_BEFORE, _N_AFTER = 4, 5
 
 
@@ -30,75 +32,9 @@ def _float64_and_seed():
     torch.set_default_dtype(dtype)
 
 
-class OldModel(nn.Module):
-    """Separate q / k / v projections, a BatchNorm (buffers between parameters), a Linear head."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Linear(_D_IN, _D)
-        self.q = nn.Linear(_D, _D)
-        self.k = nn.Linear(_D, _D)
-        self.v = nn.Linear(_D, _D)
-        self.bn = nn.BatchNorm1d(_D)
-        self.norm = nn.LayerNorm(_D)
-        self.head = nn.Linear(_D, _D_OUT)
-
-    def forward(self, x):
-        h = self.embed(x)
-        a = torch.softmax(self.q(h) @ self.k(h).transpose(1, 2) / math.sqrt(_D), -1) @ self.v(h)
-        h = self.bn((h + a).transpose(1, 2)).transpose(1, 2)
-        return self.head(self.norm(h)).mean(1)
-
-
-class NewModel(nn.Module):
-    """OldModel refactored: renamed, defined in another order, q/k/v fused, the head transposed."""
-
-    def __init__(self):
-        super().__init__()
-        self.head_weight = nn.Parameter(torch.zeros(_D, _D_OUT))  # used as h @ W: the transpose of a Linear's
-        self.head_bias = nn.Parameter(torch.zeros(_D_OUT))
-        self.attn = nn.ModuleDict({"qkv": nn.Linear(_D, 3 * _D)})
-        self.stem = nn.Linear(_D_IN, _D)
-        self.post = nn.ModuleDict({"bn": nn.BatchNorm1d(_D), "ln": nn.LayerNorm(_D)})
-
-    def forward(self, x):
-        h = self.stem(x)
-        q, k, v = self.attn["qkv"](h).split(_D, -1)
-        a = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(_D), -1) @ v
-        h = self.post["bn"]((h + a).transpose(1, 2)).transpose(1, 2)
-        return (self.post["ln"](h) @ self.head_weight + self.head_bias).mean(1)
-
-
-def _entry(source, target, shape, transform=None, target_shape=None, args=None):
-    source = (source,) if isinstance(source, str) else tuple(source)
-    return PlanEntry(source, target, transform, 1.0, 1.0, "combined" if len(source) > 1 else "tensor",
-                     tuple(shape), tuple(target_shape or shape), args=args or {})
-
-
-def refactor_plan(prefix="model."):
-    """The plan from OldModel's Lightning checkpoint (keys under ``model.``) onto NewModel."""
-    p = prefix
-    bn = [_entry(p + f"bn.{leaf}", f"post.bn.{leaf}", s)
-          for leaf, s in (("weight", (_D,)), ("bias", (_D,)), ("running_mean", (_D,)), ("running_var", (_D,)),
-                          ("num_batches_tracked", ()))]
-    return MappingPlan((
-        _entry(p + "head.weight", "head_weight", (_D_OUT, _D), "transpose", (_D, _D_OUT)),
-        _entry(p + "head.bias", "head_bias", (_D_OUT,)),
-        _entry([p + "q.weight", p + "k.weight", p + "v.weight"], "attn.qkv.weight", (_D, _D), "concat",
-               (3 * _D, _D), {"dim": 0, "sizes": [_D] * 3, "source_shapes": [[_D, _D]] * 3}),
-        _entry([p + "q.bias", p + "k.bias", p + "v.bias"], "attn.qkv.bias", (_D,), "concat",
-               (3 * _D,), {"dim": 0, "sizes": [_D] * 3, "source_shapes": [[_D]] * 3}),
-        _entry(p + "embed.weight", "stem.weight", (_D, _D_IN)),
-        _entry(p + "embed.bias", "stem.bias", (_D,)),
-        *bn,
-        _entry(p + "norm.weight", "post.ln.weight", (_D,)),
-        _entry(p + "norm.bias", "post.ln.bias", (_D,)),
-    ), source_label="old.ckpt", target_label="NewModel")
-
-
 def _batches(n):
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(_BATCH, _SEQ, _D_IN, generator=g), torch.randn(_BATCH, _D_OUT, generator=g))
+    return [(torch.randn(_BATCH, _SEQ, D_IN, generator=g), torch.randn(_BATCH, D_OUT, generator=g))
             for _ in range(n)]
 
 
@@ -247,7 +183,7 @@ def test_fused_state_is_the_concatenation_of_the_parts():
 
 
 def _two_params_plan(transform="concat"):
-    return MappingPlan((_entry(["a", "b"], "ab", (2,), transform, (4,), {"dim": 0, "sizes": [2, 2]}),))
+    return MappingPlan((entry(["a", "b"], "ab", (2,), transform, (4,), {"dim": 0, "sizes": [2, 2]}),))
 
 
 def _adam_state(steps, groups=None):
@@ -272,7 +208,7 @@ def test_fused_parts_from_different_groups_are_refused():
 
 def test_groups_keep_their_options_and_new_parameters_start_empty():
     groups = [{"params": [0], "lr": 0.1, "weight_decay": 0.0}, {"params": [1], "lr": 0.01, "weight_decay": 0.5}]
-    plan = MappingPlan((_entry("a", "x", (2,)), _entry("b", "y", (2,))))
+    plan = MappingPlan((entry("a", "x", (2,)), entry("b", "y", (2,))))
     out, report = convert_training_state(_adam_state([3, 3], groups), plan, source_param_order=["a", "b"],
                                          target_param_order=["new", "y", "x"])
     osd = out["optimizer"]
@@ -283,10 +219,42 @@ def test_groups_keep_their_options_and_new_parameters_start_empty():
     assert report.optimizers[0].fresh == ("new",) and "start with empty state" in report.message()
 
 
+def test_several_groups_need_an_explicit_order(tmp_path):
+    """A decay / no-decay split: a model's parameter order says nothing about the groups."""
+    model = OldModel()
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    no_decay = [p for n, p in model.named_parameters() if not n.endswith("weight")]
+    optimizer = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+    model(torch.randn(2, 3, D_IN)).sum().backward()
+    optimizer.step()
+    checkpoint = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                  "optimizer_states": [optimizer.state_dict()]}
+    renamer = WeightRenamer(checkpoint)
+    renamer.rename_keys(refactor_plan())
+    report = renamer.convert_training_state(NewModel(), source_model=OldModel())
+    assert not report.ok and "2 param_groups" in report.message()
+    names = [f"model.{n}" for n, _ in model.named_parameters()]
+    order = [n for n in names if n.endswith("weight")] + [n for n in names if not n.endswith("weight")]
+    report = renamer.convert_training_state(NewModel(), source_param_order=order)
+    assert report.ok, report.message()
+    renamer.save(tmp_path / "new.ckpt")
+    saved = torch.load(tmp_path / "new.ckpt", weights_only=True)["optimizer_states"][0]
+    # Each group keeps its options and lists its target parameters in the target's order.
+    new = NewModel()
+    new_decay = [p for n, p in new.named_parameters() if n.endswith("weight")]
+    new_no_decay = [p for n, p in new.named_parameters() if not n.endswith("weight")]
+    resumed = torch.optim.AdamW([{"params": new_decay}, {"params": new_no_decay, "weight_decay": 0.0}])
+    resumed.load_state_dict(saved)
+    assert [g["weight_decay"] for g in resumed.param_groups] == [0.01, 0.0]
+    qkv = resumed.state[new.attn["qkv"].weight]["exp_avg"]
+    assert torch.equal(qkv, torch.cat([optimizer.state[getattr(model, n).weight]["exp_avg"] for n in "qkv"]))
+    assert torch.equal(resumed.state[new.head_weight]["exp_avg"], optimizer.state[model.head.weight]["exp_avg"].t())
+
+
 def test_a_wrong_order_is_refused_by_the_state_shapes():
     envelope = {"optimizer": {"state": {0: {"momentum_buffer": torch.ones(3, 2)}, 1: {"momentum_buffer": torch.ones(3)}},
                               "param_groups": [{"params": [0, 1], "lr": 0.1}]}}
-    plan = MappingPlan((_entry("w", "w", (3, 2)), _entry("b", "b", (3,))))
+    plan = MappingPlan((entry("w", "w", (3, 2)), entry("b", "b", (3,))))
     _, report = convert_training_state(envelope, plan, source_param_order=["b", "w"], target_param_order=["w", "b"])
     assert not report.ok and "the order is wrong" in report.optimizers[0].reason
 
@@ -308,7 +276,7 @@ def test_state_that_is_not_per_parameter_is_refused():
         return loss
 
     lbfgs.step(closure)
-    plan = MappingPlan((_entry("weight", "weight", (2, 2)), _entry("bias", "bias", (2,))))
+    plan = MappingPlan((entry("weight", "weight", (2, 2)), entry("bias", "bias", (2,))))
     out, report = convert_training_state({"optimizer": lbfgs.state_dict()}, plan,
                                          source_param_order=["weight", "bias"], target_param_order=["weight", "bias"])
     assert not report.ok and "optimizer" not in out
@@ -361,8 +329,8 @@ def test_several_optimizers_each_with_its_own_order(tmp_path):
         loss.backward()
         opt_g.step(), opt_d.step()
     envelope = {"optimizer_states": [opt_g.state_dict(), opt_d.state_dict()], "lr_schedulers": []}
-    plan = MappingPlan((_entry("g.weight", "gen.weight", (3, 2), "transpose", (2, 3)), _entry("g.bias", "gen.bias", (3,)),
-                        _entry("d.weight", "disc.weight", (1, 3)), _entry("d.bias", "disc.bias", (1,))))
+    plan = MappingPlan((entry("g.weight", "gen.weight", (3, 2), "transpose", (2, 3)), entry("g.bias", "gen.bias", (3,)),
+                        entry("d.weight", "disc.weight", (1, 3)), entry("d.bias", "disc.bias", (1,))))
     out, report = convert_training_state(
         envelope, plan, source_param_order=[["g.weight", "g.bias"], ["d.weight", "d.bias"]],
         target_param_order=[["gen.bias", "gen.weight"], ["disc.weight", "disc.bias"]])
@@ -390,7 +358,7 @@ def _adafactor_state(model, n_steps=3):
 def test_adafactor_transpose_swaps_the_factors_and_resumes():
     old = nn.Linear(4, 3)
     optimizer = _adafactor_state(old)
-    plan = MappingPlan((_entry("weight", "w_t", (3, 4), "transpose", (4, 3)), _entry("bias", "b", (3,))))
+    plan = MappingPlan((entry("weight", "w_t", (3, 4), "transpose", (4, 3)), entry("bias", "b", (3,))))
     out, report = convert_training_state({"optimizer": optimizer.state_dict()}, plan,
                                          source_param_order=["weight", "bias"], target_param_order=["w_t", "b"])
     assert report.ok
@@ -415,7 +383,7 @@ def test_adafactor_factored_state_under_a_row_concat_is_reset_and_reported():
     # The weight and a copy of it fused along rows: the factored column moment cannot be split exactly.
     envelope = {"optimizer": {"state": {0: state["state"][0], 1: {k: v.clone() for k, v in state["state"][0].items()}},
                               "param_groups": [{**state["param_groups"][0], "params": [0, 1]}]}}
-    plan = MappingPlan((_entry(["a", "b"], "ab", (2, 4), "concat", (4, 4),
+    plan = MappingPlan((entry(["a", "b"], "ab", (2, 4), "concat", (4, 4),
                                {"dim": 0, "sizes": [2, 2], "source_shapes": [[2, 4], [2, 4]]}),))
     out, report = convert_training_state(envelope, plan, source_param_order=["a", "b"], target_param_order=["ab"])
     assert report.ok and report.optimizers[0].reset[0][0] == "ab"
@@ -425,7 +393,7 @@ def test_adafactor_factored_state_under_a_row_concat_is_reset_and_reported():
 def test_adafactor_stacked_experts_keep_their_factors():
     parts = {i: {"step": torch.tensor(2.0), "row_var": torch.rand(3, 1), "col_var": torch.rand(1, 4)} for i in range(2)}
     envelope = {"optimizer": {"state": parts, "param_groups": [{"params": [0, 1], "beta2_decay": -0.8}]}}
-    plan = MappingPlan((_entry(["e0", "e1"], "experts", (3, 4), "stack", (2, 3, 4),
+    plan = MappingPlan((entry(["e0", "e1"], "experts", (3, 4), "stack", (2, 3, 4),
                                {"dim": 0, "source_shapes": [[3, 4], [3, 4]]}),))
     out, report = convert_training_state(envelope, plan, source_param_order=["e0", "e1"], target_param_order=["experts"])
     assert report.ok and not report.optimizers[0].reset
@@ -440,3 +408,59 @@ def test_describe_training_state():
     assert info["optimizers"] == [{"location": "optimizer_states[0]", "kind": "AdamW", "n_groups": 1, "n_params": 14,
                                    "n_states": 14, "state_keys": ["exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"]}]
     assert info["n_schedulers"] == 1 and info["global_step"] == _N_BEFORE and info["epoch"] == 0
+
+
+# ------------------------------------------------------------------------------------ command line
+
+
+@pytest.fixture
+def lightning_files(tmp_path):
+    checkpoint, _, old_losses, batches = _train_and_checkpoint("adamw")
+    torch.save(checkpoint, tmp_path / "last.ckpt")
+    refactor_plan().to_json(tmp_path / "plan.json")
+    return tmp_path, old_losses, batches
+
+
+def test_cli_inspect_shows_the_training_state(lightning_files, capsys):
+    folder, *_ = lightning_files
+    assert main(["inspect", str(folder / "last.ckpt"), "--json"]) == 0
+    training = json.loads(capsys.readouterr().out)["training_state"]
+    assert training["optimizers"][0]["kind"] == "AdamW" and training["optimizers"][0]["n_states"] == 14
+    assert training["schedulers"] == ["lr_schedulers"] and training["global_step"] == _N_BEFORE
+    assert main(["inspect", str(folder / "last.ckpt")]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer_states[0]: AdamW, 14 parameters in 1 group(s)" in out and "1 in lr_schedulers" in out
+
+
+def test_cli_apply_converts_the_optimizer_state_and_training_resumes(lightning_files, capsys):
+    folder, old_losses, batches = lightning_files
+    argv = ["apply", str(folder / "last.ckpt"), str(folder / "plan.json"), "-o", str(folder / "new.ckpt"),
+            "--validate", "training_models:NewModel", "--strict", "--json"]
+    assert main(argv) == 0
+    training = json.loads(capsys.readouterr().out)["training_state"]
+    assert training["ok"] and training["optimizers"][0]["n_states"] == 10 and training["schedulers"] == ["lr_schedulers"]
+    _, new_losses, _ = _resume("adamw", folder / "new.ckpt", batches)
+    assert new_losses == pytest.approx(old_losses, rel=1e-9, abs=1e-9)
+    # The source model gives the order too; the human output says what happened.
+    assert main([*argv[:-1], "-o", str(folder / "again.ckpt"), "--source-model", "training_models:OldModel"]) == 0
+    assert "Optimizer state: optimizer_states[0]: converted (10 parameters, 10 with state)" in capsys.readouterr().out
+
+
+def test_cli_apply_without_a_target_leaves_the_optimizer_state_out(lightning_files, capsys):
+    folder, *_ = lightning_files
+    assert main(["apply", str(folder / "last.ckpt"), str(folder / "plan.json"), "-o", str(folder / "new.ckpt")]) == 0
+    err = capsys.readouterr().err
+    assert "the optimizer state was not converted and is left out" in err and "--validate TARGET" in err
+    saved = torch.load(folder / "new.ckpt", weights_only=True)
+    assert "optimizer_states" not in saved and "lr_schedulers" in saved
+
+
+def test_cli_apply_weights_only(lightning_files, capsys):
+    folder, *_ = lightning_files
+    assert main(["apply", str(folder / "last.ckpt"), str(folder / "plan.json"), "-o", str(folder / "w.ckpt"),
+                 "--weights-only"]) == 0
+    assert "optimizer" not in capsys.readouterr().err
+    saved = torch.load(folder / "w.ckpt", weights_only=True)
+    assert "optimizer_states" not in saved and "lr_schedulers" not in saved and saved["global_step"] == _N_BEFORE
+    assert main(["apply", str(folder / "last.ckpt"), str(folder / "plan.json"), "-o", str(folder / "x.ckpt"),
+                 "--weights-only", "--source-model", "training_models:OldModel"]) == 2

@@ -41,6 +41,7 @@ from weight_mapper.plan import MappingPlan
 from weight_mapper.renamer import WeightRenamer
 from weight_mapper.report import report_dict
 from weight_mapper.table import TensorTable
+from weight_mapper.training_state import describe_training_state, has_training_state
 from weight_mapper.tree import ROOT, ModuleTree
 from weight_mapper.views import HierarchyView, MappingView, ScoreBreakdownView, export_html
 
@@ -94,6 +95,7 @@ def _inspect_summary(ckpt: Checkpoint, path: Path, *, depth: int) -> dict[str, A
         "n_shards": len(ckpt.tensors.shards()),
         "skipped": list(ckpt.skipped),
         "metadata": dict(ckpt.metadata),
+        "training_state": describe_training_state(ckpt.envelope),
         # The depth counts below the wrapper prefix: "model." alone would fill a level.
         "modules": _module_rows(table, depth=depth + prefix.count(".")),
     }
@@ -165,6 +167,14 @@ def _inspect_renderable(summary: Mapping[str, Any], envelope: Mapping, *, depth:
     if summary["skipped"]:
         facts.add_row("skipped", Text(f"{len(summary['skipped'])} non-tensor entries: "
                                       + ", ".join(summary["skipped"][:5])))
+    training = summary["training_state"]
+    for optimizer in training["optimizers"]:
+        facts.add_row("optimizer", Text(
+            f"{optimizer['location']}: {optimizer['kind']}, {optimizer['n_params']} parameters in "
+            f"{optimizer['n_groups']} group(s), {optimizer['n_states']} with state"
+            + (f" ({', '.join(optimizer['state_keys'])})" if optimizer["state_keys"] else "")))
+    if training["schedulers"]:
+        facts.add_row("LR schedulers", Text(f"{training['n_schedulers']} in {', '.join(training['schedulers'])}"))
     if summary["metadata"]:
         facts.add_row("metadata", Text(", ".join(f"{k}={v}" for k, v in summary["metadata"].items())))
     title = Text(summary["path"], style="bold")
@@ -409,6 +419,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     _refuse_overwrite(output, [(p, "the source checkpoint") for p in source_files if p is not None]
                       + [(plan_path, "the plan")])
     model = _build_model(args.validate) if args.validate else None  # a bad factory fails before any read
+    source_model = _build_model(args.source_model) if args.source_model else None
     if args.verify:  # fail on a bad factory or input before any conversion
         _load_factory(args.verify)
         _load_factory(args.input)
@@ -423,7 +434,12 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         if report is not None and not report.ok and args.strict:
             raise ConversionError(f"{report.message(type(model).__name__)}\n"
                                   f"Nothing was written to {output} (--strict).")
-        output = renamer.save(output)
+        training = None
+        if not args.weights_only and output.suffix not in ("", _SAFETENSORS_SUFFIX) \
+                and has_training_state(renamer.envelope):
+            # A torch file keeps the envelope: its optimizer state follows the plan, or is left out.
+            training = renamer.convert_training_state(model, source_model=source_model)
+        output = renamer.save(output, training_state="drop" if args.weights_only else "convert")
 
     verification = _verify(args, renamer, plan) if args.verify else None
     fmt = ("sharded-safetensors" if output.is_dir() else
@@ -434,6 +450,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             "source": args.source, "plan": str(plan_path),
             "n_unmatched_source": len(plan.unmatched_source), "n_unmatched_target": len(plan.unmatched_target),
             "validation": None if report is None else _validation_dict(report),
+            "training_state": None if training is None else training.to_dict(),
             "verification": None if verification is None else {
                 "ok": verification.ok, "max_abs_diff": verification.max_abs_diff,
                 "n_outputs": verification.n_outputs, "untouched": list(verification.untouched)},
@@ -447,6 +464,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     if plan.unmatched_target:
         console.print(Text(f"{len(plan.unmatched_target)} target tensors are not filled by the plan",
                            style="yellow"))
+    if training is not None:
+        console.print(Text("Optimizer state: " + training.message(), style="green" if training.ok else "yellow"))
     console.print(Text.assemble(("Converted ", "green"), f"{len(renamer.renamed or {})} tensors: ",
                                 args.source, " -> ", (str(output), "bold green"), f" ({fmt})"))
     if verification is not None:
@@ -610,6 +629,8 @@ def _check_apply(args: argparse.Namespace) -> None:
     if args.verify and not (args.validate and args.input):
         args.parser.error("--verify SOURCE_MODEL needs --validate TARGET (the target model) and --input INPUT "
                           "(what to run both models on)")
+    if args.weights_only and args.source_model:
+        args.parser.error("--source-model only serves to convert the optimizer state, which --weights-only leaves out")
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -724,11 +745,15 @@ for a command's options and examples.""",
                     "stack-and-concatenate them where it says so), and save "
                     "them atomically to OUT: safetensors for *.safetensors, a folder of safetensors shards for a "
                     "path without suffix, a torch file otherwise (which keeps the envelope, e.g. Lightning's "
-                    "epoch). SOURCE is never overwritten.",
+                    "epoch, and converts its optimizer state with the same plan: moments re-keyed to TARGET's "
+                    "parameter order and transformed as the weights; LR schedulers pass through; state whose "
+                    "parameter order is not certain is left out with a warning). SOURCE is never overwritten.",
         epilog=f"""examples:
   {_PROG} apply old.ckpt plan.json -o new.safetensors
   {_PROG} apply old.ckpt plan.json -o new.ckpt --validate mypkg.models:new_model --strict
   {_PROG} apply llama/ plan.json -o converted/        (sharded in, sharded out)
+  {_PROG} apply last.ckpt plan.json -o resumable.ckpt --validate mypkg.models:new_model   (optimizer state too)
+  {_PROG} apply last.ckpt plan.json -o weights.ckpt --weights-only
   {_PROG} apply old.pt plan.json -o new.pt --validate pkg.models:new_model \\
       --verify pkg.models:old_model --input pkg.models:sample_batch --strict""",
     )
@@ -746,6 +771,14 @@ for a command's options and examples.""",
                        help=f"prove the conversion: build the source model ({_FACTORY_HELP}) and the --validate "
                             "model on the CPU, load SOURCE into the first and the converted weights into the "
                             "second, run both on --input and report the max abs output difference")
+    apply.add_argument("--weights-only", action="store_true",
+                       help="leave the training state (optimizer, LR scheduler, AMP scaler) out of a torch OUT; "
+                            "by default optimizer state follows the plan (needs --validate TARGET for the target's "
+                            "parameter order) and LR schedulers pass through")
+    apply.add_argument("--source-model", metavar="FACTORY", default=None,
+                       help="the architecture SOURCE was saved from, as package.module:callable (built on the meta "
+                            "device): its parameters() order says which optimizer state belongs to which tensor; "
+                            "without it the order is read from SOURCE, without its buffers")
     apply.add_argument("--input", metavar="INPUT", default=None,
                        help="with --verify: package.module:callable returning the input (a tensor, a tuple of "
                             "arguments or a dict of keyword arguments)")

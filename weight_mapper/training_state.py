@@ -125,6 +125,18 @@ class TrainingStateReport:
         """True when every optimizer's state was converted (or there was none)."""
         return all(o.converted for o in self.optimizers)
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``ok``, one dict per optimizer, the schedulers and the removed keys."""
+        return {
+            "ok": self.ok,
+            "optimizers": [{"location": o.location, "converted": o.converted, "reason": o.reason,
+                            "n_params": o.n_params, "n_states": o.n_states, "fresh": list(o.fresh),
+                            "reset": [{"target": n, "reason": why} for n, why in o.reset],
+                            "dropped": list(o.dropped)} for o in self.optimizers],
+            "schedulers": list(self.schedulers),
+            "removed": list(self.removed),
+        }
+
     def message(self) -> str:
         if not self.optimizers:
             return "no optimizer state"
@@ -289,6 +301,7 @@ def training_state_for(
     if not has_training_state(envelope):
         return dict(envelope), TrainingStateReport(schedulers=tuple(k for k in envelope if k in _SCHEDULER_KEYS))
     trainable_only = False
+    derived = source_param_order is None
     if source_param_order is None and source_model is not None:
         try:
             source_param_order, trainable_only = _model_order(envelope, source_model, tensors, plan)
@@ -310,7 +323,8 @@ def training_state_for(
                                                    f"({_preview(list(target_param_order))}) is a target of the plan")
     shapes = {n: tuple(s) for n, s in _shapes(tensors).items()}
     return convert_training_state(envelope, plan, source_param_order=source_param_order,
-                                  target_param_order=target_param_order, source_shapes=shapes)
+                                  target_param_order=target_param_order, source_shapes=shapes,
+                                  derived_order=derived)
 
 
 def _shapes(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, Sequence[int]]:
@@ -364,6 +378,7 @@ def convert_training_state(
     source_param_order: _Order | Sequence[_Order],
     target_param_order: _Order | Sequence[_Order],
     source_shapes: Mapping[str, Sequence[int]] | None = None,
+    derived_order: bool = False,
 ) -> tuple[dict[str, Any], TrainingStateReport]:
     """Convert every optimizer state in ``envelope`` with ``plan``; schedulers pass through.
 
@@ -377,6 +392,9 @@ def convert_training_state(
             group lists its parameters in this order.
         source_shapes: Shapes of the source parameters, to check that the order fits the
             state (default: the shapes the plan records).
+        derived_order: True when ``source_param_order`` is a model's (or a checkpoint's) order
+            rather than the optimizer's own: an optimizer with several ``param_groups`` is then
+            refused, since a model does not say which parameters went into which group.
 
     Returns:
         ``(new envelope, report)``. A refused optimizer is left out of the new envelope (with
@@ -405,6 +423,10 @@ def convert_training_state(
         where = _where(key, index)
         osd = envelope[key] if index is None else envelope[key][index]
         try:
+            if derived_order and _is_optimizer_state(osd) and len(osd["param_groups"]) > 1:
+                raise _Refusal(f"it has {len(osd['param_groups'])} param_groups, and the parameter order of a model "
+                               f"does not say which parameters went into which; pass source_param_order, the "
+                               f"parameter names in the optimizer's index order (group after group)")
             new_osd, report = _convert_optimizer(osd, plan, list(src_order), list(tgt_order), shapes, where)
         except _Refusal as why:
             reports.append(OptimizerConversion(where, False, str(why)))

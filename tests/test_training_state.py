@@ -4,6 +4,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from training_models import D_IN, D_OUT, NewModel, OldModel, entry, refactor_plan
@@ -283,6 +285,9 @@ def test_state_that_is_not_per_parameter_is_refused():
     _, report = convert_training_state({"optimizer": [1, 2, 3]}, plan, source_param_order=["weight", "bias"],
                                        target_param_order=["weight", "bias"])
     assert "not a torch optimizer state dict" in report.message()
+    out, report = convert_training_state({"optimizer_states": [], "optimizer": None}, plan,
+                                         source_param_order=["weight"], target_param_order=["weight"])
+    assert report.ok and not report.optimizers and out == {"optimizer_states": [], "optimizer": None}
 
 
 def test_without_a_target_model_the_state_is_left_out_with_a_warning(tmp_path):
@@ -464,3 +469,64 @@ def test_cli_apply_weights_only(lightning_files, capsys):
     assert "optimizer_states" not in saved and "lr_schedulers" not in saved and saved["global_step"] == _N_BEFORE
     assert main(["apply", str(folder / "last.ckpt"), str(folder / "plan.json"), "-o", str(folder / "x.ckpt"),
                  "--weights-only", "--source-model", "training_models:OldModel"]) == 2
+
+
+# ------------------------------------------------------------------------------------ properties
+
+
+@st.composite
+def plans_with_state(draw):
+    """A random plan (copies, transposes, reshapes, concats, stacks), both parameter orders
+    shuffled, and Adam-like state for every source parameter (equal steps within a fused target)."""
+    entries, source_shapes = [], {}
+    for t in range(draw(st.integers(1, 5))):
+        kind = draw(st.sampled_from(["identity", "transpose", "reshape", "concat", "stack"]))
+        rows, cols = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+        n = draw(st.integers(2, 3)) if kind in ("concat", "stack") else 1
+        sizes = [draw(st.integers(1, 3)) for _ in range(n)] if kind == "concat" else [rows] * n
+        shapes = [(size, cols) for size in sizes]
+        names = [f"s{t}_{i}" for i in range(n)]
+        source_shapes.update(zip(names, shapes))
+        target_shape, args = {
+            "identity": ((rows, cols), {}),
+            "transpose": ((cols, rows), {}),
+            "reshape": ((rows * cols,), {"shape": [rows * cols]}),
+            "concat": ((sum(sizes), cols), {"dim": 0, "sizes": sizes, "source_shapes": [list(s) for s in shapes]}),
+            "stack": ((n, rows, cols), {"dim": 0, "source_shapes": [list(s) for s in shapes]}),
+        }[kind]
+        entries.append(entry(names, f"t{t}", shapes[0], None if kind == "identity" else kind, target_shape, args))
+    source_order = draw(st.permutations(sorted(source_shapes)))
+    target_order = draw(st.permutations([e.target for e in entries]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    state = {}
+    for e in entries:
+        step = float(draw(st.integers(1, 9)))
+        for name in e.source:
+            state[source_order.index(name)] = {"step": torch.tensor(step),
+                                               "exp_avg": torch.randn(source_shapes[name], generator=g),
+                                               "exp_avg_sq": torch.rand(source_shapes[name], generator=g)}
+    envelope = {"optimizer": {"state": state, "param_groups": [{"params": list(range(len(source_order))),
+                                                                "lr": 0.1, "betas": (0.9, 0.99)}]}}
+    return MappingPlan(tuple(entries)), list(source_order), list(target_order), envelope
+
+
+@settings(max_examples=60, deadline=None)
+@given(plans_with_state())
+def test_moments_follow_the_weights_and_come_back_exactly(case):
+    plan, source_order, target_order, envelope = case
+    there, report = convert_training_state(envelope, plan, source_param_order=source_order,
+                                           target_param_order=target_order)
+    assert report.ok, report.message()
+    state = envelope["optimizer"]["state"]
+    for key in ("exp_avg", "exp_avg_sq"):  # each moment is converted exactly as a weight would be
+        expected = apply_plan(plan, {name: state[i][key] for i, name in enumerate(source_order)})
+        for index, target in enumerate(target_order):
+            assert torch.equal(there["optimizer"]["state"][index][key], expected[target])
+    back, report = convert_training_state(there, plan.inverse(), source_param_order=target_order,
+                                          target_param_order=source_order)
+    assert report.ok, report.message()
+    restored = back["optimizer"]
+    assert restored["param_groups"] == envelope["optimizer"]["param_groups"]
+    assert restored["state"].keys() == state.keys()
+    for index, values in state.items():
+        assert all(torch.equal(restored["state"][index][k], v) for k, v in values.items())

@@ -161,9 +161,13 @@ def _optimizer_locations(envelope: Mapping) -> list[tuple[str, int | None]]:
             out.append((key, None))
         elif isinstance(value, (list, tuple)) and value and all(_is_optimizer_state(v) for v in value):
             out.extend((key, i) for i in range(len(value)))
-        elif key in _OPTIMIZER_KEYS and value is not None:
+        elif key in _OPTIMIZER_KEYS and not _is_empty(value):
             out.append((key, None))  # an optimizer key holding something else: refused, never passed on
     return out
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or (isinstance(value, (list, tuple, dict)) and not value)
 
 
 def _where(key: str, index: int | None) -> str:

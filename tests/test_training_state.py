@@ -105,7 +105,7 @@ def test_resumed_training_matches_the_original_run(tmp_path, kind):
     renamer.rename_keys(refactor_plan())
     report = renamer.convert_training_state(NewModel())  # source order: the checkpoint's, buffers left out
     assert report.ok, report.message()
-    renamer.save(tmp_path / "new.ckpt")
+    renamer.save(tmp_path / "new.ckpt", keep_envelope=True)
 
     new, new_losses, saved = _resume(kind, tmp_path / "new.ckpt", batches)
     # float64: the fused matmul rounds differently from three small ones, by ~1e-11 after Adam's scaling.
@@ -124,7 +124,7 @@ def test_the_resume_test_can_fail(tmp_path, kind):
     checkpoint, _, old_losses, batches = _train_and_checkpoint(kind)
     renamer = WeightRenamer(checkpoint)
     renamer.rename_keys(refactor_plan())
-    renamer.save(tmp_path / "weights.ckpt", training_state="drop")
+    renamer.save(tmp_path / "weights.ckpt", keep_envelope=True, training_state="drop")
     saved = torch.load(tmp_path / "weights.ckpt", weights_only=True)
     saved["optimizer_states"] = [_make_optimizer(kind, NewModel().parameters()).state_dict()]
     saved["lr_schedulers"] = checkpoint["lr_schedulers"]
@@ -141,7 +141,7 @@ def test_source_model_gives_the_order(tmp_path):
     renamer = WeightRenamer(checkpoint)
     renamer.rename_keys(refactor_plan())
     assert renamer.convert_training_state(NewModel(), source_model=OldModel()).ok
-    renamer.save(tmp_path / "new.ckpt")
+    renamer.save(tmp_path / "new.ckpt", keep_envelope=True)
     _, new_losses, _ = _resume("adamw", tmp_path / "new.ckpt", batches)
     assert new_losses == pytest.approx(old_losses, rel=1e-12, abs=1e-12)
 
@@ -239,7 +239,7 @@ def test_several_groups_need_an_explicit_order(tmp_path):
     order = [n for n in names if n.endswith("weight")] + [n for n in names if not n.endswith("weight")]
     report = renamer.convert_training_state(NewModel(), source_param_order=order)
     assert report.ok, report.message()
-    renamer.save(tmp_path / "new.ckpt")
+    renamer.save(tmp_path / "new.ckpt", keep_envelope=True)
     saved = torch.load(tmp_path / "new.ckpt", weights_only=True)["optimizer_states"][0]
     # Each group keeps its options and lists its target parameters in the target's order.
     new = NewModel()
@@ -295,7 +295,7 @@ def test_without_a_target_model_the_state_is_left_out_with_a_warning(tmp_path):
     renamer = WeightRenamer(checkpoint)
     renamer.rename_keys(refactor_plan())
     with pytest.warns(UserWarning, match="target model's parameter order is unknown"):
-        renamer.save(tmp_path / "new.ckpt")
+        renamer.save(tmp_path / "new.ckpt", keep_envelope=True)
     saved = torch.load(tmp_path / "new.ckpt", weights_only=True)
     assert "optimizer_states" not in saved and saved["global_step"] == _N_BEFORE
     assert renamer.training_report is not None and not renamer.training_report.ok
@@ -316,12 +316,12 @@ def test_weights_only_drops_the_training_state(tmp_path):
     checkpoint, *_ = _train_and_checkpoint("adamw")
     renamer = WeightRenamer(checkpoint)
     renamer.rename_keys(refactor_plan())
-    renamer.save(tmp_path / "new.ckpt", training_state="drop")
+    renamer.save(tmp_path / "new.ckpt", keep_envelope=True, training_state="drop")
     saved = torch.load(tmp_path / "new.ckpt", weights_only=True)
     assert sorted(saved) == ["epoch", "global_step", "hyper_parameters", "pytorch-lightning_version", "state_dict"]
     assert drop_training_state({"optimizer": {}, "scaler": {}, "x": 1}) == {"x": 1}
     with pytest.raises(ConversionError, match="expected 'convert' or 'drop'"):
-        renamer.save(tmp_path / "other.ckpt", training_state="keep")
+        renamer.save(tmp_path / "other.ckpt", keep_envelope=True, training_state="keep")
 
 
 def test_several_optimizers_each_with_its_own_order(tmp_path):

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from cli_factories import OldNet
 from fixture_models import BatchNormed, BatchNormedRenamed, OldModel, PartiallyCompatible
-from weight_mapper import MappingError, MappingPlan, PlanEntry, TensorTable, WeightMapper
+from weight_mapper import MappingError, MappingPlan, PlanEntry, PlanError, TensorTable, WeightMapper
 from weight_mapper.cli import main
 from weight_mapper.views import MappingView, ScoreBreakdownView, _sub_weights, export_html, score_bar
 
@@ -288,7 +288,8 @@ def test_mapping_view_takes_a_plan_or_the_last_mapping():
     mapper = partial()
     assert render(mapper.visualize_mapping, mapper.get_mapping_dict()) == MAPPING_PARTIAL
     assert "PartiallyCompatible -> OldModel" in render(mapper.visualize_mapping, mapper.get_plan().inverse())
-    with pytest.raises(MappingError, match="takes a MappingPlan"):
+    # an edited dict is shown (issue 13); a pair whose shapes no transform fixes is refused
+    with pytest.raises(PlanError, match="'backbone.0.weight' .* cannot fill 'extra.weight'"):
         mapper.visualize_mapping({"backbone.0.weight": "extra.weight"})
 
 

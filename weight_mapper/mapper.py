@@ -14,6 +14,7 @@ from torch import nn
 from weight_mapper.assign import MAX_ROUNDS, assign
 from weight_mapper.combine import combine
 from weight_mapper.errors import MappingError
+from weight_mapper.mapping_dict import MappingDict
 from weight_mapper.plan import MappingPlan, build_plan
 from weight_mapper.score import validate_incompatible_pairs, validate_weights
 from weight_mapper.flow import record_execution_order, trace_execution_order
@@ -48,7 +49,9 @@ class WeightMapper:
             the data flow to the source's names and shapes (see
             :meth:`TensorTable.with_module`); the weights still come from the source.
         incompatible_pairs: Pairs of module names whose tensors must never be matched across,
-            e.g. ``[("encoder", "decoder")]``; None or ``[]`` allows everything.
+            e.g. ``[("encoder", "decoder")]``, or, as in the user guide, pairs of sets of
+            alternatives, ``[({"encoder", "embedding"}, {"decoder", "output"})]`` (any name on
+            the left against any on the right); None or ``[]`` allows everything.
 
     Raises:
         MappingError: On bad options or a side without tensors.
@@ -66,7 +69,7 @@ class WeightMapper:
         target_module: nn.Module | Mapping[str, Any] | TensorTable,
         shape_tolerance: float = 0.0,
         dummy_input: Any = None,
-        incompatible_pairs: Sequence[tuple[str, str]] | None = None,
+        incompatible_pairs: Sequence[tuple[Any, Any]] | None = None,
         *,
         source_prefix: str | None = None,
         trace: bool = True,
@@ -94,46 +97,48 @@ class WeightMapper:
     @classmethod
     def from_state_dict(
         cls,
-        state_dict: Mapping[str, Any],
+        source_state_dict: Mapping[str, Any],
         target_module: nn.Module | Mapping[str, Any],
-        *,
-        key: str | None = None,
         shape_tolerance: float = 0.0,
         dummy_input: Any = None,
-        incompatible_pairs: Sequence[tuple[str, str]] | None = None,
+        incompatible_pairs: Sequence[tuple[Any, Any]] | None = None,
+        *,
+        key: str | None = None,
         source_model: nn.Module | None = None,
     ) -> WeightMapper:
         """Map a state dict (or anything ``torch.load`` returned, envelope included).
 
         Args:
-            state_dict: Flat state dict, or a checkpoint dict (Lightning, ``{"model": ...}``).
+            source_state_dict: Flat state dict, or a checkpoint dict (Lightning, ``{"model": ...}``).
             target_module: The model to fill.
+            shape_tolerance, dummy_input, incompatible_pairs: As for :class:`WeightMapper`.
             key: Envelope key to take the state dict from when there are several candidates.
             source_model: The model the state dict was saved from, if you have it (see
                 :class:`WeightMapper`).
         """
         from weight_mapper.checkpoint import unwrap_state_dict
 
-        tensors, _, _, _ = unwrap_state_dict(state_dict, key=key)
+        tensors, _, _, _ = unwrap_state_dict(source_state_dict, key=key)
         return cls(tensors, target_module, shape_tolerance, dummy_input, incompatible_pairs, source_model=source_model)
 
     @classmethod
     def from_checkpoint(
         cls,
-        path: str | Path,
+        checkpoint_path: str | Path,
         target_module: nn.Module | Mapping[str, Any],
+        shape_tolerance: float = 0.0,
+        dummy_input: Any = None,
+        incompatible_pairs: Sequence[tuple[Any, Any]] | None = None,
         *,
         key: str | None = None,
         trust_pickle: bool = False,
-        shape_tolerance: float = 0.0,
-        dummy_input: Any = None,
-        incompatible_pairs: Sequence[tuple[str, str]] | None = None,
         source_model: nn.Module | None = None,
     ) -> WeightMapper:
         """Map a checkpoint file or sharded folder; only shapes are read for matching.
 
-        ``source_model`` is the model the checkpoint was saved from, if you have it (see
-        :class:`WeightMapper`).
+        Tied tensors (an embedding and the head sharing its storage) stay tied, as with
+        :meth:`from_state_dict`. ``source_model`` is the model the checkpoint was saved from,
+        if you have it (see :class:`WeightMapper`).
 
         Raises:
             CheckpointError: If the file is missing, corrupt, or needs ``trust_pickle=True``.
@@ -141,8 +146,8 @@ class WeightMapper:
         """
         from weight_mapper.checkpoint import load_checkpoint
 
-        ckpt = load_checkpoint(path, key=key, trust_pickle=trust_pickle)
-        table = TensorTable.from_checkpoint(ckpt, label=Path(path).name)
+        ckpt = load_checkpoint(checkpoint_path, key=key, trust_pickle=trust_pickle)
+        table = TensorTable.from_checkpoint(ckpt, label=Path(checkpoint_path).name)
         return cls(table, target_module, shape_tolerance, dummy_input, incompatible_pairs, source_model=source_model)
 
     # ------------------------------------------------------------------ matching
@@ -154,8 +159,11 @@ class WeightMapper:
         *,
         max_rounds: int = MAX_ROUNDS,
         progress: Callable[[str], None] | None = None,
-    ) -> dict[str, str]:
+    ) -> MappingDict:
         """Match source tensors to target tensors and return ``{source_name: target_name}``.
+
+        The dict carries its plan (``mapping.plan``): ``WeightRenamer.rename_keys(mapping)``
+        applies the plan's transposes, reshapes and concatenations, as ``rename_keys(plan)`` does.
 
         Args:
             threshold: Minimum combined score of a match, in [0, 1].
@@ -219,7 +227,19 @@ class WeightMapper:
             source_prefix=self.source_prefix,
             combinations=combinations,
         )
-        return self.plan.mapping
+        return self.get_mapping_dict()
+
+    def _plan_of(self, mapping: Mapping[str, str]) -> MappingPlan:
+        """The plan a (possibly edited) mapping dict stands for, against this mapper's tables."""
+        from weight_mapper.mapping_dict import plan_from_mapping
+
+        base = getattr(mapping, "plan", None) or self._require_plan()
+        if dict(mapping) == base.mapping:
+            return base
+        prefix = self.source_prefix
+        source_shapes = {prefix + n: s for n, s in zip(self.source_table.names, self.source_table.shapes)}
+        return plan_from_mapping(mapping, base, source_shapes, dict(zip(self.target_table.names, self.target_table.shapes)),
+                                 source_label=self.source_table.label)
 
     def _require_plan(self) -> MappingPlan:
         if self.plan is None:
@@ -231,17 +251,22 @@ class WeightMapper:
         """The full :class:`MappingPlan` (runs ``suggest_mapping()`` with defaults if needed)."""
         return self._require_plan()
 
-    def get_mapping_dict(self) -> dict[str, str]:
-        """``{source_name: target_name}`` of the last suggestion."""
-        return self._require_plan().mapping
+    def get_mapping_dict(self) -> MappingDict:
+        """``{source_name: target_name}`` of the last suggestion: a new copy, carrying its plan.
 
-    def get_mapping_with_scores(self) -> dict[str, tuple[str, float]]:
-        """``{source_name: (target_name, score)}`` of the last suggestion."""
-        out: dict[str, tuple[str, float]] = {}
-        for e in self._require_plan().entries:
-            for s in e.source:
-                out.setdefault(s, (e.target, e.score))
-        return out
+        Edit it like a dict (``mapping["old.layer"] = "new.layer"``) and pass it to
+        ``WeightRenamer.rename_keys``: the pairs left alone keep the plan's transforms, and the
+        edited ones are checked against the target's shapes.
+        """
+        plan = self._require_plan()
+        return MappingDict.from_plan(plan, target_shapes=dict(zip(self.target_table.names, self.target_table.shapes)))
+
+    def get_mapping_with_scores(self) -> list[tuple[str, str, float]]:
+        """``[(source_name, target_name, score), ...]`` of the last suggestion, in target order.
+
+        A combined entry (several sources, one target) gives one tuple per source.
+        """
+        return [(s, e.target, e.score) for e in self._require_plan().entries for s in e.source]
 
     def get_unmatched(self) -> dict[str, list[str]]:
         """``{"source": [...], "target": [...]}``: tensors the last suggestion left out."""
@@ -332,11 +357,11 @@ class WeightMapper:
 
         print_analysis(self._require_plan(), top_n=top_n, show_unmatched=show_unmatched, console=console)
 
-    def export_mapping_report(self, path: str | Path) -> Path:
-        """Write the JSON report (the plan plus counts and coverage) atomically to ``path``."""
+    def export_mapping_report(self, output_path: str | Path) -> Path:
+        """Write the JSON report (the plan plus counts and coverage) atomically to ``output_path``."""
         from weight_mapper.report import export_report
 
-        return export_report(self._require_plan(), path)
+        return export_report(self._require_plan(), output_path)
 
     def visualize_mapping(
         self,
@@ -350,28 +375,27 @@ class WeightMapper:
         """Print the mapping for review: summary, scored matches with badges, unmatched tensors.
 
         Args:
-            result: A :class:`MappingPlan`, or the dict ``suggest_mapping`` returned; default the last plan.
+            result: A :class:`MappingPlan`, or a ``{source: target}`` dict (the one
+                ``suggest_mapping`` returned, edited or not; pairs changed by hand show as
+                ``MANUAL``, unscored); default the last plan.
             show_unmatched: List the unmatched tensors of both sides, with their shapes.
             max_matches: Matches listed (past it, the ambiguous and lowest-scoring ones).
             max_unmatched: Unmatched tensors listed per side.
             console: A ``rich.console.Console``; default a new one on stdout.
 
         Raises:
-            MappingError: If ``result`` is a dict that is not the last suggestion.
+            PlanError: If ``result`` names a tensor the source lacks or pairs shapes no transform fixes.
         """
         from weight_mapper.views import MappingView, print_view
 
         plan = self._require_plan() if result is None or result is self.plan else result
         if not isinstance(plan, MappingPlan):
-            if dict(plan) != self._require_plan().mapping:
-                raise MappingError("visualize_mapping(result) takes a MappingPlan or the dict the last "
-                                   "suggest_mapping() returned; pass mapper.get_plan() or a plan you loaded")
-            plan = self._require_plan()
+            plan = self._plan_of(plan)
         print_view(MappingView(plan, source_table=self.source_table, target_table=self.target_table,
                                show_unmatched=show_unmatched, max_matches=max_matches,
                                max_unmatched=max_unmatched), console=console)
 
-    def visualize_hierarchies(self, *, max_depth: int = 5, show_matches: bool = False, console: Any = None) -> None:
+    def visualize_hierarchies(self, max_depth: int = 5, show_matches: bool = False, *, console: Any = None) -> None:
         """Print both module trees side by side: W/B/buf badges with shapes, matched modules marked.
 
         Args:

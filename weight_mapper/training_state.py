@@ -468,7 +468,7 @@ def drop_training_state(envelope: Mapping[str, Any]) -> dict[str, Any]:
     >>> drop_training_state({"epoch": 1, "optimizer_states": [], "lr_schedulers": []})
     {'epoch': 1}
     """
-    removed = {k for k, _ in _optimizer_locations(envelope)} | set(_SCHEDULER_KEYS) | set(_SCALER_KEYS)
+    removed = {k for k, _ in _optimizer_locations(envelope)} | {*_OPTIMIZER_KEYS, *_SCHEDULER_KEYS, *_SCALER_KEYS}
     return {k: v for k, v in envelope.items() if k not in removed}
 
 

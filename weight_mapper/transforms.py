@@ -81,8 +81,8 @@ TRANSFORMS: dict[str, Transform] = {
 
 
 def _stack_concat(tensors: Sequence[torch.Tensor], args: Mapping[str, Any]) -> torch.Tensor:
-    parts = int(args["parts"])
-    if parts < 1 or len(tensors) % parts:
+    parts = args["parts"]
+    if not isinstance(parts, int) or parts < 1 or len(tensors) % parts:
         raise PlanError(f"stack_concat needs a multiple of parts={parts} source tensors, got {len(tensors)}")
     n = len(tensors) // parts
     dim = args.get("dim", 0)
@@ -111,8 +111,19 @@ def invert_entries(entries: Sequence[PlanEntry]) -> list[PlanEntry]:
 
     Raises:
         PlanError: If an entry has no unique way back (a source copied to several targets
-            comes back once; slices or indices of one source must cover it exactly).
+            comes back once; slices or indices of one source must cover it exactly), or its
+            transform arguments are missing or out of range.
     """
+    try:
+        return _invert_entries(entries)
+    except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
+        if isinstance(e, PlanError):
+            raise
+        raise PlanError(f"the plan has no inverse: an entry's transform arguments are missing or out of "
+                        f"range ({type(e).__name__}: {e}); check the plan's args") from None
+
+
+def _invert_entries(entries: Sequence[PlanEntry]) -> list[PlanEntry]:
     out: list[PlanEntry] = []
     seen: set[str] = set()
     pieces: dict[str, list[PlanEntry]] = {}  # slice / index entries, grouped by their source

@@ -146,6 +146,25 @@ def test_source_model_gives_the_order(tmp_path):
     assert new_losses == pytest.approx(old_losses, rel=1e-12, abs=1e-12)
 
 
+def test_a_plain_training_checkpoint(tmp_path):
+    """``{"model": ..., "optimizer": ..., "scheduler": ...}``, as hand-written training loops save it."""
+    lightning, _, old_losses, batches = _train_and_checkpoint("sgd")
+    torch.save({"model": {k.removeprefix("model."): v for k, v in lightning["state_dict"].items()},
+                "optimizer": lightning["optimizer_states"][0], "scheduler": lightning["lr_schedulers"][0],
+                "epoch": 0}, tmp_path / "plain.pt")
+    renamer = WeightRenamer(tmp_path / "plain.pt")
+    assert renamer.state_key == "model"
+    renamer.rename_keys(refactor_plan(prefix=""))
+    report = renamer.convert_training_state(NewModel())
+    assert report.ok and [o.location for o in report.optimizers] == ["optimizer"] and report.schedulers == ("scheduler",)
+    renamer.save(tmp_path / "new.pt", keep_envelope=True)
+    saved = torch.load(tmp_path / "new.pt", weights_only=True)
+    torch.save({"state_dict": saved["model"], "optimizer_states": [saved["optimizer"]],
+                "lr_schedulers": [saved["scheduler"]]}, tmp_path / "as_lightning.ckpt")
+    _, new_losses, _ = _resume("sgd", tmp_path / "as_lightning.ckpt", batches)
+    assert new_losses == pytest.approx(old_losses, rel=1e-9, abs=1e-9)
+
+
 def test_inverse_plan_converts_the_state_back_exactly():
     checkpoint, *_ = _train_and_checkpoint("adamw")
     plan = refactor_plan()
@@ -199,6 +218,14 @@ def test_fused_parts_with_different_steps_are_refused():
                                          target_param_order=["ab"])
     assert not report.ok and "disagree on 'step'" in report.optimizers[0].reason and "[3.0, 5.0]" in report.message()
     assert "optimizer" not in out  # never passed on unchanged
+
+
+def test_fused_parts_with_and_without_state_are_refused():
+    envelope = _adam_state([3, 3])
+    del envelope["optimizer"]["state"][1]  # b never had a gradient
+    _, report = convert_training_state(envelope, _two_params_plan(), source_param_order=["a", "b"],
+                                       target_param_order=["ab"])
+    assert not report.ok and "carry different state" in report.message()
 
 
 def test_fused_parts_from_different_groups_are_refused():

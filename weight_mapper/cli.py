@@ -472,8 +472,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     if plan.unmatched_target:
         console.print(Text(f"{len(plan.unmatched_target)} target tensors are not filled by the plan",
                            style="yellow"))
-    if training is not None:
-        console.print(Text("Optimizer state: " + training.message(), style="green" if training.ok else "yellow"))
+    if training is not None and training.ok:  # a refusal was a warning on stderr already
+        console.print(Text("Optimizer state: " + training.message(), style="green"))
     console.print(Text.assemble(("Converted ", "green"), f"{len(renamer.renamed or {})} tensors: ",
                                 args.source, " -> ", (str(output), "bold green"), f" ({fmt})"))
     if verification is not None:

@@ -439,10 +439,16 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         if report is not None and not report.ok and args.strict:
             raise ConversionError(f"{report.message(type(model).__name__)}\n"
                                   f"Nothing was written to {output} (--strict).")
-        # Prove the conversion before anything is written: with --strict a failed proof writes nothing.
+        # The proof runs before anything is written: a failed --strict proof leaves no file behind.
         verification = _verify(args, renamer, plan) if args.verify else None
         if verification is not None and not verification.ok and args.strict:
-            raise ConversionError(f"{verification.message()}\nNothing was written to {output} (--strict).")
+            if args.json:
+                _print_json({"output": None, "source": args.source, "plan": str(plan_path),
+                             "validation": None if report is None else _validation_dict(report),
+                             "verification": verification.to_dict()})
+                return 1
+            console.print(Text(verification.message(), style="red"))
+            raise ConversionError(f"the conversion was not verified; nothing was written to {output} (--strict)")
         training = None
         if not args.weights_only and output.suffix not in ("", _SAFETENSORS_SUFFIX) \
                 and has_training_state(renamer.envelope):
@@ -450,6 +456,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             training = renamer.convert_training_state(model, source_model=source_model)
         output = renamer.save(output, keep_envelope=True,  # a torch output keeps the envelope (README)
                               training_state="drop" if args.weights_only else "convert")
+
     fmt = ("sharded-safetensors" if output.is_dir() else
            "safetensors" if output.suffix == _SAFETENSORS_SUFFIX else "torch")
     if args.json:
@@ -459,9 +466,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             "n_unmatched_source": len(plan.unmatched_source), "n_unmatched_target": len(plan.unmatched_target),
             "validation": None if report is None else _validation_dict(report),
             "training_state": None if training is None else training.to_dict(),
-            "verification": None if verification is None else {
-                "ok": verification.ok, "max_abs_diff": verification.max_abs_diff,
-                "n_outputs": verification.n_outputs, "untouched": list(verification.untouched)},
+            "verification": None if verification is None else verification.to_dict(),
         })
         return 1 if verification is not None and not verification.ok and args.strict else 0
     if report is not None:
@@ -485,18 +490,22 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace, renamer: WeightRenamer, plan: MappingPlan):
     """--verify: build both models on the CPU, load the source, convert, run both on --input."""
-    from weight_mapper.verify import verify_conversion
+    from dataclasses import replace
+
+    from weight_mapper.verify import load_source_weights, verify_conversion
 
     source = _build_model(args.verify, meta=False)
     prefix = plan.source_prefix
     state = {k[len(prefix):] if prefix and k.startswith(prefix) else k: renamer.tensors[k] for k in renamer.tensors}
-    result = source.load_state_dict(state, strict=False)
-    if result.missing_keys:
-        raise ConversionError(f"--verify {args.verify}: the model it builds is not the one {args.source} was saved "
-                              f"from (missing keys {result.missing_keys[:5]}); pass the source model's factory")
+    try:
+        how = load_source_weights(source, state, label=args.source)
+    except ConversionError as e:
+        raise ConversionError(f"--verify {args.verify}: {e}; pass the factory of the model {args.source} was "
+                              "saved from") from None
     target = _build_model(args.validate, meta=False)
     dummy_input = _load_factory(args.input)()
-    return verify_conversion(plan, source, target, dummy_input)
+    report = verify_conversion(plan, source, target, dummy_input, source_tensors=renamer.tensors)
+    return replace(report, source_weights=f"{args.source} {how}")
 
 
 def _validation_dict(report: ValidationReport) -> dict[str, Any]:

@@ -31,6 +31,9 @@ PLAN_FORMAT_VERSION = 1
 #: What each entry flag means (shown in reports and views).
 FLAG_DESCRIPTIONS = {
     "order_only": "decided by order alone: names and shapes could not tell the candidates apart",
+    "convention:rotary": "one side may keep its rotary q/k rows interleaved (Meta, torchtune) and the other "
+                         "half-split (Hugging Face); nothing but a forward pass can tell, so the rows were copied "
+                         "as they are: confirm with verify(..., repair=True)",
 }
 
 #: The ways an entry can have been established (``PlanEntry.provenance``).

@@ -185,6 +185,25 @@ def test_inverse_plan_converts_the_state_back_exactly():
     assert back["lr_schedulers"] == checkpoint["lr_schedulers"]
 
 
+def test_converted_checkpoint_converts_back_through_the_renamer(tmp_path):
+    """There and back through files: the inverse plan, the models as the orders (the target's
+    names under the checkpoint's ``model.`` wrapper are found)."""
+    checkpoint, *_ = _train_and_checkpoint("adamw")
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    forward = WeightRenamer(tmp_path / "old.ckpt")
+    forward.rename_keys(refactor_plan())
+    assert forward.convert_training_state(NewModel(), source_model=OldModel()).ok
+    forward.save(tmp_path / "new.ckpt", keep_envelope=True)
+    backward = WeightRenamer(tmp_path / "new.ckpt")
+    backward.rename_keys(refactor_plan().inverse())
+    assert backward.convert_training_state(OldModel(), source_model=NewModel()).ok
+    backward.save(tmp_path / "back.ckpt", keep_envelope=True)
+    back = torch.load(tmp_path / "back.ckpt", weights_only=True)["optimizer_states"][0]
+    original = checkpoint["optimizer_states"][0]
+    assert back["param_groups"] == original["param_groups"]
+    assert all(torch.equal(back["state"][i][k], v) for i, s in original["state"].items() for k, v in s.items())
+
+
 def test_fused_state_is_the_concatenation_of_the_parts():
     checkpoint, *_ = _train_and_checkpoint("adamw")
     order, _ = checkpoint_parameter_order(checkpoint["state_dict"])

@@ -320,11 +320,14 @@ def training_state_for(
             return refuse_training_state(envelope, "the target model's parameter order is unknown (a plan does not "
                                                    "tell parameters from buffers); pass the target model "
                                                    "(CLI: --validate TARGET) or target_param_order")
-        target_param_order = parameter_order(target_model, trainable_only=trainable_only)
+        names = parameter_order(target_model, trainable_only=trainable_only)
         targets = {e.target for e in plan.entries}
+        # The plan may name the targets under a wrapper (a LightningModule's "model."); the model may not.
+        prefix = max(("", *_prefixes(dict.fromkeys(targets))), key=lambda p: sum(p + n in targets for n in names))
+        target_param_order = [prefix + n for n in names]
         if not targets & set(target_param_order):
             return refuse_training_state(envelope, f"none of the target model's parameters "
-                                                   f"({_preview(list(target_param_order))}) is a target of the plan")
+                                                   f"({_preview(names)}) is a target of the plan")
     shapes = {n: tuple(s) for n, s in _shapes(tensors).items()}
     return convert_training_state(envelope, plan, source_param_order=source_param_order,
                                   target_param_order=target_param_order, source_shapes=shapes,
@@ -360,9 +363,9 @@ def _model_order(envelope: Mapping, model: nn.Module, tensors: Mapping[str, torc
     return [prefix + n for n in (trainable if use_trainable else names)], use_trainable
 
 
-def _prefixes(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+def _prefixes(names: Mapping[str, Any]) -> list[str]:
     """Candidate wrapper prefixes of a Lightning-style checkpoint (``model.``, ``module.``)."""
-    firsts = {name.split(".", 1)[0] + "." for name in tensors if "." in name}
+    firsts = {name.split(".", 1)[0] + "." for name in names if "." in name}
     return sorted(firsts) if len(firsts) <= 3 else []
 
 

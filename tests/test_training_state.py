@@ -390,6 +390,14 @@ def test_several_optimizers_each_with_its_own_order(tmp_path):
     assert torch.equal(gen[1]["exp_avg"], opt_g.state_dict()["state"][0]["exp_avg"].t())
     assert torch.equal(out["optimizer_states"][1]["state"][0]["momentum_buffer"],
                        opt_d.state_dict()["state"][0]["momentum_buffer"])
+    # One refused optimizer takes its list with it: the list must stay aligned with the optimizers.
+    out, report = convert_training_state(
+        envelope, plan, source_param_order=[["g.weight", "g.bias"], ["d.bias", "d.weight"]],
+        target_param_order=[["gen.bias", "gen.weight"], ["disc.weight", "disc.bias"]])
+    assert "optimizer_states" not in out and out["lr_schedulers"] == []
+    assert [o.converted for o in report.optimizers] == [False, False]
+    assert "left out with the rest of optimizer_states" in report.optimizers[0].reason
+    assert "the order is wrong" in report.optimizers[1].reason
     with pytest.raises(ConversionError, match="3 lists but the checkpoint holds 2"):
         convert_training_state(envelope, plan, source_param_order=[["a"], ["b"], ["c"]], target_param_order=["x"])
 

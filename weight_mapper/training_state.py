@@ -448,6 +448,11 @@ def convert_training_state(
         out[key] = type(envelope[key])(items) if isinstance(envelope[key], tuple) else items
     for key in refused_keys:
         out.pop(key, None)
+    # A list of optimizers is kept or left out as a whole: Lightning pairs it with its optimizers by position.
+    reports = [r if not (r.converted and r.location.partition("[")[0] in refused_keys) else
+               OptimizerConversion(r.location, False, f"converted, but left out with the rest of "
+                                   f"{r.location.partition('[')[0]}, where another optimizer was refused")
+               for r in reports]
     schedulers = tuple(k for k in envelope if k in _SCHEDULER_KEYS)
     return out, TrainingStateReport(tuple(reports), schedulers, tuple(sorted(refused_keys)))
 

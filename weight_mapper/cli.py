@@ -42,6 +42,7 @@ from weight_mapper.plan import MappingPlan
 from weight_mapper.renamer import WeightRenamer
 from weight_mapper.report import report_dict
 from weight_mapper.table import TensorTable
+from weight_mapper.training_state import describe_training_state, has_training_state
 from weight_mapper.tree import ROOT, ModuleTree
 from weight_mapper.views import HierarchyView, ScoreBreakdownView
 
@@ -95,6 +96,7 @@ def _inspect_summary(ckpt: Checkpoint, path: Path, *, depth: int) -> dict[str, A
         "n_shards": len(ckpt.tensors.shards()),
         "skipped": list(ckpt.skipped),
         "metadata": dict(ckpt.metadata),
+        "training_state": describe_training_state(ckpt.envelope),
         # The depth counts below the wrapper prefix: "model." alone would fill a level.
         "modules": _module_rows(table, depth=depth + prefix.count(".")),
     }
@@ -166,6 +168,14 @@ def _inspect_renderable(summary: Mapping[str, Any], envelope: Mapping, *, depth:
     if summary["skipped"]:
         facts.add_row("skipped", Text(f"{len(summary['skipped'])} non-tensor entries: "
                                       + ", ".join(summary["skipped"][:5])))
+    training = summary["training_state"]
+    for optimizer in training["optimizers"]:
+        facts.add_row("optimizer", Text(
+            f"{optimizer['location']}: {optimizer['kind']}, {optimizer['n_params']} parameters in "
+            f"{optimizer['n_groups']} group(s), {optimizer['n_states']} with state"
+            + (f" ({', '.join(optimizer['state_keys'])})" if optimizer["state_keys"] else "")))
+    if training["schedulers"]:
+        facts.add_row("LR schedulers", Text(f"{training['n_schedulers']} in {', '.join(training['schedulers'])}"))
     if summary["metadata"]:
         facts.add_row("metadata", Text(", ".join(f"{k}={v}" for k, v in summary["metadata"].items())))
     title = Text(summary["path"], style="bold")
@@ -411,6 +421,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     _refuse_overwrite(output, [(p, "the source checkpoint") for p in source_files if p is not None]
                       + [(plan_path, "the plan")])
     model = _build_model(args.validate) if args.validate else None  # a bad factory fails before any read
+    source_model = _build_model(args.source_model) if args.source_model else None
     if args.verify:  # fail on a bad factory or input before any conversion
         _load_factory(args.verify)
         _load_factory(args.input)
@@ -435,7 +446,13 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                 return 1
             console.print(Text(verification.message(), style="red"))
             raise ConversionError(f"the conversion was not verified; nothing was written to {output} (--strict)")
-        output = renamer.save(output, keep_envelope=True)  # a torch output keeps the envelope (README)
+        training = None
+        if not args.weights_only and output.suffix not in ("", _SAFETENSORS_SUFFIX) \
+                and has_training_state(renamer.envelope):
+            # A torch file keeps the envelope: its optimizer state follows the plan, or is left out.
+            training = renamer.convert_training_state(model, source_model=source_model)
+        output = renamer.save(output, keep_envelope=True,  # a torch output keeps the envelope (README)
+                              training_state="drop" if args.weights_only else "convert")
 
     fmt = ("sharded-safetensors" if output.is_dir() else
            "safetensors" if output.suffix == _SAFETENSORS_SUFFIX else "torch")
@@ -445,6 +462,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             "source": args.source, "plan": str(plan_path),
             "n_unmatched_source": len(plan.unmatched_source), "n_unmatched_target": len(plan.unmatched_target),
             "validation": None if report is None else _validation_dict(report),
+            "training_state": None if training is None else training.to_dict(),
             "verification": None if verification is None else verification.to_dict(),
         })
         return 1 if verification is not None and not verification.ok and args.strict else 0
@@ -456,6 +474,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     if plan.unmatched_target:
         console.print(Text(f"{len(plan.unmatched_target)} target tensors are not filled by the plan",
                            style="yellow"))
+    if training is not None and training.ok:  # a refusal was a warning on stderr already
+        console.print(Text("Optimizer state: " + training.message(), style="green"))
     console.print(Text.assemble(("Converted ", "green"), f"{len(renamer.renamed or {})} tensors: ",
                                 args.source, " -> ", (str(output), "bold green"), f" ({fmt})"))
     if verification is not None:
@@ -658,6 +678,8 @@ def _check_apply(args: argparse.Namespace) -> None:
     if args.verify and not (args.validate and args.input):
         args.parser.error("--verify SOURCE_MODEL needs --validate TARGET (the target model) and --input INPUT "
                           "(what to run both models on)")
+    if args.weights_only and args.source_model:
+        args.parser.error("--source-model only serves to convert the optimizer state, which --weights-only leaves out")
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -773,11 +795,15 @@ for a command's options and examples.""",
                     "stack-and-concatenate them where it says so), and save "
                     "them atomically to OUT: safetensors for *.safetensors, a folder of safetensors shards for a "
                     "path without suffix, a torch file otherwise (which keeps the envelope, e.g. Lightning's "
-                    "epoch). SOURCE is never overwritten.",
+                    "epoch, and converts its optimizer state with the same plan: moments re-keyed to TARGET's "
+                    "parameter order and transformed as the weights; LR schedulers pass through; state whose "
+                    "parameter order is not certain is left out with a warning). SOURCE is never overwritten.",
         epilog=f"""examples:
   {_PROG} apply old.ckpt plan.json -o new.safetensors
   {_PROG} apply old.ckpt plan.json -o new.ckpt --validate mypkg.models:new_model --strict
   {_PROG} apply llama/ plan.json -o converted/        (sharded in, sharded out)
+  {_PROG} apply last.ckpt plan.json -o resumable.ckpt --validate mypkg.models:new_model   (optimizer state too)
+  {_PROG} apply last.ckpt plan.json -o weights.ckpt --weights-only
   {_PROG} apply old.pt plan.json -o new.pt --validate pkg.models:new_model \\
       --verify pkg.models:old_model --input pkg.models:sample_batch --strict""",
     )
@@ -795,6 +821,14 @@ for a command's options and examples.""",
                        help=f"prove the conversion: build the source model ({_FACTORY_HELP}) and the --validate "
                             "model on the CPU, load SOURCE into the first and the converted weights into the "
                             "second, run both on --input and report the max abs output difference")
+    apply.add_argument("--weights-only", action="store_true",
+                       help="leave the training state (optimizer, LR scheduler, AMP scaler) out of a torch OUT; "
+                            "by default optimizer state follows the plan (needs --validate TARGET for the target's "
+                            "parameter order) and LR schedulers pass through")
+    apply.add_argument("--source-model", metavar="FACTORY", default=None,
+                       help="the architecture SOURCE was saved from, as package.module:callable (built on the meta "
+                            "device): its parameters() order says which optimizer state belongs to which tensor; "
+                            "without it the order is read from SOURCE, without its buffers")
     apply.add_argument("--input", metavar="INPUT", default=None,
                        help="with --verify: package.module:callable returning the input (a tensor, a tuple of "
                             "arguments or a dict of keyword arguments)")

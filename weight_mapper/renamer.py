@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from weight_mapper.apply import ConvertedTensors, ValidationReport, apply_plan, validate_state_dict
-from weight_mapper.checkpoint import load_checkpoint, save_checkpoint, unwrap_state_dict
+from weight_mapper.checkpoint import _umask, load_checkpoint, save_checkpoint, unwrap_state_dict
 from weight_mapper.errors import CheckpointError, ConversionError, PlanError
 from weight_mapper.plan import MappingPlan, PlanEntry
 
@@ -194,6 +194,7 @@ class WeightRenamer:
         shards = [s for s in shards if s]
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
         try:
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp is private (0o700); give what mkdir would
             weight_map, total_size = {}, 0
             for i, targets in enumerate(shards, start=1):
                 shard_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"

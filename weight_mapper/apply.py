@@ -59,7 +59,8 @@ def apply_plan(
             values = [_lookup(tensors, name, source) for name in entry.source]
             try:
                 result = transform.apply(values, entry.args)
-            except (RuntimeError, IndexError, KeyError, TypeError) as exc:
+            except (RuntimeError, IndexError, KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError,
+                    PlanError) as exc:
                 raise PlanError(
                     f"{source}: cannot {entry.transform} {list(entry.source)} "
                     f"(shapes {[list(v.shape) for v in values]}) into {entry.target!r}: {exc}"

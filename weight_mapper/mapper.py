@@ -92,6 +92,9 @@ class WeightMapper:
         self.target_table = _to_table(target_module, orders[1], "target")
         self.source_prefix = _strip_prefix(self, source_prefix)
         self.plan: MappingPlan | None = None
+        self._source_code = source_model if source_model is not None else self.source_module  # for conventions
+        self.notes: list[str] = []  # what the conventions and the layer-wise proof did to the last plan
+        self.verification = None  # the layer-wise proof suggest_mapping ran, when it could
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -159,6 +162,7 @@ class WeightMapper:
         *,
         max_rounds: int = MAX_ROUNDS,
         progress: Callable[[str], None] | None = None,
+        repair: bool = True,
     ) -> MappingDict:
         """Match source tensors to target tensors and return ``{source_name: target_name}``.
 
@@ -175,6 +179,11 @@ class WeightMapper:
             max_rounds: Bound on hierarchy-context rounds.
             progress: Called with a short description as each step starts (the CLI shows it
                 as a status line); matching a 100,000-tensor model takes seconds.
+            repair: With both models (holding weights) and ``dummy_input``, prove the plan layer
+                by layer and repair what diverges (:func:`weight_mapper.verify.verify_conversion`
+                with ``repair=True``; the target's weights are restored afterwards). Entries'
+                ``provenance`` says ``proved`` or ``repaired``; ``mapper.verification`` keeps the
+                report and ``mapper.notes`` what was done. ``False`` keeps the matcher's plan.
 
         Raises:
             MappingError: On an unknown strategy, a threshold outside [0, 1] or bad weights.
@@ -230,6 +239,11 @@ class WeightMapper:
             source_prefix=self.source_prefix,
             combinations=combinations,
         )
+        from weight_mapper.verify import settle_plan
+
+        self.plan, self.notes, self.verification = settle_plan(
+            self.plan, source=self.source_module, target=self.target_module, dummy_input=self.dummy_input,
+            source_code=self._source_code, repair=repair, progress=progress)
         return self.get_mapping_dict()
 
     def _plan_of(self, mapping: Mapping[str, str]) -> MappingPlan:
@@ -305,15 +319,22 @@ class WeightMapper:
         dummy_input: Any = None,
         *,
         atol: float = 1e-5,
+        repair: bool = False,
     ):
         """Prove the conversion: load the converted weights into the target, run both models.
 
         Defaults to the models and ``dummy_input`` the mapper was built with. The target's
-        tensors are overwritten with the converted ones.
+        tensors are overwritten with the converted ones. Both models run side by side with
+        hooks on the module pairs the plan implies (see :mod:`weight_mapper.verify`).
+
+        Args:
+            repair: Try the known alternatives for each diverging module and keep what makes
+                it agree; the repaired plan (``report.plan``) becomes the mapper's plan.
 
         Returns:
             A :class:`~weight_mapper.verify.VerificationReport`: max abs output difference,
-            target tensors left at their initial values, ``ok``.
+            target tensors left at their initial values, per-entry status (proved / diverges /
+            not reached), the first divergence, ``ok``, and the plan with each entry's provenance.
 
         Raises:
             MappingError: If a model or the input is missing.
@@ -329,7 +350,10 @@ class WeightMapper:
                 "verify() needs both models and an input: pass source_model, target_model and dummy_input "
                 "(the mapper was built from a state dict or without dummy_input)"
             )
-        return verify_conversion(self._require_plan(), source, target, x, atol=atol)
+        report = verify_conversion(self._require_plan(), source, target, x, atol=atol, repair=repair)
+        if repair and report.plan is not None:
+            self.plan = report.plan
+        return report
 
     def export_rules(self, *, max_groups: int | None = None) -> list:
         """Compress the mapping's renames into a short list of regex rename rules.

@@ -21,7 +21,8 @@ from weight_mapper.combine import Combination
 from weight_mapper.score import TRANSPOSED_TYPES
 from weight_mapper.errors import PlanError
 from weight_mapper.table import TensorTable
-from weight_mapper.transforms import invert_entries
+from weight_mapper.transforms import TRANSFORMS, invert_entries
+from weight_mapper.validate import Invalid, check_plan_dict, loads_json, short
 
 __all__ = ["PlanEntry", "MappingPlan", "build_plan", "PLAN_FORMAT_VERSION", "FLAG_DESCRIPTIONS", "PROVENANCES"]
 
@@ -33,6 +34,9 @@ FLAG_DESCRIPTIONS = {
     "split_group": "its module moved only in part: other tensors of the source module stayed unmatched "
                    "while the target module still has tensors to fill (a BatchNorm's running statistics "
                    "without its weight and bias); map the rest or none of it",
+    "convention:rotary": "one side may keep its rotary q/k rows interleaved (Meta, torchtune) and the other "
+                         "half-split (Hugging Face); nothing but a forward pass can tell, so the rows were copied "
+                         "as they are: confirm with verify(..., repair=True)",
 }
 
 #: The ways an entry can have been established (``PlanEntry.provenance``).
@@ -115,8 +119,8 @@ class PlanEntry:
                 flags=tuple(str(f) for f in data.get("flags", ())),
                 provenance=str(data.get("provenance", "matched")),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PlanError(f"malformed plan entry {dict(data)!r}: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise PlanError(f"malformed plan entry {short(data, 200)}: {exc}") from None
 
 
 def _json_float(x: float) -> float | None:
@@ -138,6 +142,8 @@ class MappingPlan:
         source_label, target_label: Where the two sides came from.
         source_prefix: Wrapper prefix (``module.``) found on every source key and ignored
             while matching; entries keep the full checkpoint keys.
+        path: The file the plan was read from (:meth:`from_json`), which saving a
+            conversion never overwrites; None for a plan built in memory.
     """
 
     entries: tuple[PlanEntry, ...]
@@ -152,6 +158,7 @@ class MappingPlan:
     source_label: str = ""
     target_label: str = ""
     source_prefix: str = ""
+    path: Path | None = field(default=None, compare=False, repr=False)
 
     # ------------------------------------------------------------------ views
     @property
@@ -230,13 +237,11 @@ class MappingPlan:
         Raises:
             PlanError: If ``data`` is not a weight_mapper plan.
         """
-        if not isinstance(data, Mapping) or data.get("format") != "weight_mapper.plan" or "entries" not in data:
-            raise PlanError("not a weight_mapper plan: expected a JSON object with format 'weight_mapper.plan'")
-        if data.get("version", PLAN_FORMAT_VERSION) > PLAN_FORMAT_VERSION:
-            raise PlanError(
-                f"plan format version {data['version']} is newer than this weight_mapper understands "
-                f"({PLAN_FORMAT_VERSION}); upgrade weight-mapper"
-            )
+        try:
+            check_plan_dict(dict(data) if isinstance(data, Mapping) else data, version=PLAN_FORMAT_VERSION,
+                            known_transforms=TRANSFORMS)
+        except Invalid as exc:
+            raise PlanError(str(exc)) from None
         return cls(
             entries=tuple(PlanEntry.from_dict(e) for e in data["entries"]),
             unmatched_source=tuple(data.get("unmatched_source", ())),
@@ -245,7 +250,7 @@ class MappingPlan:
             strategy=str(data.get("strategy", "best_match")),
             threshold=float(data.get("threshold", 0.6)),
             weights=dict(data.get("weights", {})),
-            rounds=tuple(data.get("rounds", (0, 0))),
+            rounds=tuple(int(r) for r in data.get("rounds", (0, 0))),
             converged=bool(data.get("converged", True)),
             source_label=str(data.get("source_label", "")),
             target_label=str(data.get("target_label", "")),
@@ -268,25 +273,28 @@ class MappingPlan:
         Raises:
             PlanError: If the file is missing or is not valid plan JSON.
         """
-        text, where = str(text_or_path), "plan"
+        text, where, path = str(text_or_path), "plan", None
         if not text.lstrip().startswith("{"):
             path = Path(text_or_path)
             where = f"plan file {path}"
-            if not path.is_file():
-                raise PlanError(f"No such plan file: {path}")
             try:
+                if not path.is_file():  # also refuses a FIFO or a device before opening it
+                    raise PlanError(f"No such plan file: {path}" if not path.exists() else
+                                    f"{where} is not a regular file; pass the JSON that `weight-mapper map -o` wrote")
                 text = path.read_text(encoding="utf-8")
-            except (UnicodeDecodeError, OSError) as exc:
+            except (UnicodeDecodeError, OSError, ValueError) as exc:
                 raise PlanError(f"{where} could not be read as text ({exc}); is it a checkpoint? "
                                 "Pass the JSON that `weight-mapper map -o` wrote") from None
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"{where} is not valid JSON ({exc}); regenerate it with `weight-mapper map`") from None
+            data = loads_json(text)
+        except Invalid as exc:
+            raise PlanError(f"{where} is {exc if str(exc).startswith('not') else f'not usable: {exc}'}; "
+                            "regenerate it with `weight-mapper map`") from None
         try:
-            return cls.from_dict(data)
+            plan = cls.from_dict(data)
         except PlanError as exc:
             raise PlanError(f"{where}: {exc}") from None
+        return plan if path is None else replace(plan, path=path)
 
 
 # ---------------------------------------------------------------------------- building

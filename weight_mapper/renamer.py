@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +14,8 @@ import torch
 from torch import nn
 
 from weight_mapper.apply import ConvertedTensors, ValidationReport, apply_plan, validate_state_dict
-from weight_mapper.checkpoint import _umask, load_checkpoint, save_checkpoint, unwrap_state_dict
+from weight_mapper.checkpoint import (clean_stale_temporaries, load_checkpoint, save_checkpoint, temporary_path_for,
+                                     unwrap_state_dict)
 from weight_mapper.errors import CheckpointError, ConversionError, PlanError
 from weight_mapper.plan import MappingPlan, PlanEntry
 
@@ -91,6 +91,12 @@ class WeightRenamer:
                 f"{self.source_name} has no tensor(s) {missing[:5]} that the plan needs; the plan was made "
                 "for another checkpoint. Run `weight-mapper map` again on this one."
             )
+        target2entry: dict[str, PlanEntry] = {}
+        for e in plan.entries:
+            if e.target in target2entry:
+                raise PlanError(f"the plan fills {e.target!r} twice (from {list(target2entry[e.target].source)} and "
+                                f"{list(e.source)}); a target key can be filled once: remove one entry")
+            target2entry[e.target] = e
         if keep_unmapped:
             used = {s for e in plan.entries for s in e.source}
             targets = {e.target for e in plan.entries}
@@ -150,11 +156,12 @@ class WeightRenamer:
 
         Raises:
             ConversionError: If :meth:`rename_keys` was not called.
-            CheckpointError: If ``path`` is the source or cannot be written.
+            CheckpointError: If ``path`` is the source or the plan's own file, or cannot be written.
         """
         converted = self._require_renamed()
         path = Path(path)
-        protected = list(self.source_files)
+        # Never the source, nor the plan being applied.
+        protected = [*self.source_files, *([converted.plan.path] if converted.plan.path is not None else [])]
         if path.suffix == "":
             return self._save_sharded(path, converted, progress)
         tensors = apply_plan(converted.plan, self.tensors, source=self.source_name)
@@ -192,9 +199,10 @@ class WeightRenamer:
             source2targets.setdefault(e.source[0], []).append(e.target)
         shards = [[t for name in names for t in source2targets.get(name, [])] for _, names in self._shards()]
         shards = [s for s in shards if s]
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+        clean_stale_temporaries(folder.parent)
+        tmp = temporary_path_for(folder)
+        tmp.mkdir()
         try:
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp is private (0o700); give what mkdir would
             weight_map, total_size = {}, 0
             for i, targets in enumerate(shards, start=1):
                 shard_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"

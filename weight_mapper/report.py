@@ -27,6 +27,12 @@ def _shape(shape) -> str:
     return "[" + ", ".join(map(str, shape)) + "]"
 
 
+def plain(text: str) -> Text:
+    """``text`` as a rich Text, never read as markup, with unencodable characters (a lone
+    surrogate from a file name) escaped: a hostile tensor name can never break a report."""
+    return Text(text.encode("utf-8", "backslashreplace").decode("utf-8"))
+
+
 def _entry_row(e: PlanEntry) -> tuple:
     marks = []
     if e.transform:
@@ -34,8 +40,8 @@ def _entry_row(e: PlanEntry) -> tuple:
     if e.ambiguous:
         marks.append("ambiguous")
     return (
-        ", ".join(e.source),
-        e.target,
+        plain(", ".join(e.source)),
+        plain(e.target),
         Text(f"{e.score:.3f}", style=score_style(e.score)),
         _shape(e.source_shape) + ("" if e.source_shape == e.target_shape else " -> " + _shape(e.target_shape)),
         e.level,
@@ -58,7 +64,7 @@ def analysis_renderable(plan: MappingPlan, *, top_n: int = 10, show_unmatched: b
     """The ``print_analysis`` view as one rich renderable."""
     n_matched = len(plan.entries)
     summary = Text()
-    summary.append(f"{plan.source_label or 'source'} -> {plan.target_label or 'target'}\n", style="bold")
+    summary.append(plain(f"{plan.source_label or 'source'} -> {plan.target_label or 'target'}\n").plain, style="bold")
     summary.append(
         f"strategy {plan.strategy}, threshold {plan.threshold:.2f}, hierarchy rounds "
         f"{plan.rounds[0]}+{plan.rounds[1]}{'' if plan.converged else ' (not converged)'}\n"
@@ -66,7 +72,7 @@ def analysis_renderable(plan: MappingPlan, *, top_n: int = 10, show_unmatched: b
     summary.append(f"target tensors filled: {n_matched}/{plan.n_target} ({plan.coverage:.1%})\n")
     summary.append(f"unmatched: {len(plan.unmatched_source)} source, {len(plan.unmatched_target)} target")
     if plan.source_prefix:
-        summary.append(f"\nsource prefix {plan.source_prefix!r} ignored while matching")
+        summary.append(plain(f"\nsource prefix {plan.source_prefix!r} ignored while matching").plain)
     n_ambiguous = sum(e.ambiguous for e in plan.entries)
     if n_ambiguous:
         summary.append(f"\n{n_ambiguous} matches are ambiguous (runner-up within the margin): review them", style="yellow")
@@ -91,8 +97,8 @@ def analysis_renderable(plan: MappingPlan, *, top_n: int = 10, show_unmatched: b
         shown = min(n, max(top_n, 1))
         for i in range(shown):
             table.add_row(
-                plan.unmatched_source[i] if i < len(plan.unmatched_source) else "",
-                plan.unmatched_target[i] if i < len(plan.unmatched_target) else "",
+                plain(plan.unmatched_source[i] if i < len(plan.unmatched_source) else ""),
+                plain(plan.unmatched_target[i] if i < len(plan.unmatched_target) else ""),
             )
         if n > shown:
             table.add_row(f"... {max(len(plan.unmatched_source) - shown, 0)} more", f"... {max(len(plan.unmatched_target) - shown, 0)} more")

@@ -44,7 +44,7 @@ from weight_mapper.renamer import WeightRenamer
 from weight_mapper.report import report_dict
 from weight_mapper.table import TensorTable
 from weight_mapper.tree import ROOT, ModuleTree
-from weight_mapper.views import HierarchyView, MappingView, ScoreBreakdownView, export_html
+from weight_mapper.views import HierarchyView, ScoreBreakdownView
 
 __all__ = ["main", "build_parser"]
 
@@ -267,13 +267,10 @@ def _cmd_map(args: argparse.Namespace) -> int:
         breakdowns = [ScoreBreakdownView.from_plan(mapper.explain(name), plan) for name in explain_names]
         html = None
         if args.html:
-            # A file to review, not a terminal: every match and every unmatched tensor.
-            mapping = MappingView(plan, source_table=mapper.source_table, target_table=mapper.target_table,
-                                  max_matches=max(len(plan.entries), len(plan.ambiguous)),
-                                  max_unmatched=max(len(plan.unmatched_source), len(plan.unmatched_target)))
+            # A page to work in: every entry and unmatched tensor, riskiest first, both trees, breakdowns.
             html = Path(args.html)
-            export_html([mapping, tree, *breakdowns], outputs.stage(html, protected=inputs),
-                        title=f"weight_mapper review: {plan.source_label} -> {plan.target_label}")
+            mapper.export_review_page(outputs.stage(html, protected=inputs), explain=explain_names,
+                                      title=f"weight_mapper review: {plan.source_label} -> {plan.target_label}")
         outputs.publish()
     if args.json:
         _print_json({"plan": str(output), **report_dict(plan)["summary"]})
@@ -287,8 +284,8 @@ def _cmd_map(args: argparse.Namespace) -> int:
                  + (f" --validate {shlex.quote(args.target)}" if isinstance(target, nn.Module) else ""))
     if html is not None:
         console.print(Text.assemble(("Review written to ", "green"), (str(html), "bold green"),
-                                    " (one HTML file: the mapping, both module trees"
-                                    + (", the score breakdowns" if breakdowns else "") + ")"))
+                                    " (one HTML page: every entry, riskiest first, to sort, filter and search; "
+                                    "both module trees; score breakdowns on a click)"))
     console.print(Text.assemble(("Plan written to ", "green"), (str(output), "bold green"),
                                 f" ({len(plan.entries)} entries). Next:"))
     console.print(Text(f"  {next_step}"), soft_wrap=True)  # unwrapped, so that it can be copied
@@ -818,8 +815,9 @@ for a command's options and examples.""",
                          help="also print why SOURCE tensor NAME went where it did: every score, its weight, "
                               "and the alternatives (repeatable)")
     mapping.add_argument("--html", metavar="REPORT", default=None,
-                         help="also save the review (the mapping, both module trees and the --explain "
-                              "breakdowns) as one self-contained HTML file to share")
+                         help="also save the review as one self-contained HTML page: every entry, riskiest "
+                              "first, to sort, filter and search; both module trees; score breakdowns "
+                              "(the riskiest entries' and the --explain ones) on a click")
     mapping.add_argument("--rules", metavar="RULES", default=None,
                          help="also save the renames as a short list of regex rules (JSON: the rules, transformers' "
                               "key_mapping, mmengine's revise_keys, and the entries that are not plain renames)")

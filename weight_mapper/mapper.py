@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +12,13 @@ import numpy as np
 from torch import nn
 
 from weight_mapper.assign import MAX_ROUNDS, assign
-from weight_mapper.combine import combine
+from weight_mapper.combine import combine, split
+from weight_mapper.storage import infer_storage
 from weight_mapper.errors import MappingError
 from weight_mapper.mapping_dict import MappingDict
 from weight_mapper.plan import MappingPlan, build_plan
 from weight_mapper.score import validate_incompatible_pairs, validate_weights
-from weight_mapper.flow import record_execution_order, trace_execution_order
+from weight_mapper.flow import auto_execution_order, record_execution_order, trace_execution_order
 from weight_mapper.table import TensorTable
 
 __all__ = ["WeightMapper", "STRATEGIES"]
@@ -41,9 +42,12 @@ class WeightMapper:
             as a (weak) match; 0 accepts only equal or transposed shapes.
         dummy_input: Input to run both models once and record their data flow (a tensor, a
             tuple of arguments or a dict of keyword arguments); see :mod:`weight_mapper.flow`.
-        trace: Without ``dummy_input``, read the data flow of both models from
-            ``torch.fx.symbolic_trace`` instead (nothing runs). Used only when both sides are
-            modules and both trace; ``False`` skips it.
+        trace: Without ``dummy_input``, find the data flow of both models anyway: from
+            ``torch.fx.symbolic_trace`` when both trace (nothing runs), else by running each
+            once on a synthesised input with meta-device stand-ins for its weights (nothing is
+            computed; a small model that fails on meta runs for real). Used only when both
+            sides are modules and both get a flow; ``False`` skips it. The plan records which
+            (``plan.flow_sources``).
         source_model: When the source is a state dict or a checkpoint's table: the model it was
             saved from (the meta device is fine). It adds module types, definition order and
             the data flow to the source's names and shapes (see
@@ -84,13 +88,16 @@ class WeightMapper:
         self.target_module = target_module if isinstance(target_module, nn.Module) else None
         if source_model is not None and isinstance(source_module, nn.Module):
             raise MappingError("source_model describes a state dict or checkpoint source; the source is already a model")
-        orders = _flow_orders(source_model if source_model is not None else source_module, target_module,
-                              dummy_input, trace)
+        orders, self.flow_sources = _flow_orders(source_model if source_model is not None else source_module,
+                                                 target_module, dummy_input, trace)
         self.source_table = _to_table(source_module, orders[0], "source")
         if source_model is not None:
             self.source_table = self.source_table.with_module(source_model, exec_order=orders[0])
         self.target_table = _to_table(target_module, orders[1], "target")
         self.source_prefix = _strip_prefix(self, source_prefix)
+        # Untyped sides (state dicts): read their [in, out] storage off the non-square weights.
+        self.source_table = infer_storage(self.source_table, self.target_table)
+        self.target_table = infer_storage(self.target_table, self.source_table)
         self.plan: MappingPlan | None = None
         self._source_code = source_model if source_model is not None else self.source_module  # for conventions
         self.notes: list[str] = []  # what the conventions and the layer-wise proof did to the last plan
@@ -211,7 +218,7 @@ class WeightMapper:
         )
         every = assign(self.source_table, self.target_table, **options)
         if progress is not None:
-            progress("combined matches: looking for concat / stack candidates")
+            progress("combined matches: looking for concat / stack / split candidates")
         combinations = combine(
             self.source_table,
             self.target_table,
@@ -220,11 +227,20 @@ class WeightMapper:
             threshold=threshold,
             incompatible_pairs=self.incompatible_pairs,
         ) if strategy != "shape_only" else []
-        if combinations:  # re-match 1:1 without the tensors the combinations take
+        splits = split(
+            self.source_table,
+            self.target_table,
+            every,
+            weights=weights,
+            threshold=threshold,
+            incompatible_pairs=self.incompatible_pairs,
+            taken=combinations,
+        ) if strategy != "shape_only" else []
+        if combinations or splits:  # re-match 1:1 without the tensors the combinations and splits take
             every = assign(
                 self.source_table, self.target_table, **options,
-                skip_src=np.array([r for c in combinations for r in c.src], dtype=np.int64),
-                skip_tgt=np.array([c.tgt for c in combinations], dtype=np.int64),
+                skip_src=np.array([r for c in combinations for r in c.src] + [c.tgt for c in splits], dtype=np.int64),
+                skip_tgt=np.array([c.tgt for c in combinations] + [r for c in splits for r in c.src], dtype=np.int64),
             )
         assignment = every.above(threshold)
         self._assignment = assignment
@@ -238,6 +254,8 @@ class WeightMapper:
             withhold_ambiguous=withhold,
             source_prefix=self.source_prefix,
             combinations=combinations,
+            splits=splits,
+            flow_sources=self.flow_sources,
         )
         from weight_mapper.verify import settle_plan
 
@@ -391,6 +409,41 @@ class WeightMapper:
 
         return export_report(self._require_plan(), output_path)
 
+    def export_review_page(
+        self,
+        path: str | Path,
+        *,
+        explain: Iterable[str] = (),
+        max_breakdowns: int | None = None,
+        title: str | None = None,
+        protected: Iterable[str | Path] = (),
+    ) -> Path:
+        """Write the plan as one self-contained HTML page to review it in (see :mod:`weight_mapper.page`).
+
+        Args:
+            path: The HTML file to write, atomically.
+            explain: Source tensors whose score breakdowns must be in the page.
+            max_breakdowns: Breakdowns (sub-scores, alternatives) embedded besides ``explain``,
+                riskiest entries first; default :data:`weight_mapper.page.MAX_BREAKDOWNS`.
+            title: The page title.
+            protected: Paths the page must never overwrite.
+
+        Raises:
+            MappingError: If a name in ``explain`` is not a source tensor.
+            CheckpointError: If ``path`` is protected or its folder is missing.
+        """
+        from weight_mapper.assign import explain_many
+        from weight_mapper.page import MAX_BREAKDOWNS, breakdown_candidates, export_review_page
+
+        plan = self._require_plan()
+        limit = MAX_BREAKDOWNS if max_breakdowns is None else max_breakdowns
+        names = list(dict.fromkeys([*explain, *breakdown_candidates(plan, limit=limit)]))
+        prefix = plan.source_prefix
+        stripped = [n[len(prefix):] if prefix and n.startswith(prefix) else n for n in names]
+        explanations = dict(zip(names, explain_many(self._assignment, self.source_table, stripped)))
+        return export_review_page(plan, path, source_table=self.source_table, target_table=self.target_table,
+                                  explanations=explanations, title=title, protected=protected)
+
     def visualize_mapping(
         self,
         result: MappingPlan | Mapping[str, str] | None = None,
@@ -452,20 +505,31 @@ class WeightMapper:
         print_view(ScoreBreakdownView.from_plan(explanation, self._require_plan()), console=console)
 
 
-def _flow_orders(source: Any, target: Any, dummy_input: Any, trace: bool) -> tuple[dict | None, dict | None]:
-    """Data-flow positions of both sides: from ``dummy_input`` if given, else from traces.
+def _flow_orders(source: Any, target: Any, dummy_input: Any, trace: bool) -> tuple[tuple, tuple[str, str]]:
+    """Data-flow positions of both sides, and where they came from (keys of ``flow.FLOW_SOURCES``).
 
-    A trace is only worth it when both sides are modules and both trace: execution order is
-    compared between the two sides, and one side alone says nothing.
+    From ``dummy_input`` if given; else from fx traces when both sides trace; else from a
+    synthesised input on the meta device (:func:`~weight_mapper.flow.auto_execution_order`).
+    Without ``dummy_input`` a flow is only worth finding when both sides are modules and both
+    get one: execution order is compared between the two sides, and one side alone says nothing.
     """
     modules = [side if isinstance(side, nn.Module) else None for side in (source, target)]
     if dummy_input is not None:
-        return tuple(record_execution_order(m, dummy_input) if m is not None else None for m in modules)
+        orders = tuple(record_execution_order(m, dummy_input) if m is not None else None for m in modules)
+        return orders, tuple("dummy_input" if o is not None else "none" for o in orders)
     if not trace or None in modules:
-        return None, None
+        return (None, None), ("none", "none")
     source_order = trace_execution_order(modules[0])
     target_order = trace_execution_order(modules[1]) if source_order is not None else None
-    return (source_order, target_order) if target_order is not None else (None, None)
+    if target_order is not None:
+        return (source_order, target_order), ("fx", "fx")
+    source_order, source_how = auto_execution_order(modules[0])
+    if source_order is None:
+        return (None, None), ("none", "none")
+    target_order, target_how = auto_execution_order(modules[1])
+    if target_order is None:
+        return (None, None), ("none", "none")
+    return (source_order, target_order), (source_how, target_how)
 
 
 def _to_table(side: Any, exec_order: Mapping[str, float] | None, which: str) -> TensorTable:

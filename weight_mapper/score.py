@@ -68,7 +68,15 @@ TRANSPOSED_SCORE = 0.7  # shape score of a 2-D tensor whose target has the rever
 # Module types that store a 2-D weight as [in, out] where the other stores [out, in]: for such
 # a pair the source shape is compared transposed, and the plan transposes the weight even when
 # it is square (the shapes alone cannot tell).
-TRANSPOSED_TYPES: frozenset[tuple[str, str]] = frozenset({("Conv1D", "Linear"), ("Linear", "Conv1D")})
+# INFERRED_IN_OUT is not a class: it marks the modules of a state dict (no types) whose 2-D
+# weights its non-square ones show stored [in, out] against the other side's nn.Linear layers
+# (:func:`weight_mapper.storage.infer_storage`).
+INFERRED_IN_OUT = "[in, out]"
+LINEAR_TYPES = ("Linear", "NonDynamicallyQuantizableLinear")
+TRANSPOSED_TYPES: frozenset[tuple[str, str]] = frozenset(
+    {("Conv1D", "Linear"), ("Linear", "Conv1D")}
+    | {pair for t in LINEAR_TYPES for pair in ((INFERRED_IN_OUT, t), (t, INFERRED_IN_OUT))}
+)
 RESHAPE_SCORE = 0.6  # shape score of equal shapes up to size-1 dims ([C, 1, 1] vs [C])
 # Shape score of a flattened weight: the same first dim and size, other trailing dims. A
 # Linear over a flattened [C, H, W] feature map is a conv with an H x W kernel (torchvision's

@@ -18,6 +18,9 @@ reversed (:func:`invert_entries`). Applying a transform never scores anything.
 | ``rotary_half`` | 1 | ``n_heads`` | ``rotary_interleave`` |
 | ``rotary_interleave`` | 1 | ``n_heads`` | ``rotary_half`` |
 
+``slice``, ``index`` and ``slice_index`` are not only inverses: the matcher proposes them as
+*splits* (one fused source filling several targets, :func:`weight_mapper.combine.split`).
+
 ``stack_concat`` is what a fused, stacked expert weight needs (transformers 5's
 ``mlp.experts.gate_up_proj`` ``[E, 2I, H]`` from per-expert ``w1`` and ``w3``): its sources are
 part-major (every expert's ``w1``, then every expert's ``w3``); each part's ``n`` tensors are

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import difflib
 import importlib
+import inspect
 import json
 import os
 import shlex
@@ -302,19 +303,38 @@ def _cmd_map(args: argparse.Namespace) -> int:
 
 
 def _write_rules(mapper: WeightMapper, plan: MappingPlan, path: Path) -> Path:
-    """--rules: the plan's renames as regex rules, in the forms transformers, mmengine and torchtune take."""
+    """--rules: the plan's renames as regex rules, in the forms transformers, mmengine and torchtune take.
+
+    Each form is checked against the mapping under the way its tool applies it; a form that
+    would rename a key wrongly is written as null, with the reason under ``"refused"``.
+    """
     from weight_mapper.rules import rules_to_key_mapping, rules_to_revise_keys
 
     rules = mapper.export_rules()
     single_group = mapper.export_rules(max_groups=1)
+    mapping = {e.source[0]: e.target for e in plan.entries if len(e.source) == 1}
+    refused: dict[str, str] = {}
+
+    def checked(form: str, write):
+        try:
+            return write()
+        except MappingError as exc:
+            refused[form] = str(exc)
+            return None
+
     data = {
         "rules": [{"pattern": r.pattern, "replacement": r.replacement} for r in rules],
-        "key_mapping": rules_to_key_mapping(rules),
-        "key_mapping_transformers5": rules_to_key_mapping(single_group),
-        "revise_keys": [list(pair) for pair in rules_to_revise_keys(rules)],
+        "key_mapping": checked("key_mapping", lambda: rules_to_key_mapping(rules, mapping)),
+        "key_mapping_transformers5": checked(
+            "key_mapping_transformers5", lambda: rules_to_key_mapping(single_group, mapping, transformers5=True)),
+        "revise_keys": checked("revise_keys", lambda: [list(p) for p in rules_to_revise_keys(rules, mapping)]),
         "not_renames": [{"target": e.target, "source": list(e.source), "transform": e.transform}
                         for e in plan.entries if len(e.source) > 1 or e.transform],
     }
+    if refused:
+        data["refused"] = refused
+        for form, why in refused.items():
+            print(f"warning: --rules: {form} not written: {why}", file=sys.stderr)
     return write_text_atomic(path, json.dumps(data, indent=2))
 
 
@@ -355,6 +375,7 @@ def _build_model(spec: str, *, meta: bool = True) -> nn.Module:
         MappingError: naming ``spec`` and the expected form, whatever step failed.
     """
     factory = _load_factory(spec)
+    _require_no_arguments(factory, spec)
     model = None
     if meta:
         try:
@@ -373,7 +394,30 @@ def _build_model(spec: str, *, meta: bool = True) -> nn.Module:
     return model
 
 
-def _load_factory(spec: str) -> Any:
+def _require_no_arguments(factory: Any, spec: str, what: str = "model factory") -> None:
+    """Refuse, before any call, a factory that cannot be called without arguments."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # builtins and C extensions: nothing to check up front
+        return
+    try:
+        signature.bind()
+    except TypeError:
+        needed = [p.name for p in signature.parameters.values()
+                  if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        raise _factory_error(spec, f"needs arguments ({', '.join(needed)}) but is called with none; write a "
+                                   "function without arguments that builds it, e.g. "
+                                   "`def new_model(): return NewModel(num_classes=10)`", what) from None
+
+
+def _importable_from_cwd() -> None:
+    """Put the current folder on ``sys.path``, as ``python -m`` does and the console script does not:
+    factories and the classes of a trusted pickle are found there alike."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
+def _load_factory(spec: str, what: str = "model factory") -> Any:
     """Import ``package.module:callable`` and return the callable.
 
     Raises:
@@ -381,32 +425,31 @@ def _load_factory(spec: str) -> Any:
     """
     module_name, _, attr_path = spec.partition(":")
     if not module_name or not attr_path:
-        raise _factory_error(spec, "is not of the form package.module:callable")
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # as `python -m` does; the console script does not
+        raise _factory_error(spec, "is not of the form package.module:callable", what)
+    _importable_from_cwd()
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
             raise _factory_error(spec, f"names module {module_name!r}, which cannot be imported "
-                                       f"(no module named {e.name!r})") from None
-        raise _factory_error(spec, f"cannot be imported: importing {module_name!r} failed ({e})") from None
+                                       f"(no module named {e.name!r})", what) from None
+        raise _factory_error(spec, f"cannot be imported: importing {module_name!r} failed ({e})", what) from None
     except Exception as e:  # noqa: BLE001 - the user's module failed while importing
         raise _factory_error(spec, f"cannot be imported: importing {module_name!r} raised "
-                                   f"{type(e).__name__}: {e}") from None
+                                   f"{type(e).__name__}: {e}", what) from None
     factory: Any = module
     for attr in attr_path.split("."):
         if not hasattr(factory, attr):
             raise _factory_error(spec, f"names {attr_path!r}, but module {module_name!r} has no "
-                                       f"attribute {attr_path!r}")
+                                       f"attribute {attr_path!r}", what)
         factory = getattr(factory, attr)
     if not callable(factory):
-        raise _factory_error(spec, f"names {attr_path!r}, which is not callable (a {type(factory).__name__})")
+        raise _factory_error(spec, f"names {attr_path!r}, which is not callable (a {type(factory).__name__})", what)
     return factory
 
 
-def _factory_error(spec: str, why: str) -> MappingError:
-    return MappingError(f"model factory {spec!r} {why}; expected {_FACTORY_HELP}")
+def _factory_error(spec: str, why: str, what: str = "model factory") -> MappingError:
+    return MappingError(f"{what} {spec!r} {why}; expected {_FACTORY_HELP}")
 
 
 # ------------------------------------------------------------------------------------ apply
@@ -423,8 +466,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     model = _build_model(args.validate) if args.validate else None  # a bad factory fails before any read
     source_model = _build_model(args.source_model) if args.source_model else None
     if args.verify:  # fail on a bad factory or input before any conversion
-        _load_factory(args.verify)
-        _load_factory(args.input)
+        _require_no_arguments(_load_factory(args.verify), args.verify)
+        _require_no_arguments(_load_factory(args.input, "--input factory"), args.input, "--input factory")
 
     console = Console()
     show_progress = not args.json and console.is_terminal and (
@@ -500,9 +543,23 @@ def _verify(args: argparse.Namespace, renamer: WeightRenamer, plan: MappingPlan)
         raise ConversionError(f"--verify {args.verify}: {e}; pass the factory of the model {args.source} was "
                               "saved from") from None
     target = _build_model(args.validate, meta=False)
-    dummy_input = _load_factory(args.input)()
-    report = verify_conversion(plan, source, target, dummy_input, source_tensors=renamer.tensors)
+    dummy_input = _call_input(args.input)
+    try:
+        report = verify_conversion(plan, source, target, dummy_input, source_tensors=renamer.tensors)
+    except ConversionError as exc:  # the input has a name here: say which
+        raise ConversionError(str(exc).replace("dummy_input", f"--input {args.input}()")) from None
     return replace(report, source_weights=f"{args.source} {how}")
+
+
+def _call_input(spec: str) -> Any:
+    """The input --verify runs the models on: ``INPUT()``, errors naming --input."""
+    factory = _load_factory(spec, "--input factory")
+    _require_no_arguments(factory, spec, "--input factory")
+    try:
+        return factory()
+    except Exception as e:  # noqa: BLE001 - user code
+        raise MappingError(f"--input {spec!r} raised {type(e).__name__}: {e} when called with no arguments; "
+                           "it must return the models' input (a tensor, a tuple or a dict)") from None
 
 
 def _validation_dict(report: ValidationReport) -> dict[str, Any]:
@@ -865,6 +922,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a name that cannot be encoded is printed escaped, never a crash
         with contextlib.suppress(AttributeError, ValueError, OSError):
             stream.reconfigure(errors="backslashreplace")
+    if getattr(args, "trust_pickle", False):
+        _importable_from_cwd()  # a trusted pickle's classes are found where factories are
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning  # one line on stderr, not Python's file:line form
         try:

@@ -565,7 +565,11 @@ class ScoreBreakdownView:
                 text.append("Matched as a single tensor")
             text.append(", score ")
             text.append_text(_score(ex["score"]))
-            if ex["target"] is None:
+            if ex["target"] is None and self.threshold is not None and ex["score"] < self.threshold:
+                text.append(f"\nThe assignment chose it, but its score is under the threshold {self.threshold:.2f}: "
+                            "it is not in the plan" + (" (nor is the rest of its module)." if ex["level"] == "group"
+                                                      else "."), style="yellow")
+            elif ex["target"] is None:
                 text.append("\nThe assignment chose it, but it was withheld as ambiguous: it is not in the plan.",
                             style="yellow")
             if alternatives:

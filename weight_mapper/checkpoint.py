@@ -452,6 +452,11 @@ def save_checkpoint(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike
                           f"{_preview(envelope)} are not stored; save to a .pt/.ckpt path to keep them",
                           stacklevel=2)
         metadata = _check_metadata(metadata, path)
+        unencodable = [n for n in [*tensors, *metadata.keys(), *metadata.values()] if not _utf8(n)]
+        if unencodable:
+            raise CheckpointError(f"Cannot save {path}: safetensors stores names as UTF-8, and "
+                                  f"{validate.short(unencodable[0])} is not valid Unicode (a lone surrogate); "
+                                  f"rename it, or save to a .pt path")
         _atomic_write(path, lambda tmp: _write_safetensors(tensors, tmp, metadata))
         return path
     if metadata:
@@ -859,6 +864,14 @@ def _check_metadata(metadata: Mapping[str, str] | None, path: Path) -> dict[str,
     return metadata
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _dedupe_shared(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Keep one name per identical view of shared storage; copy views that only overlap.
 
@@ -892,15 +905,18 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], tmp: Path, metadata: di
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename over ``path``.
+    """Write into a temporary folder next to ``path``, fsync, then rename the file over ``path``.
 
-    The temporary file is named by :func:`temporary_path_for`; stale ones that a killed run
+    The temporary folder is named by :func:`temporary_path_for`; stale ones that a killed run
     left in the folder are removed first.
     """
     clean_stale_temporaries(path.parent)
-    tmp = temporary_path_for(path)
+    # A private folder, not a file: writers that use temporaries of their own (safetensors'
+    # save_file does) leave them inside it, where the next run recognises them too.
+    tmp_dir = temporary_path_for(path)
+    tmp = tmp_dir / path.name
     try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        tmp_dir.mkdir(mode=0o700)
         write(tmp)
         _fsync(tmp)
         # The temporary file is private (0o600); give the output the mode a plain open() would.
@@ -908,8 +924,9 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
         with contextlib.suppress(OSError):  # not every platform can fsync a folder
             _fsync(path.parent)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     except BaseException as e:  # including KeyboardInterrupt: never leave a partial file behind
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
         if isinstance(e, OSError):
             raise CheckpointError(f"Could not write {path}: {e}; check free space and permissions") from e
         if isinstance(e, RecursionError):

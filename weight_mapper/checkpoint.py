@@ -615,6 +615,10 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, _Spec], dict[str, st
     except validate.Invalid as e:
         raise corrupt(f"header is {e}") from None
     for name, info in header.items() if isinstance(header, dict) else ():
+        try:
+            validate.check_name(name, "tensor name")
+        except validate.Invalid as e:
+            raise CheckpointError(f"Checkpoint {path} holds a {e}; names beyond these bounds are refused") from None
         dtype_name = info.get("dtype") if isinstance(info, dict) and name != "__metadata__" else None
         if isinstance(dtype_name, str) and dtype_name not in _SAFETENSORS_DTYPES:
             raise CheckpointError(f"Checkpoint {path}: tensor {validate.short(name)} has dtype {dtype_name[:40]}, "
@@ -682,7 +686,9 @@ def _weights_only_refusal(message: str) -> str | None:
     for pattern in _REFUSAL_PATTERNS:
         match = pattern.search(message)
         if match:
-            return match.group(1).strip().rstrip(".")
+            offender = match.group(1).strip().rstrip(".")
+            # A damaged stream can run a global's name into junk bytes: that is corruption.
+            return offender if offender.isprintable() else None
     return None
 
 

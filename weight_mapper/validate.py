@@ -353,10 +353,11 @@ def _check_transform(op: str, args: Mapping[str, Any], n_src: int, src_shape: li
     elif op in ("slice", "index", "slice_index") and src_shape is not None:
         if op in ("slice", "slice_index"):
             along = "concat_dim" if op == "slice_index" else "dim"
-            d = _axis(args[along], len(src_shape), along)
+            axis = args.get(along, 0)
+            d = _axis(axis, len(src_shape), along)
             if args["start"] + args["length"] > src_shape[d]:
                 raise Invalid(f"args.start + args.length = {args['start'] + args['length']} is beyond the "
-                              f"{src_shape[d]} rows of source_shape {src_shape} along {along} {args[along]}")
+                              f"{src_shape[d]} rows of source_shape {src_shape} along {along} {axis}")
         if op in ("index", "slice_index"):
             d = _axis(dim, len(src_shape), "dim")
             if args["index"] >= src_shape[d]:

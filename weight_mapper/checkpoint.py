@@ -86,6 +86,7 @@ _SAFETENSORS_DTYPES = {
 # Unsigned 16/32/64-bit dtypes only exist from torch 2.3 on.
 _SAFETENSORS_DTYPES.update({k: getattr(torch, n) for k, n in
                             {"U16": "uint16", "U32": "uint32", "U64": "uint64"}.items() if hasattr(torch, n)})
+_WRITABLE_DTYPES = frozenset(_SAFETENSORS_DTYPES.values())
 _ITEMSIZES = {name: dtype.itemsize for name, dtype in _SAFETENSORS_DTYPES.items()}
 _MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 _ALIASES_KEY = "weight_mapper.aliases"  # safetensors metadata: {"dropped name": "kept name"}
@@ -452,6 +453,12 @@ def save_checkpoint(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike
                           f"{_preview(envelope)} are not stored; save to a .pt/.ckpt path to keep them",
                           stacklevel=2)
         metadata = _check_metadata(metadata, path)
+        unstorable = [(n, t.dtype) for n, t in tensors.items() if t.dtype not in _WRITABLE_DTYPES]
+        if unstorable:
+            name, dtype = unstorable[0]
+            raise CheckpointError(f"Cannot save {path}: tensor {validate.short(name)} is {dtype}, which safetensors "
+                                  f"files (as weight_mapper reads them) cannot hold; save to a .pt path, or convert "
+                                  f"it (e.g. .dequantize() or .float()) first")
         unencodable = [n for n in [*tensors, *metadata.keys(), *metadata.values()] if not _utf8(n)]
         if unencodable:
             raise CheckpointError(f"Cannot save {path}: safetensors stores names as UTF-8, and "

@@ -400,7 +400,8 @@ def _structure_files(rng: random.Random) -> tuple[dict[str, Any], str, str]:
     t = torch.ones(2, 2)
     kind = rng.choice(["int_and_str_keys", "nested_tensor", "sparse", "deep_dict", "deep_envelope", "list",
                        "tensor", "no_tensors", "tuple_keys", "many_state_dicts", "bool_keys", "empty_dict",
-                       "deep_list_value", "huge_shape_meta"])
+                       "deep_list_value", "huge_shape_meta", "quantized", "complex32", "meta", "zero_dim",
+                       "many_dims"])
     obj: Any
     if kind == "int_and_str_keys":
         obj = {1: t, "1": t.clone(), "fc.weight": t.clone()}
@@ -436,6 +437,16 @@ def _structure_files(rng: random.Random) -> tuple[dict[str, Any], str, str]:
         for _ in range(2000):
             deep = [deep]
         obj = {"w": t, "extra": deep}
+    elif kind == "quantized":
+        obj = {"w": torch.quantize_per_tensor(torch.ones(2, 2), 0.1, 0, torch.qint8), "b": t}
+    elif kind == "complex32":
+        obj = {"w": torch.ones(2, dtype=torch.complex32), "b": t}
+    elif kind == "meta":
+        obj = {"w": torch.empty(2, 2, device="meta"), "b": t}
+    elif kind == "zero_dim":
+        obj = {"w": torch.tensor(3.0), "b": t}
+    elif kind == "many_dims":
+        obj = {"w": torch.ones([1] * 40), "b": t}
     else:
         obj = {"w": torch.empty(0, 2**20), "b": t}
     limit = sys.getrecursionlimit()
@@ -642,7 +653,9 @@ def _plan_edit(rng: random.Random, seeds: dict[str, bytes]) -> tuple[dict[str, A
 def make_case(rng: random.Random, seeds: dict[str, bytes], *, entry: str | None = None,
               mutation: str | None = None, marker: str = "/tmp/weight_mapper_fuzz_marker") -> Case:
     """Draw one case: an entry point, a mutation that applies to it, and its files."""
-    entry = entry or rng.choice(ENTRY_POINTS)
+    if entry is None:
+        wanted = {"fifo": "index"}.get(mutation, mutation)
+        entry = rng.choice([e for e in ENTRY_POINTS if mutation is None or wanted in _ENTRY2MUTATIONS[e]])
     if mutation is None:
         mutation = rng.choice(_ENTRY2MUTATIONS[entry])
         if mutation == "index" and rng.random() < 0.2:

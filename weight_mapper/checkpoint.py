@@ -157,8 +157,19 @@ class TensorSource(Mapping[str, torch.Tensor]):
         return {name: dtype for name, (_, dtype) in self._name2spec.items()}
 
     def meta(self) -> dict[str, torch.Tensor]:
-        """Meta-device tensors of the right shape and dtype, for matching without data."""
-        return {n: torch.empty(s, dtype=d, device="meta") for n, (s, d) in self._name2spec.items()}
+        """Meta-device tensors of the right shape and dtype, for matching without data.
+
+        Tied names (see :meth:`aliases`) share one meta tensor, so the tie survives.
+        """
+        out = {n: torch.empty(s, dtype=d, device="meta") for n, (s, d) in self._name2spec.items()
+               if n not in self._aliases}
+        for alias, kept in self._aliases.items():
+            out[alias] = out[kept]
+        return {n: out[n] for n in self._name2spec}
+
+    def aliases(self) -> dict[str, str]:
+        """Tied names: ``{alias: kept name}`` for every name that shares the kept name's tensor."""
+        return dict(self._aliases)
 
     def shards(self) -> list[tuple[Path | None, list[str]]]:
         """The names held by each shard, in shard order (one pseudo-shard for a single file)."""
@@ -173,11 +184,14 @@ class _DictSource(TensorSource):
 
     def __init__(self, tensors: dict[str, torch.Tensor], path: Path | None = None):
         super().__init__({n: (tuple(t.shape), t.dtype) for n, t in tensors.items()},
-                         dict.fromkeys(tensors, 0), [path])
+                         dict.fromkeys(tensors, 0), [path], aliases=_tied_names(tensors))
         self._tensors = tensors
 
     def _read(self, name: str) -> torch.Tensor:
         return self._tensors[name]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tensors[name]  # an alias is its own (shared) tensor already
 
 
 class _SafetensorsSource(TensorSource):
@@ -224,6 +238,7 @@ class _TorchShardSource(TensorSource):
         name2spec: dict[str, _Spec] = {}
         name2shard: dict[str, int] = {}
         skipped: list[str] = []
+        aliases: dict[str, str] = {}
         for shard, path in enumerate(paths):
             tensors, shard_skipped = self._load_shard(path)
             skipped += shard_skipped
@@ -231,8 +246,9 @@ class _TorchShardSource(TensorSource):
                 if name in name2shard:
                     raise _duplicate_error(name, paths[name2shard[name]], path)
                 name2spec[name], name2shard[name] = (tuple(t.shape), t.dtype), shard
+            aliases.update(_tied_names(tensors))
             del tensors  # bound memory: one shard at a time
-        super().__init__(name2spec, name2shard, list(paths))
+        super().__init__(name2spec, name2shard, list(paths), aliases=aliases)
         self.skipped = tuple(skipped)
         self._loaded: tuple[int, dict[str, torch.Tensor]] | None = None
 
@@ -883,6 +899,20 @@ def _utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _tied_names(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """``{alias: first name}`` for names holding the same view of the same storage (tied weights)."""
+    first: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    for name, t in tensors.items():
+        if t.numel() == 0 or t.is_meta:
+            continue
+        view = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape), t.stride())
+        kept = first.setdefault(view, name)
+        if kept != name:
+            aliases[name] = kept
+    return aliases
 
 
 def _dedupe_shared(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -43,7 +43,7 @@ from weight_mapper.renamer import WeightRenamer
 from weight_mapper.report import report_dict
 from weight_mapper.table import TensorTable
 from weight_mapper.tree import ROOT, ModuleTree
-from weight_mapper.views import HierarchyView, MappingView, ScoreBreakdownView, export_html
+from weight_mapper.views import HierarchyView, ScoreBreakdownView
 
 __all__ = ["main", "build_parser"]
 
@@ -266,13 +266,10 @@ def _cmd_map(args: argparse.Namespace) -> int:
         breakdowns = [ScoreBreakdownView.from_plan(mapper.explain(name), plan) for name in explain_names]
         html = None
         if args.html:
-            # A file to review, not a terminal: every match and every unmatched tensor.
-            mapping = MappingView(plan, source_table=mapper.source_table, target_table=mapper.target_table,
-                                  max_matches=max(len(plan.entries), len(plan.ambiguous)),
-                                  max_unmatched=max(len(plan.unmatched_source), len(plan.unmatched_target)))
+            # A page to work in: every entry and unmatched tensor, riskiest first, both trees, breakdowns.
             html = Path(args.html)
-            export_html([mapping, tree, *breakdowns], outputs.stage(html, protected=inputs),
-                        title=f"weight_mapper review: {plan.source_label} -> {plan.target_label}")
+            mapper.export_review_page(outputs.stage(html, protected=inputs), explain=explain_names,
+                                      title=f"weight_mapper review: {plan.source_label} -> {plan.target_label}")
         outputs.publish()
     if args.json:
         _print_json({"plan": str(output), **report_dict(plan)["summary"]})
@@ -286,8 +283,8 @@ def _cmd_map(args: argparse.Namespace) -> int:
                  + (f" --validate {shlex.quote(args.target)}" if isinstance(target, nn.Module) else ""))
     if html is not None:
         console.print(Text.assemble(("Review written to ", "green"), (str(html), "bold green"),
-                                    " (one HTML file: the mapping, both module trees"
-                                    + (", the score breakdowns" if breakdowns else "") + ")"))
+                                    " (one HTML page: every entry, riskiest first, to sort, filter and search; "
+                                    "both module trees; score breakdowns on a click)"))
     console.print(Text.assemble(("Plan written to ", "green"), (str(output), "bold green"),
                                 f" ({len(plan.entries)} entries). Next:"))
     console.print(Text(f"  {next_step}"), soft_wrap=True)  # unwrapped, so that it can be copied
@@ -428,11 +425,18 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         if report is not None and not report.ok and args.strict:
             raise ConversionError(f"{report.message(type(model).__name__)}\n"
                                   f"Nothing was written to {output} (--strict).")
-        # Prove the conversion before anything is written: with --strict a failed proof writes nothing.
+        # The proof runs before anything is written: a failed --strict proof leaves no file behind.
         verification = _verify(args, renamer, plan) if args.verify else None
         if verification is not None and not verification.ok and args.strict:
-            raise ConversionError(f"{verification.message()}\nNothing was written to {output} (--strict).")
-        output = renamer.save(output)
+            if args.json:
+                _print_json({"output": None, "source": args.source, "plan": str(plan_path),
+                             "validation": None if report is None else _validation_dict(report),
+                             "verification": verification.to_dict()})
+                return 1
+            console.print(Text(verification.message(), style="red"))
+            raise ConversionError(f"the conversion was not verified; nothing was written to {output} (--strict)")
+        output = renamer.save(output, keep_envelope=True)  # a torch output keeps the envelope (README)
+
     fmt = ("sharded-safetensors" if output.is_dir() else
            "safetensors" if output.suffix == _SAFETENSORS_SUFFIX else "torch")
     if args.json:
@@ -441,9 +445,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             "source": args.source, "plan": str(plan_path),
             "n_unmatched_source": len(plan.unmatched_source), "n_unmatched_target": len(plan.unmatched_target),
             "validation": None if report is None else _validation_dict(report),
-            "verification": None if verification is None else {
-                "ok": verification.ok, "max_abs_diff": verification.max_abs_diff,
-                "n_outputs": verification.n_outputs, "untouched": list(verification.untouched)},
+            "verification": None if verification is None else verification.to_dict(),
         })
         return 1 if verification is not None and not verification.ok and args.strict else 0
     if report is not None:
@@ -465,18 +467,22 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace, renamer: WeightRenamer, plan: MappingPlan):
     """--verify: build both models on the CPU, load the source, convert, run both on --input."""
-    from weight_mapper.verify import verify_conversion
+    from dataclasses import replace
+
+    from weight_mapper.verify import load_source_weights, verify_conversion
 
     source = _build_model(args.verify, meta=False)
     prefix = plan.source_prefix
     state = {k[len(prefix):] if prefix and k.startswith(prefix) else k: renamer.tensors[k] for k in renamer.tensors}
-    result = source.load_state_dict(state, strict=False)
-    if result.missing_keys:
-        raise ConversionError(f"--verify {args.verify}: the model it builds is not the one {args.source} was saved "
-                              f"from (missing keys {result.missing_keys[:5]}); pass the source model's factory")
+    try:
+        how = load_source_weights(source, state, label=args.source)
+    except ConversionError as e:
+        raise ConversionError(f"--verify {args.verify}: {e}; pass the factory of the model {args.source} was "
+                              "saved from") from None
     target = _build_model(args.validate, meta=False)
     dummy_input = _load_factory(args.input)()
-    return verify_conversion(plan, source, target, dummy_input)
+    report = verify_conversion(plan, source, target, dummy_input, source_tensors=renamer.tensors)
+    return replace(report, source_weights=f"{args.source} {how}")
 
 
 def _validation_dict(report: ValidationReport) -> dict[str, Any]:
@@ -752,8 +758,9 @@ for a command's options and examples.""",
                          help="also print why SOURCE tensor NAME went where it did: every score, its weight, "
                               "and the alternatives (repeatable)")
     mapping.add_argument("--html", metavar="REPORT", default=None,
-                         help="also save the review (the mapping, both module trees and the --explain "
-                              "breakdowns) as one self-contained HTML file to share")
+                         help="also save the review as one self-contained HTML page: every entry, riskiest "
+                              "first, to sort, filter and search; both module trees; score breakdowns "
+                              "(the riskiest entries' and the --explain ones) on a click")
     mapping.add_argument("--rules", metavar="RULES", default=None,
                          help="also save the renames as a short list of regex rules (JSON: the rules, transformers' "
                               "key_mapping, mmengine's revise_keys, and the entries that are not plain renames)")

@@ -289,3 +289,15 @@ def test_mapper_from_a_checkpoint_with_hostile_names(tmp_path):
     mapper = WeightMapper.from_checkpoint(path, {"a.weight": (2, 2), "b.weight": (3,)})
     mapper.suggest_mapping()
     assert main(["inspect", str(path)]) == 0
+
+
+def test_a_name_given_twice_in_a_header_is_an_error_not_a_dropped_tensor(tmp_path):
+    path = tmp_path / "twice.safetensors"
+    raw = (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+           b'"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}')
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(8))
+    with pytest.raises(CheckpointError, match="key 'w' appears twice"):
+        load_checkpoint(path)
+    with pytest.raises(PlanError, match="key 'target' appears twice"):
+        MappingPlan.from_json('{"format": "weight_mapper.plan", "entries": [{"source": "a", "target": "x", '
+                              '"target": "y"}]}')

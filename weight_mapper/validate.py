@@ -109,11 +109,21 @@ def json_depth(text: str) -> int:
     return deepest
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise Invalid(f"key {short(twice)} appears twice in one object (the later would silently win)")
+    return out
+
+
 def loads_json(data: str | bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """``json.loads`` that refuses nesting deeper than ``max_depth`` before parsing it.
+    """``json.loads`` that refuses nesting deeper than ``max_depth`` before parsing it, and
+    duplicate keys (``json.loads`` keeps the last one: a tensor or an entry field would be dropped).
 
     Raises:
-        Invalid: the text is not UTF-8, not JSON, or nested too deep.
+        Invalid: the text is not UTF-8, not JSON, nested too deep, or repeats a key.
     """
     if isinstance(data, bytes):
         try:
@@ -124,7 +134,7 @@ def loads_json(data: str | bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     if depth > max_depth:
         raise Invalid(f"JSON nested {depth} levels deep (more than {max_depth})")
     try:
-        return json.loads(data)
+        return json.loads(data, object_pairs_hook=_unique_keys)
     except RecursionError:  # only if the scan above missed something
         raise Invalid(f"JSON nested more than {max_depth} levels deep") from None
     except ValueError as e:

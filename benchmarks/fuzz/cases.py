@@ -267,7 +267,8 @@ def _header_edit(rng: random.Random, data: bytes) -> tuple[bytes, str]:
     names = [n for n in header if n != "__metadata__"]
     name = rng.choice(names)
     info = header[name]
-    op = rng.choice(["shape", "offsets", "dtype", "metadata", "nest", "length", "drop", "entry", "pad", "swap"])
+    op = rng.choice(["shape", "offsets", "dtype", "metadata", "nest", "length", "drop", "entry", "pad", "swap",
+                     "twice"])
     if op == "shape":
         info["shape"] = rng.choice([[-1, 8], [8.5], ["8"], [[8]], None, "8", [2**40, 2**40], [0], [], [8] * 80])
     elif op == "offsets":
@@ -287,6 +288,9 @@ def _header_edit(rng: random.Random, data: bytes) -> tuple[bytes, str]:
         depth = rng.choice([100, 1000, 5000])
         text = json.dumps(header)[:-1] + f', "deep": {_deep_json(depth)}}}'
         return _st_join(text.encode(), body), f"header nested {depth}"
+    elif op == "twice":  # one name given twice: json.loads would keep the later silently
+        text = _dumps(header)[:-1] + b", " + json.dumps(name).encode() + b": " + _dumps(info) + b"}"
+        return _st_join(text, body), f"header names {name} twice"
     elif op == "length":
         delta = rng.choice([-3, -1, 1, 3, 8, 10**6])
         return _st_join(_dumps(header), body, delta=delta), f"header length {delta:+d}"

@@ -30,7 +30,7 @@ from rich.tree import Tree
 
 from weight_mapper.assign import AMBIGUITY_MARGIN
 from weight_mapper.plan import MappingPlan, PlanEntry
-from weight_mapper.report import flags_legend, review_marks, risk_key, risk_tier, score_style
+from weight_mapper.report import flags_legend, plain, review_marks, risk_key, risk_tier, score_style
 from weight_mapper.score import CONTEXT_WEIGHT, HIERARCHY_WEIGHTS, HIERARCHY_WEIGHTS_EXEC, NAME_WEIGHTS
 from weight_mapper.table import TensorTable
 from weight_mapper.tree import ROOT, ModuleTree
@@ -269,7 +269,7 @@ class MappingView:
             table.add_column("review", no_wrap=True)
         for e, shape, mark in zip(shown, shapes, marks):
             marker = _transform_marker(e)
-            cells = [_sources_text(e.source), e.target, _score(e.score),
+            cells = [plain(_sources_text(e.source)), plain(e.target), _score(e.score),
                      Text(f"{e.margin:.3f}", style="bold yellow" if e.ambiguous else "dim"),
                      Text(marker, style="dim" if marker == "exact" else "bold"), _level_badge(e.level), shape]
             if with_marks:
@@ -315,10 +315,10 @@ class MappingView:
         if with_shapes[1]:
             table.add_column("shape")
         for i in range(min(max(len(source), len(target)), n)):
-            cells = [source[i] if i < len(source) else ""]
+            cells = [plain(source[i] if i < len(source) else "")]
             if with_shapes[0]:
                 cells.append(source_shapes[i] if i < len(source) else "")
-            cells.append(target[i] if i < len(target) else "")
+            cells.append(plain(target[i] if i < len(target) else ""))
             if with_shapes[1]:
                 cells.append(target_shapes[i] if i < len(target) else "")
             table.add_row(*cells)
@@ -650,7 +650,7 @@ class ScoreBreakdownView:
         for component in (*COMPONENTS, "context"):
             table.add_column(component, justify="right")
         for alt in alternatives:
-            cells: list[Any] = [alt["label"] or "(root)", _score(alt["score"])]
+            cells: list[Any] = [plain(alt["label"] or "(root)"), _score(alt["score"])]
             if ex["score"] is not None:
                 cells.append(f"{alt['score'] - ex['score']:+.3f}")
             cells += [_score(alt["components"].get(c)) for c in (*COMPONENTS, "context")]

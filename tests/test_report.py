@@ -34,6 +34,7 @@ def test_report_summary():
     assert summary == {
         "source_model": "OldModel", "target_model": "PartiallyCompatible", "n_source": 8, "n_target": 9,
         "n_matched": 7, "n_ambiguous": 0, "n_unmatched_source": 1, "n_unmatched_target": 2, "coverage": 0.777778,
+        "n_flagged": 0, "provenance": {"matched": 7, "repaired": 0, "proved": 0},
     }
 
 

@@ -321,3 +321,22 @@ def test_apply_verify_strict_failure_writes_nothing(tmp_path, monkeypatch, capsy
     assert data["output"] is None and data["verification"]["ok"] is False and not out.exists()
     assert data["verification"]["first_divergence"]["target"] == "stem.norm"
     assert main(argv) == 0 and out.is_file()  # without --strict the file is written and the verdict printed
+
+
+def test_the_analysis_and_the_json_report_show_provenance_and_flags():
+    from rich.console import Console
+
+    from weight_mapper.report import analysis_renderable, report_dict
+
+    src, x = Branches(), torch.randn(3, 4)
+    mapper = WeightMapper(src, FlippedBranches(), dummy_input=x)
+    mapper.suggest_mapping()
+    console = Console(color_system=None, width=200, record=True)
+    console.print(analysis_renderable(mapper.get_plan()))
+    text = console.export_text()
+    assert "layer-wise proof: 0 entries proved, 4 repaired, 0 as matched" in text and "repaired" in text
+    assert report_dict(mapper.get_plan())["summary"]["provenance"] == {"matched": 0, "repaired": 4, "proved": 0}
+    flagged = replace(mapper.get_plan().entries[0], flags=("convention:rotary",))
+    console = Console(color_system=None, width=200, record=True)
+    console.print(analysis_renderable(replace(mapper.get_plan(), entries=(flagged,))))
+    assert "1 entries flagged convention:rotary: one side may keep its rotary" in console.export_text()

@@ -13,7 +13,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from weight_mapper.plan import MappingPlan, PlanEntry
+from weight_mapper.plan import FLAG_DESCRIPTIONS, PROVENANCES, MappingPlan, PlanEntry
 
 __all__ = ["analysis_renderable", "print_analysis", "report_dict", "export_report", "score_style"]
 
@@ -33,6 +33,9 @@ def _entry_row(e: PlanEntry) -> tuple:
         marks.append(e.transform)
     if e.ambiguous:
         marks.append("ambiguous")
+    marks.extend(e.flags)
+    if e.provenance != "matched":
+        marks.append(e.provenance)
     return (
         ", ".join(e.source),
         e.target,
@@ -61,6 +64,16 @@ def analysis_renderable(plan: MappingPlan, *, top_n: int = 10, show_unmatched: b
         summary.append(f"\n{n_ambiguous} matches are ambiguous (runner-up within the margin): review them", style="yellow")
     if plan.ambiguous:
         summary.append(f"\n{len(plan.ambiguous)} ambiguous matches withheld", style="yellow")
+    flags: dict[str, int] = {}
+    for e in plan.entries:
+        for f in e.flags:
+            flags[f] = flags.get(f, 0) + 1
+    for f, n in flags.items():
+        summary.append(f"\n{n} entries flagged {f}: {FLAG_DESCRIPTIONS.get(f, 'review them')}", style="yellow")
+    provenance = {p: sum(e.provenance == p for e in plan.entries) for p in PROVENANCES}
+    if provenance["proved"] or provenance["repaired"]:
+        summary.append(f"\nlayer-wise proof: {provenance['proved']} entries proved, {provenance['repaired']} repaired, "
+                       f"{provenance['matched']} as matched")
     parts: list[Any] = [Panel(summary, title="weight_mapper analysis", expand=False)]
     if top_n > 0 and plan.entries:
         table = Table(title=f"Matches (lowest scores first, {min(top_n, n_matched)} of {n_matched})")
@@ -111,6 +124,8 @@ def report_dict(plan: MappingPlan) -> dict[str, Any]:
         "n_unmatched_source": len(plan.unmatched_source),
         "n_unmatched_target": len(plan.unmatched_target),
         "coverage": round(plan.coverage, 6),
+        "n_flagged": sum(bool(e.flags) for e in plan.entries),
+        "provenance": {p: sum(e.provenance == p for e in plan.entries) for p in PROVENANCES},
     }
     return out
 

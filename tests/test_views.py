@@ -18,7 +18,7 @@ from rich.console import Console
 
 from cli_factories import OldNet
 from fixture_models import BatchNormed, BatchNormedRenamed, OldModel, PartiallyCompatible
-from weight_mapper import MappingError, MappingPlan, PlanEntry, TensorTable, WeightMapper
+from weight_mapper import MappingError, MappingPlan, PlanEntry, PlanError, TensorTable, WeightMapper
 from weight_mapper.cli import main
 from weight_mapper.views import MappingView, ScoreBreakdownView, _sub_weights, export_html, score_bar
 
@@ -56,9 +56,9 @@ def batchnormed(**options) -> WeightMapper:
 def norms(**options) -> WeightMapper:
     """Two norms that only their names tell apart, from an unordered (safetensors-like) source."""
     source = TensorTable.from_state_dict(
-        {"layers.0.in_norm.weight": (8,), "layers.0.post_norm.weight": (8,), "layers.0.attn.weight": (8, 8)},
+        {"layers.0.in_norm.weight": (8,), "layers.0.post_norm.weight": (8,), "layers.0.attn.weight": (8, 16)},
         natural_order=True, label="hf.safetensors")
-    target = {"layers.0.sa_norm.weight": (8,), "layers.0.mlp_norm.weight": (8,), "layers.0.attention.weight": (8, 8)}
+    target = {"layers.0.sa_norm.weight": (8,), "layers.0.mlp_norm.weight": (8,), "layers.0.attention.weight": (8, 16)}
     mapper = WeightMapper(source, target)
     mapper.suggest_mapping(**options)
     return mapper
@@ -220,11 +220,11 @@ MAPPING_AMBIGUOUS = """\
 ╰───────────────────────────────────────────────────────────────────────────╯
 
 Matches
-source                     target                     score  transform  level  shape   margin
-───────────────────────────────────────────────────────────────────────────────────────────────
-layers.0.in_norm.weight    layers.0.sa_norm.weight    0.951  exact      GROUP  [8]     ⚠ 0.004
-layers.0.post_norm.weight  layers.0.mlp_norm.weight   0.944  exact      GROUP  [8]     ⚠ -0.003
-layers.0.attn.weight       layers.0.attention.weight  1.000  exact      GROUP  [8, 8]
+source                     target                     score  transform  level  shape    margin
+────────────────────────────────────────────────────────────────────────────────────────────────
+layers.0.in_norm.weight    layers.0.sa_norm.weight    0.951  exact      GROUP  [8]      ⚠ 0.004
+layers.0.post_norm.weight  layers.0.mlp_norm.weight   0.944  exact      GROUP  [8]      ⚠ -0.003
+layers.0.attn.weight       layers.0.attention.weight  1.000  exact      GROUP  [8, 16]
 score: green > 0.8, yellow 0.6-0.8, red < 0.6
 ⚠ ambiguous: margin (score minus the runner-up's) under 0.02
 """
@@ -244,8 +244,8 @@ MAPPING_WITHHELD = """\
 
 Matches
 source                target                     score  transform  level  shape
-────────────────────────────────────────────────────────────────────────────────
-layers.0.attn.weight  layers.0.attention.weight  1.000  exact      GROUP  [8, 8]
+─────────────────────────────────────────────────────────────────────────────────
+layers.0.attn.weight  layers.0.attention.weight  1.000  exact      GROUP  [8, 16]
 score: green > 0.8, yellow 0.6-0.8, red < 0.6
 
 Withheld as ambiguous (not in the plan)
@@ -288,7 +288,8 @@ def test_mapping_view_takes_a_plan_or_the_last_mapping():
     mapper = partial()
     assert render(mapper.visualize_mapping, mapper.get_mapping_dict()) == MAPPING_PARTIAL
     assert "PartiallyCompatible -> OldModel" in render(mapper.visualize_mapping, mapper.get_plan().inverse())
-    with pytest.raises(MappingError, match="takes a MappingPlan"):
+    # an edited dict is shown (issue 13); a pair whose shapes no transform fixes is refused
+    with pytest.raises(PlanError, match="'backbone.0.weight' .* cannot fill 'extra.weight'"):
         mapper.visualize_mapping({"backbone.0.weight": "extra.weight"})
 
 

@@ -34,7 +34,8 @@ from rich.tree import Tree
 from torch import nn
 
 from weight_mapper.apply import ValidationReport
-from weight_mapper.checkpoint import Checkpoint, detect_wrapper_prefix, load_checkpoint, write_text_atomic
+from weight_mapper.checkpoint import (Checkpoint, detect_wrapper_prefix, load_checkpoint, temporary_path_for,
+                                     write_text_atomic)
 from weight_mapper.errors import CheckpointError, ConversionError, MappingError, PlanError, WeightMapperError
 from weight_mapper.mapper import STRATEGIES, WeightMapper
 from weight_mapper.plan import MappingPlan
@@ -253,22 +254,26 @@ def _cmd_map(args: argparse.Namespace) -> int:
             mapper.suggest_mapping(threshold=args.threshold, strategy=args.strategy, weights=args.weights,
                                    progress=lambda message: status.update(f"matching: {message}"))
     plan = mapper.get_plan()
-    # The JSON of report.export_report, written with the checkpoints protected.
-    output = write_text_atomic(args.output, json.dumps(report_dict(plan), indent=2),
-                               protected=[*source.files, *target_files])
-    if args.rules:
-        _write_rules(mapper, plan, args.rules, protected=[*source.files, *target_files, output])
-    tree = HierarchyView(mapper.source_table, mapper.target_table, plan=plan, show_matches=True)
-    breakdowns = [ScoreBreakdownView.from_plan(mapper.explain(name), plan) for name in explain_names]
-    html = None
-    if args.html:
-        # A file to review, not a terminal: every match and every unmatched tensor.
-        mapping = MappingView(plan, source_table=mapper.source_table, target_table=mapper.target_table,
-                              max_matches=max(len(plan.entries), len(plan.ambiguous)),
-                              max_unmatched=max(len(plan.unmatched_source), len(plan.unmatched_target)))
-        html = export_html([mapping, tree, *breakdowns], args.html,
-                           title=f"weight_mapper review: {plan.source_label} -> {plan.target_label}",
-                           protected=[*source.files, *target_files, output])
+    inputs = [(p, "the source checkpoint") for p in (*source.files, *target_files)]
+    # Every output is built under a temporary name and published only once all of them are built.
+    with _Outputs() as outputs:
+        # The JSON of report.export_report, written with the checkpoints protected.
+        output = Path(args.output)
+        write_text_atomic(outputs.stage(output, protected=inputs), json.dumps(report_dict(plan), indent=2))
+        if args.rules:
+            _write_rules(mapper, plan, outputs.stage(Path(args.rules), protected=inputs))
+        tree = HierarchyView(mapper.source_table, mapper.target_table, plan=plan, show_matches=True)
+        breakdowns = [ScoreBreakdownView.from_plan(mapper.explain(name), plan) for name in explain_names]
+        html = None
+        if args.html:
+            # A file to review, not a terminal: every match and every unmatched tensor.
+            mapping = MappingView(plan, source_table=mapper.source_table, target_table=mapper.target_table,
+                                  max_matches=max(len(plan.entries), len(plan.ambiguous)),
+                                  max_unmatched=max(len(plan.unmatched_source), len(plan.unmatched_target)))
+            html = Path(args.html)
+            export_html([mapping, tree, *breakdowns], outputs.stage(html, protected=inputs),
+                        title=f"weight_mapper review: {plan.source_label} -> {plan.target_label}")
+        outputs.publish()
     if args.json:
         _print_json({"plan": str(output), **report_dict(plan)["summary"]})
         return 0
@@ -289,7 +294,7 @@ def _cmd_map(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_rules(mapper: WeightMapper, plan: MappingPlan, path: str, *, protected) -> Path:
+def _write_rules(mapper: WeightMapper, plan: MappingPlan, path: Path) -> Path:
     """--rules: the plan's renames as regex rules, in the forms transformers, mmengine and torchtune take."""
     from weight_mapper.rules import rules_to_key_mapping, rules_to_revise_keys
 
@@ -303,7 +308,7 @@ def _write_rules(mapper: WeightMapper, plan: MappingPlan, path: str, *, protecte
         "not_renames": [{"target": e.target, "source": list(e.source), "transform": e.transform}
                         for e in plan.entries if len(e.source) > 1 or e.transform],
     }
-    return write_text_atomic(path, json.dumps(data, indent=2), protected=protected)
+    return write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def _source_name(mapper: WeightMapper, name: str, source: str) -> str:
@@ -433,7 +438,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                 return 1
             console.print(Text(verification.message(), style="red"))
             raise ConversionError(f"the conversion was not verified; nothing was written to {output} (--strict)")
-        output = renamer.save(output)
+        output = renamer.save(output, keep_envelope=True)  # a torch output keeps the envelope (README)
 
     fmt = ("sharded-safetensors" if output.is_dir() else
            "safetensors" if output.suffix == _SAFETENSORS_SUFFIX else "torch")
@@ -503,6 +508,41 @@ def _read_plan(path: Path) -> MappingPlan:
     except (OSError, UnicodeDecodeError) as e:
         raise PlanError(f"Plan {path} could not be read ({type(e).__name__}: {e}); pass the JSON file that "
                         f"`{_PROG} map` wrote") from None
+
+
+class _Outputs:
+    """A command's output files, built under temporary names and published together at the end.
+
+    ``stage(path)`` checks ``path`` (not an input, its folder exists) and returns the temporary
+    name to build it at; ``publish()`` renames every staged file onto its path. Leaving the
+    ``with`` block without publishing (an error, Ctrl-C) removes whatever was staged.
+    """
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[Path, Path]] = []
+
+    def stage(self, path: Path, *, protected: Iterable[tuple[Path, str]] = ()) -> Path:
+        _refuse_overwrite(path, [*protected, *((final, "another output") for _, final in self._staged)])
+        if not path.parent.is_dir():
+            raise CheckpointError(f"Cannot save {path}: folder {path.parent} does not exist; create it first")
+        if path.is_dir():
+            raise CheckpointError(f"Cannot save to {path}: it is a folder; pass a file path")
+        tmp = temporary_path_for(path)
+        self._staged.append((tmp, path))
+        return tmp
+
+    def publish(self) -> None:
+        for tmp, path in self._staged:
+            os.replace(tmp, path)
+        self._staged = []
+
+    def __enter__(self) -> _Outputs:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for tmp, _ in self._staged:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
 
 def _refuse_overwrite(output: Path, protected: Iterable[tuple[Path, str]]) -> None:
@@ -790,6 +830,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    for stream in (sys.stdout, sys.stderr):  # a name that cannot be encoded is printed escaped, never a crash
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            stream.reconfigure(errors="backslashreplace")
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning  # one line on stderr, not Python's file:line form
         try:

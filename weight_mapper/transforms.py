@@ -18,6 +18,9 @@ reversed (:func:`invert_entries`). Applying a transform never scores anything.
 | ``rotary_half`` | 1 | ``n_heads`` | ``rotary_interleave`` |
 | ``rotary_interleave`` | 1 | ``n_heads`` | ``rotary_half`` |
 
+``slice``, ``index`` and ``slice_index`` are not only inverses: the matcher proposes them as
+*splits* (one fused source filling several targets, :func:`weight_mapper.combine.split`).
+
 ``stack_concat`` is what a fused, stacked expert weight needs (transformers 5's
 ``mlp.experts.gate_up_proj`` ``[E, 2I, H]`` from per-expert ``w1`` and ``w3``): its sources are
 part-major (every expert's ``w1``, then every expert's ``w3``); each part's ``n`` tensors are
@@ -104,8 +107,8 @@ def _rotary(tensor: torch.Tensor, args: Mapping[str, Any], *, to_half: bool) -> 
 
 
 def _stack_concat(tensors: Sequence[torch.Tensor], args: Mapping[str, Any]) -> torch.Tensor:
-    parts = int(args["parts"])
-    if parts < 1 or len(tensors) % parts:
+    parts = args["parts"]
+    if not isinstance(parts, int) or parts < 1 or len(tensors) % parts:
         raise PlanError(f"stack_concat needs a multiple of parts={parts} source tensors, got {len(tensors)}")
     n = len(tensors) // parts
     dim = args.get("dim", 0)
@@ -134,8 +137,19 @@ def invert_entries(entries: Sequence[PlanEntry]) -> list[PlanEntry]:
 
     Raises:
         PlanError: If an entry has no unique way back (a source copied to several targets
-            comes back once; slices or indices of one source must cover it exactly).
+            comes back once; slices or indices of one source must cover it exactly), or its
+            transform arguments are missing or out of range.
     """
+    try:
+        return _invert_entries(entries)
+    except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
+        if isinstance(e, PlanError):
+            raise
+        raise PlanError(f"the plan has no inverse: an entry's transform arguments are missing or out of "
+                        f"range ({type(e).__name__}: {e}); check the plan's args") from None
+
+
+def _invert_entries(entries: Sequence[PlanEntry]) -> list[PlanEntry]:
     out: list[PlanEntry] = []
     seen: set[str] = set()
     pieces: dict[str, list[PlanEntry]] = {}  # slice / index entries, grouped by their source

@@ -105,8 +105,10 @@ def run_pair(pair: Pair, *, seeds: int) -> dict[str, Any]:
     truth = pair.truth(list(src_sd))
     record: dict[str, Any] = {"name": pair.name, "n_source": len(src_sd), "n_target": len(tgt_sd)}
 
+    print(f"  {pair.name}: matching", flush=True)
     mapper = WeightMapper(src, tgt, dummy_input=x)
     plan0 = mapper.suggest_mapping(repair=False) and mapper.get_plan()
+    print(f"  {pair.name}: proving the matcher's plan", flush=True)
     report0 = verify_conversion(plan0, src, tgt, x)
     tgt.load_state_dict(fresh)
     right0 = _independent(plan0, src, tgt, fresh, x, pair)
@@ -114,6 +116,7 @@ def run_pair(pair: Pair, *, seeds: int) -> dict[str, Any]:
                          "verify_ok": report0.ok, "agree": report0.ok == right0, "n_forward": report0.n_forward,
                          "flagged": sum(e.flagged for e in plan0.entries)}
 
+    print(f"  {pair.name}: suggest_mapping with repair", flush=True)
     start = time.perf_counter()
     mapper.suggest_mapping()
     seconds = time.perf_counter() - start
@@ -135,6 +138,7 @@ def run_pair(pair: Pair, *, seeds: int) -> dict[str, Any]:
         bad, what = _sabotage(gt, seed)
         if bad is None:
             break
+        print(f"  {pair.name}: sabotaged {what}", flush=True)
         start = time.perf_counter()
         report = verify_conversion(bad, src, tgt, x, repair=True)
         tgt.load_state_dict(fresh)

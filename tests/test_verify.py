@@ -340,3 +340,25 @@ def test_the_analysis_and_the_json_report_show_provenance_and_flags():
     console = Console(color_system=None, width=200, record=True)
     console.print(analysis_renderable(replace(mapper.get_plan(), entries=(flagged,))))
     assert "1 entries flagged convention:rotary: one side may keep its rotary" in console.export_text()
+
+
+def test_apply_verify_loads_a_checkpoint_whose_names_the_source_model_does_not_use(tmp_path, monkeypatch, capsys):
+    from cli_factories import NormNet
+    from weight_mapper.cli import main
+
+    monkeypatch.syspath_prepend(str(_TESTS))
+    net = NormNet()
+    with torch.no_grad():
+        net.norm.weight.uniform_(0.5, 1.5)
+        net.norm.bias.uniform_(-1, 1)
+    ckpt = tmp_path / "legacy.pt"
+    torch.save({"fc.weight": net.fc.weight.detach(), "fc.bias": net.fc.bias.detach(),
+                "norm.gamma": net.norm.weight.detach(), "norm.beta": net.norm.bias.detach()}, ckpt)
+    plan = tmp_path / "plan.json"
+    assert main(["map", str(ckpt), "cli_factories:renamed_norm_net", "-o", str(plan), "--json"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "new.safetensors"
+    assert main(["apply", str(ckpt), str(plan), "-o", str(out), "--validate", "cli_factories:renamed_norm_net",
+                 "--verify", "cli_factories:norm_net", "--input", "cli_factories:norm_input", "--strict"]) == 0
+    text = capsys.readouterr().out
+    assert "conversion verified" in text and "mapped onto them by weight_mapper" in text and out.is_file()

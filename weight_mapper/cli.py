@@ -485,7 +485,7 @@ def _verify(args: argparse.Namespace, renamer: WeightRenamer, plan: MappingPlan)
     target = _build_model(args.validate, meta=False)
     dummy_input = _load_factory(args.input)()
     report = verify_conversion(plan, source, target, dummy_input, source_tensors=renamer.tensors)
-    return replace(report, source_weights=f"{args.source} {how}")
+    return replace(report, source_weights=how)
 
 
 def _validation_dict(report: ValidationReport) -> dict[str, Any]:

@@ -349,7 +349,7 @@ def load_source_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], *
     own = model.state_dict()
     if all(k in tensors for k in own if _is_weight(own[k])):
         state = {k: tensors[k] for k in own if k in tensors}
-        how = "loaded by name into the source model"
+        how = f"{label} loaded by name into the source model"
     else:
         from weight_mapper.mapper import WeightMapper
 

@@ -362,3 +362,12 @@ def test_apply_verify_loads_a_checkpoint_whose_names_the_source_model_does_not_u
                  "--verify", "cli_factories:norm_net", "--input", "cli_factories:norm_input", "--strict"]) == 0
     text = capsys.readouterr().out
     assert "conversion verified" in text and "mapped onto them by weight_mapper" in text and out.is_file()
+
+
+def test_repair_gives_an_entry_the_tensor_its_siblings_source_module_holds():
+    # the weights of a and b exchanged, their biases not: no module pair forms, the whole output differs
+    swap = {"a.weight": lambda e: replace(e, source=("middle.weight",)),
+            "b.weight": lambda e: replace(e, source=("first.weight",))}
+    report = verify_conversion(_chain_plan(**swap), Chain(), RenamedChain(), torch.randn(3, 4), repair=True)
+    assert report.ok and report.n_forward == 4, report.message()  # source, target, a transpose, the exchange
+    assert report.repairs == ("(root): a.weight <- first.weight and b.weight <- middle.weight (exchanged)",)

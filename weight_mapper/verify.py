@@ -767,11 +767,28 @@ def _candidates(proof: _Proof, first: ModuleCheck, checks: list[ModuleCheck], re
         return (len(a.source) == 1 and len(b.source) == 1 and a.source != b.source and a.transform == b.transform
                 and a.source_shape == b.source_shape and a.target_shape == b.target_shape)
 
+    by_owner: dict[str, list[int]] = {}
+    source2index: dict[str, int] = {}
+    for k, e in enumerate(entries):
+        by_owner.setdefault(_owner(e.target), []).append(k)
+        if len(e.source) == 1:
+            source2index.setdefault(e.source[0], k)
+
+    def sibling(i: int) -> list[int]:
+        """The entry holding the tensor the siblings' source module has under this entry's leaf."""
+        mods = [_owner(entries[k].source[0]) for k in by_owner[_owner(entries[i].target)]
+                if k != i and len(entries[k].source) == 1]
+        if not mods or len(entries[i].source) != 1:
+            return []
+        module = max(set(mods), key=mods.count)
+        j = source2index.get(f"{module}.{entries[i].source[0].rpartition('.')[2]}")
+        return [] if j is None or j == i else [j]
+
     def partners(i: int) -> list[int]:
         inside = [j for j in below if j != i and j not in suspect_set]
         outside = sorted((j for j in range(len(entries)) if j not in below_set),
                          key=lambda j: (not entries[j].flagged, abs(j - i)))
-        return [j for j in suspects if j != i] + inside + outside
+        return sibling(i) + [j for j in suspects if j != i] + inside + outside
 
     tried: set[frozenset] = set()
     n = 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from weight_mapper import ConversionError, MappingPlan, PlanEntry, WeightMapper, apply_plan
+from weight_mapper import ConversionError, MappingPlan, PlanEntry, WeightMapper
 from weight_mapper.verify import verify_conversion
 
 _TESTS = Path(__file__).parent

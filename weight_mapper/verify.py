@@ -465,13 +465,11 @@ class _Proof:
         _check_shapes(converted, self.own, f"{type(self.source).__name__} -> {type(self.target).__name__}")
         self._load(converted)
 
-    def run(self) -> tuple[_Record, list[ModuleCheck], dict[int, str]]:
+    def run(self) -> tuple[_Record, list[ModuleCheck]]:
+        """Run the target once; check every pair, in the order the target completed them."""
         rec = _record(self.target, self.dummy_input, self.tgt_modules, label="target")
         self.n_forward += 1
-        checks = []
-        for p in sorted(self.pairs, key=lambda p: rec.order.get(p.target, 1 << 30)):
-            checks.append(self._check(p, rec))
-        return rec, checks, {}
+        return rec, [self._check(p, rec) for p in sorted(self.pairs, key=lambda p: rec.order.get(p.target, 1 << 30))]
 
     def _check(self, p: _Pair, rec: _Record) -> ModuleCheck:
         keys = tuple(self.entries[i].target for i in p.entries)
@@ -628,7 +626,7 @@ def verify_conversion(
     else:
         how = "the given checkpoint tensors"
     proof = _Proof(plan, source, target, dummy_input, source_tensors, atol)
-    rec, checks, _ = proof.run()
+    rec, checks = proof.run()
     outputs = _output_diff(proof.src.outputs, rec.outputs)
     if outputs is None:
         raise ConversionError(
@@ -677,7 +675,7 @@ def _repair(proof: _Proof, rec, checks, outputs, repairs: list[str], changed: se
                 proof.set_entries(old)
                 continue
             trials += 1
-            new_rec, new_checks, _ = proof.run()
+            new_rec, new_checks = proof.run()
             new_outputs = _output_diff(proof.src.outputs, new_rec.outputs)
             if new_outputs is not None and (new_outputs[0] <= proof.atol or _agrees(new_checks, first.target)):
                 rec, checks, outputs = new_rec, new_checks, new_outputs

@@ -34,6 +34,7 @@ def test_report_summary():
     assert summary == {
         "source_model": "OldModel", "target_model": "PartiallyCompatible", "n_source": 8, "n_target": 9,
         "n_matched": 7, "n_ambiguous": 0, "n_unmatched_source": 1, "n_unmatched_target": 2, "coverage": 0.777778,
+        "n_flagged": 0, "provenance": {"matched": 7, "repaired": 0, "proved": 0},
     }
 
 
@@ -81,4 +82,4 @@ def test_print_analysis_lists_the_riskiest_first_with_flags_and_provenance():
     assert rows == ["ambiguous", "order", "repaired", "low_margin"]
     assert "order_only: decided by order alone" in text
     assert "↻ repaired" in text and "layer-wise proof: 2 proved, 1 repaired, 5 unproved" in text
-    assert "1 matches carry a flag" in text
+    assert "1 entries flagged order_only: decided by order alone" in text

@@ -548,7 +548,7 @@ def _verify(args: argparse.Namespace, renamer: WeightRenamer, plan: MappingPlan)
         report = verify_conversion(plan, source, target, dummy_input, source_tensors=renamer.tensors)
     except ConversionError as exc:  # the input has a name here: say which
         raise ConversionError(str(exc).replace("dummy_input", f"--input {args.input}()")) from None
-    return replace(report, source_weights=f"{args.source} {how}")
+    return replace(report, source_weights=how)
 
 
 def _call_input(spec: str) -> Any:

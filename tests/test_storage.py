@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from weight_mapper import MappingPlan, WeightMapper, apply_plan
-from weight_mapper.storage import infer_storage, transpose_votes
+from weight_mapper.storage import TransposeVote, infer_storage, transpose_votes
 from weight_mapper.plan import FLAG_DESCRIPTIONS
 from weight_mapper.score import INFERRED_IN_OUT
 from weight_mapper.table import TensorTable
@@ -90,6 +90,8 @@ def test_split_evidence_is_the_majority_and_flagged():
     tgt = TensorTable.from_state_dict({"a.w": (2, 3), "b.w": (5, 2), "c.w": (4, 6), "d.w": (2, 2)})
     vote = transpose_votes(src, tgt, [(0, 0), (1, 1), (2, 2), (3, 3)])[(3, 3)]
     assert vote.transpose and vote.flag == "transpose_split" and (vote.n_transposed, vote.n_copied) == (2, 1)
+    lopsided = TransposeVote(False, 1, 9, "checkpoint")  # one odd projection among nine layers
+    assert lopsided.flag is None
 
 
 # ---------------------------------------------------------------- a fused [in, out] weight

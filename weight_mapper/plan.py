@@ -477,6 +477,8 @@ def _combined_args(src_table: TensorTable, c: Combination) -> dict:
         n = len(c.src) // c.parts
         return {"dim": 0, "parts": c.parts, "concat_dim": 1, "sizes": [shapes[p * n][0] for p in range(c.parts)],
                 "source_shapes": shapes}
+    if c.transposed:  # [in, out] fused weight: the transpose of the parts' concat
+        return {"dim": 0, "sizes": [s[0] for s in shapes], "source_shapes": shapes, "transposed": True}
     return {"dim": 0, "sizes": [s[0] for s in shapes], "source_shapes": shapes}
 
 

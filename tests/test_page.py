@@ -165,9 +165,9 @@ def test_mapper_page_embeds_the_explained_tensors_and_names_a_wrong_one(tmp_path
 def norms_and_strays() -> WeightMapper:
     """Two norms only their names tell apart (flagged), a sure match, and a stray tensor on each side."""
     source = TensorTable.from_state_dict(
-        {"layers.0.in_norm.weight": (8,), "layers.0.post_norm.weight": (8,), "layers.0.attn.weight": (8, 8),
+        {"layers.0.in_norm.weight": (8,), "layers.0.post_norm.weight": (8,), "layers.0.attn.weight": (8, 16),
          "layers.0.extra.bias": (3,)}, natural_order=True, label="hf.safetensors")
-    target = {"layers.0.sa_norm.weight": (8,), "layers.0.mlp_norm.weight": (8,), "layers.0.attention.weight": (8, 8),
+    target = {"layers.0.sa_norm.weight": (8,), "layers.0.mlp_norm.weight": (8,), "layers.0.attention.weight": (8, 16),
               "head.weight": (5, 8)}
     mapper = WeightMapper(source, target)
     mapper.suggest_mapping()

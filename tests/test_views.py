@@ -20,7 +20,7 @@ from rich.console import Console
 from benchmarks.review_page.cdp import FETCH_HINT, Browser, find_chromium
 from cli_factories import OldNet
 from fixture_models import BatchNormed, BatchNormedRenamed, OldModel, PartiallyCompatible
-from weight_mapper import MappingError, MappingPlan, PlanEntry, TensorTable, WeightMapper
+from weight_mapper import MappingError, MappingPlan, PlanEntry, PlanError, TensorTable, WeightMapper
 from weight_mapper.cli import main
 from weight_mapper.views import MappingView, ScoreBreakdownView, _sub_weights, export_html, score_bar
 
@@ -57,9 +57,9 @@ def batchnormed(**options) -> WeightMapper:
 def norms(**options) -> WeightMapper:
     """Two norms that only their names tell apart, from an unordered (safetensors-like) source."""
     source = TensorTable.from_state_dict(
-        {"layers.0.in_norm.weight": (8,), "layers.0.post_norm.weight": (8,), "layers.0.attn.weight": (8, 8)},
+        {"layers.0.in_norm.weight": (8,), "layers.0.post_norm.weight": (8,), "layers.0.attn.weight": (8, 16)},
         natural_order=True, label="hf.safetensors")
-    target = {"layers.0.sa_norm.weight": (8,), "layers.0.mlp_norm.weight": (8,), "layers.0.attention.weight": (8, 8)}
+    target = {"layers.0.sa_norm.weight": (8,), "layers.0.mlp_norm.weight": (8,), "layers.0.attention.weight": (8, 16)}
     mapper = WeightMapper(source, target)
     mapper.suggest_mapping(**options)
     return mapper
@@ -224,12 +224,13 @@ MAPPING_AMBIGUOUS = """\
 ╰───────────────────────────────────────────────────────────────────────────╯
 
 Matches, riskiest first
-source                    target                     score  margin  transform  level  shape   review
+source                    target                    score  margin  transform  level  shape    review
 ────────────────────────────────────────────────────────────────────────────────────────────────────
-layers.0.post_norm.weigh  layers.0.mlp_norm.weight   0.944  -0.003  exact      GROUP  [8]     ⚠
+layers.0.post_norm.weigh  layers.0.mlp_norm.weight  0.944  -0.003  exact      GROUP  [8]      ⚠
 t
-layers.0.in_norm.weight   layers.0.sa_norm.weight    0.951   0.004  exact      GROUP  [8]     ⚠
-layers.0.attn.weight      layers.0.attention.weight  1.000   1.000  exact      GROUP  [8, 8]
+layers.0.in_norm.weight   layers.0.sa_norm.weight   0.951   0.004  exact      GROUP  [8]      ⚠
+layers.0.attn.weight      layers.0.attention.weigh  1.000   1.000  exact      GROUP  [8, 16]
+                          t
 score: green > 0.8, yellow 0.6-0.8, red < 0.6; margin: score minus the runner-up's
 ⚠ ambiguous: margin under 0.02
 """
@@ -250,8 +251,8 @@ MAPPING_WITHHELD = """\
 
 Matches, riskiest first
 source                target                     score  margin  transform  level  shape
-────────────────────────────────────────────────────────────────────────────────────────
-layers.0.attn.weight  layers.0.attention.weight  1.000   1.000  exact      GROUP  [8, 8]
+─────────────────────────────────────────────────────────────────────────────────────────
+layers.0.attn.weight  layers.0.attention.weight  1.000   1.000  exact      GROUP  [8, 16]
 score: green > 0.8, yellow 0.6-0.8, red < 0.6; margin: score minus the runner-up's
 
 Withheld as ambiguous (not in the plan), riskiest first
@@ -294,7 +295,8 @@ def test_mapping_view_takes_a_plan_or_the_last_mapping():
     mapper = partial()
     assert render(mapper.visualize_mapping, mapper.get_mapping_dict()) == MAPPING_PARTIAL
     assert "PartiallyCompatible -> OldModel" in render(mapper.visualize_mapping, mapper.get_plan().inverse())
-    with pytest.raises(MappingError, match="takes a MappingPlan"):
+    # an edited dict is shown (issue 13); a pair whose shapes no transform fixes is refused
+    with pytest.raises(PlanError, match="'backbone.0.weight' .* cannot fill 'extra.weight'"):
         mapper.visualize_mapping({"backbone.0.weight": "extra.weight"})
 
 

@@ -38,7 +38,7 @@ from weight_mapper.tree import ROOT, ModuleTree
 __all__ = ["MappingView", "HierarchyView", "ScoreBreakdownView", "print_view", "export_html"]
 
 # entry.level -> badge shown in the mapping table ("combined": several sources fused into one target)
-LEVEL2BADGE = {"group": "GROUP", "tensor": "INDIV", "alias": "ALIAS", "combined": "FUSED"}
+LEVEL2BADGE = {"group": "GROUP", "tensor": "INDIV", "alias": "ALIAS", "combined": "FUSED", "split": "SPLIT"}
 _BADGE_STYLES = {"GROUP": "bold cyan", "INDIV": "bold magenta", "ALIAS": "bold blue", "FUSED": "bold yellow"}
 # entry.transform -> marker; any other registered transform shows its own name
 TRANSFORM2MARKER = {None: "exact", "identity": "exact"}

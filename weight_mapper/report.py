@@ -78,14 +78,13 @@ def plain(text: str) -> Text:
 
 def _entry_row(e: PlanEntry) -> tuple:
     marks = [e.transform] if e.transform else []
-    marks += (["ambiguous"] if e.ambiguous else []) + list(e.flags)
+    marks += ([f"ambiguous ({e.margin:+.3f})"] if e.ambiguous else []) + list(e.flags)
     if e.provenance in PROVENANCE2MARK:
         marks.append(PROVENANCE2MARK[e.provenance])
     return (
         plain(", ".join(e.source)),
         plain(e.target),
         Text(f"{e.score:.3f}", style=score_style(e.score)),
-        Text(f"{e.margin:.3f}", style="bold yellow" if e.ambiguous else ""),
         _shape(e.source_shape) + ("" if e.source_shape == e.target_shape else " -> " + _shape(e.target_shape)),
         e.level,
         " ".join(marks),
@@ -98,7 +97,7 @@ def _entries_table(title: str) -> Table:
     table = Table(title=title)
     table.add_column("source", overflow="fold")
     table.add_column("target", overflow="fold")
-    for col in ("score", "margin", "shape", "level", "note"):
+    for col in ("score", "shape", "level", "note"):
         table.add_column(col, overflow="fold")
     return table
 

@@ -6,9 +6,11 @@ This and the CLI are the only modules that import rich.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
@@ -84,7 +86,7 @@ def plain(text: str) -> Text:
 
 def _entry_row(e: PlanEntry) -> tuple:
     marks = [e.transform] if e.transform else []
-    marks += ([f"ambiguous ({e.margin:+.3f})"] if e.ambiguous else []) + list(e.flags)
+    marks += ([f"ambiguous (margin {e.margin:.3f})"] if e.ambiguous else []) + list(e.flags)
     if e.provenance in PROVENANCE2MARK:
         marks.append(PROVENANCE2MARK[e.provenance])
     return (
@@ -97,12 +99,16 @@ def _entry_row(e: PlanEntry) -> tuple:
     )
 
 
-def _entries_table(title: str) -> Table:
+_NAME_MIN_WIDTH = 20  # a name column keeps this many characters before it wraps
+
+
+def _entries_table(title: str, entries: Sequence[PlanEntry]) -> Table:
     # Names wrap instead of being cut: two names that differ only in their last characters (a
-    # swap to review) must stay visibly different at 80 columns.
-    table = Table(title=title)
-    table.add_column("source", overflow="fold")
-    table.add_column("target", overflow="fold")
+    # swap to review) must stay visibly different at 80 columns. They keep their full width up
+    # to _NAME_MIN_WIDTH characters; the short columns give way first.
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
+    for col, names in (("source", [", ".join(e.source) for e in entries]), ("target", [e.target for e in entries])):
+        table.add_column(col, overflow="fold", min_width=min(_NAME_MIN_WIDTH, max(map(len, names), default=1)))
     for col in ("score", "shape", "level", "note"):
         table.add_column(col, overflow="fold")
     return table
@@ -138,13 +144,15 @@ def analysis_renderable(plan: MappingPlan, *, top_n: int = 10, show_unmatched: b
         summary.append(f"\n{len(plan.ambiguous)} ambiguous matches withheld", style="yellow")
     parts: list[Any] = [Panel(summary, title="weight_mapper analysis", expand=False)]
     if top_n > 0 and plan.entries:
-        table = _entries_table(f"Matches, riskiest first ({min(top_n, n_matched)} of {n_matched})")
-        for e in sorted(plan.entries, key=risk_key)[:top_n]:
+        shown = sorted(plan.entries, key=risk_key)[:top_n]
+        table = _entries_table(f"Matches, riskiest first ({min(top_n, n_matched)} of {n_matched})", shown)
+        for e in shown:
             table.add_row(*_entry_row(e))
         parts.append(table)
     if plan.ambiguous:
-        table = _entries_table("Withheld as ambiguous")
-        for e in sorted(plan.ambiguous, key=risk_key)[:top_n]:
+        shown = sorted(plan.ambiguous, key=risk_key)[:top_n]
+        table = _entries_table("Withheld as ambiguous", shown)
+        for e in shown:
             table.add_row(*_entry_row(e))
         parts.append(table)
     legend = flags_legend([*plan.entries, *plan.ambiguous])

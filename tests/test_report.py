@@ -83,3 +83,18 @@ def test_print_analysis_lists_the_riskiest_first_with_flags_and_provenance():
     assert "order_only: decided by order alone" in text
     assert "↻ repaired" in text and "layer-wise proof: 2 proved, 1 repaired, 5 unproved" in text
     assert "1 entries flagged order_only: decided by order alone" in text
+
+
+def test_an_unscored_entry_set_by_hand_sorts_after_the_scored_ones_of_its_tier():
+    import math
+
+    manual = PlanEntry(("src.manual",), "manual", None, math.nan, math.nan, "manual", (4,), (4,))
+    order = sorted([manual, *RISKY[::-1]], key=risk_key)
+    assert [e.target for e in order].index("manual") == [e.target for e in RISKY].index("proved_ambiguous")
+    console = Console(color_system=None, width=140, record=True)
+    from weight_mapper.report import print_analysis
+
+    print_analysis(MappingPlan((manual,)), console=console)
+    import re
+
+    assert re.search(r"src\.manual +manual +- +\[4\]", console.export_text())

@@ -5,6 +5,7 @@ This and the CLI are the only modules that import rich.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,12 @@ def risk_key(entry: PlanEntry) -> tuple:
 
     Ties keep their order (a stable sort keeps the plan's target order).
     """
-    return RISK_TIERS.index(risk_tier(entry)), entry.margin, entry.score
+    return RISK_TIERS.index(risk_tier(entry)), _or_inf(entry.margin), _or_inf(entry.score)
+
+
+def _or_inf(x: float) -> float:
+    """An unscored value (NaN: a pair set by hand) sorts after every scored one."""
+    return math.inf if math.isnan(x) else x
 
 
 def review_marks(entry: PlanEntry) -> list[str]:
@@ -86,7 +92,7 @@ def _entry_row(e: PlanEntry) -> tuple:
     return (
         plain(", ".join(e.source)),
         plain(e.target),
-        Text(f"{e.score:.3f}", style=score_style(e.score)),
+        Text("-", style="dim") if math.isnan(e.score) else Text(f"{e.score:.3f}", style=score_style(e.score)),
         _shape(e.source_shape) + ("" if e.source_shape == e.target_shape else " -> " + _shape(e.target_shape)),
         e.level,
         " ".join(marks),

@@ -30,6 +30,7 @@ PLAN_FORMAT_VERSION = 1
 #: What each entry flag means (shown in reports and views).
 FLAG_DESCRIPTIONS = {
     "order_only": "decided by order alone: names and shapes could not tell the candidates apart",
+    "names_disagree": "another candidate's name fits clearly better: order or context overrode the names",
 }
 
 #: The ways an entry can have been established (``PlanEntry.provenance``).
@@ -321,6 +322,8 @@ def build_plan(
         components = {c: float(v[k]) for c, v in assignment.components.items()}
         entry = _entry(src_table, tgt_table, s, t, float(assignment.score[k]), float(assignment.margin[k]),
                        str(assignment.level[k]), components, source_prefix)
+        if assignment.flags is not None and assignment.flags[k]:
+            entry = replace(entry, flags=tuple(assignment.flags[k]))
         if withhold_ambiguous and entry.flagged:
             withheld.append(entry)
             continue

@@ -228,3 +228,114 @@ def test_a_linear_over_a_flattened_map_is_reshaped_into_a_full_kernel_conv():
     assert entry.transform == "reshape" and entry.args["shape"] == [6, 4, 5, 5]
     tgt.load_state_dict(round_trip(mapper, src.state_dict()), strict=True)
     assert mapper.verify(src, tgt, torch.randn(2, 3, 5, 5)).ok
+
+
+# ---------------------------------------------------------------- target order and splits
+_LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False, rms_norm_eps=1e-5,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _phi3_and_llama():
+    """Phi-3 fuses q/k/v (GQA: 32 + 16 + 16 rows) and gate/up; Llama keeps them apart. Same math."""
+    phi = transformers.Phi3ForCausalLM(transformers.Phi3Config(**_LLAMA)).eval()
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**_LLAMA)).eval()
+    return phi, llama
+
+
+def _fused_to_separate(sd):
+    """The conversion by hand: what every plan below must reproduce exactly."""
+    out = {}
+    for k, v in sd.items():
+        if "qkv_proj" in k:
+            for part, piece in zip(("q_proj", "k_proj", "v_proj"), v.split([32, 16, 16])):
+                out[k.replace("qkv_proj", part)] = piece
+        elif "gate_up_proj" in k:
+            for part, piece in zip(("gate_proj", "up_proj"), v.chunk(2)):
+                out[k.replace("gate_up_proj", part)] = piece
+        else:
+            out[k] = v
+    return out
+
+
+def _sorted_table(sd):
+    from weight_mapper.table import TensorTable
+
+    return TensorTable.from_state_dict(sd, natural_order=True)  # as from a safetensors header
+
+
+@pytest.mark.parametrize("source_kind", ["model", "state_dict", "sorted"])
+def test_fused_qkv_and_gate_up_split_into_separate_targets(source_kind):
+    phi, llama = _phi3_and_llama()
+    sd = phi.state_dict()
+    source = {"model": phi, "state_dict": sd, "sorted": _sorted_table(sd)}[source_kind]
+    mapper = WeightMapper(source, llama)
+    plan = mapper.get_plan()
+    pieces = [e for e in plan.entries if e.source == ("model.layers.1.self_attn.qkv_proj.weight",)]
+    assert [(e.target.split(".")[-2], e.transform, e.args["start"], e.args["length"]) for e in pieces] == [
+        ("q_proj", "slice", 0, 32), ("k_proj", "slice", 32, 16), ("v_proj", "slice", 48, 16)]
+    assert {e.level for e in pieces} == {"split"}
+    assert plan.unmatched_source == () and plan.unmatched_target == ()
+    converted = round_trip(mapper, sd)
+    truth = _fused_to_separate(sd)
+    assert converted.keys() == truth.keys() and all(torch.equal(converted[k], truth[k]) for k in truth)
+    llama.load_state_dict(converted, strict=True)
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        assert torch.allclose(phi(ids).logits, llama(ids).logits, atol=1e-5)
+    # The inverse of the split pieces is the concat, sources in the fused tensor's order.
+    merged = {e.target: e for e in plan.inverse().entries}["model.layers.1.mlp.gate_up_proj.weight"]
+    assert merged.transform == "concat" and [s.split(".")[-2] for s in merged.source] == ["gate_proj", "up_proj"]
+
+
+def test_sorted_separate_qkv_fuse_in_the_targets_order():
+    phi, llama = _phi3_and_llama()
+    sd = llama.state_dict()
+    mapper = WeightMapper(_sorted_table(sd), phi)  # sorted keys: k_proj < o_proj < q_proj < v_proj
+    fused = {e.target: e for e in mapper.get_plan().entries}["model.layers.0.self_attn.qkv_proj.weight"]
+    assert fused.transform == "concat"
+    assert [s.split(".")[-2] for s in fused.source] == ["q_proj", "k_proj", "v_proj"]
+    assert fused.args["sizes"] == [32, 16, 16]
+    phi.load_state_dict(round_trip(mapper, sd), strict=True)
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        assert torch.allclose(phi(ids).logits, llama(ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("sorted_source", [False, True])
+def test_torch_in_proj_splits_into_hf_query_key_value(sorted_source):
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=16)
+    hf = transformers.BertModel(config, add_pooling_layer=False).eval()
+    tb = TorchBert(50, 32, 4, 64, 3, 16).eval()
+    sd = tb.state_dict()
+    mapper = WeightMapper(_sorted_table(sd) if sorted_source else tb, hf)
+    plan = mapper.get_plan()
+    pieces = {e.target: e for e in plan.entries if e.source == ("layers.2.self_attn.in_proj_weight",)}
+    assert {t: e.args["start"] for t, e in pieces.items()} == {
+        f"encoder.layer.2.attention.self.{p}.weight": 32 * i for i, p in enumerate(("query", "key", "value"))}
+    hf.load_state_dict(round_trip(mapper, sd), strict=True)
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).last_hidden_state, tb(ids), atol=1e-5)
+
+
+def test_a_split_source_is_read_once():
+    from weight_mapper.plan import MappingPlan, PlanEntry
+    from weight_mapper.transforms import invert_entries
+
+    merged = PlanEntry(("q", "k", "v"), "qkv", "concat", 1.0, 1.0, "combined", (2, 3), (6, 3),
+                       args={"dim": 0, "sizes": [2, 2, 2]})
+    plan = MappingPlan(tuple(invert_entries([merged])))
+
+    class Counting(dict):
+        reads = 0
+
+        def __getitem__(self, key):
+            Counting.reads += 1
+            return super().__getitem__(key)
+
+    qkv = torch.arange(18.0).reshape(6, 3)
+    out = apply_plan(plan, Counting(qkv=qkv))
+    assert Counting.reads == 1
+    assert torch.equal(torch.cat([out["q"], out["k"], out["v"]]), qkv)

@@ -6,7 +6,15 @@ from torch import nn
 
 from fixture_models import SHORTCUT_TRUTH, BatchNormed, ShortcutFirst, ShortcutLast, Tied
 from weight_mapper import WeightMapper
-from weight_mapper.flow import flow_positions, record_execution_order, trace_execution_order
+from weight_mapper.flow import (
+    REAL_RUN_MAX_PARAMS,
+    auto_execution_order,
+    flow_positions,
+    record_execution_order,
+    synthesize_input,
+    trace_execution_order,
+)
+from weight_mapper.plan import MappingPlan
 from weight_mapper.table import TensorTable
 
 X = torch.randn(1, 3, 8, 8)
@@ -83,8 +91,16 @@ def test_untraceable_models_get_no_trace_and_no_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mapper = WeightMapper(Untraceable(), Untraceable())
-    assert torch.isnan(torch.from_numpy(mapper.source_table.exec_pos)).all()
+    # It branches on a value, so it cannot run on meta either; small, it runs for real.
+    assert mapper.flow_sources == ("real-synthetic", "real-synthetic")
     assert mapper.suggest_mapping()["a.weight"] == "a.weight"
+    assert mapper.get_plan().flow_sources == ("real-synthetic", "real-synthetic")
+
+
+def test_without_any_flow_the_plan_says_none():
+    mapper = WeightMapper(Untraceable(), Untraceable(), trace=False)
+    assert torch.isnan(torch.from_numpy(mapper.source_table.exec_pos)).all()
+    assert mapper.get_plan().flow_sources == ("none", "none")
 
 
 class DerivedWeight(nn.Module):
@@ -113,3 +129,65 @@ def test_tied_weights_are_placed_at_their_first_use():
 
 def test_flow_positions_of_nothing_is_empty():
     assert flow_positions([], [""]) == {}
+
+
+
+# ------------------------------------------------------------------ zero-config flow (meta device)
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny_llama(device="cpu"):
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    with torch.device(device):
+        return transformers.LlamaForCausalLM(config)
+
+
+def _tiny_bert():
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64)
+    return transformers.BertModel(config)
+
+
+def test_hugging_face_models_get_a_meta_flow_without_dummy_input():
+    llama = _tiny_llama()
+    before = {k: v.clone() for k, v in llama.state_dict().items()}
+    mapper = WeightMapper(llama, _tiny_llama())
+    assert mapper.flow_sources == ("meta-synthetic", "meta-synthetic")
+    assert not torch.isnan(torch.from_numpy(mapper.source_table.exec_pos)).any()
+    # The model is untouched: same device, same values, same training flag.
+    after = llama.state_dict()
+    assert all(after[k].device.type == "cpu" and torch.equal(after[k], v) for k, v in before.items())
+    plan = MappingPlan.from_json(mapper.get_plan().to_json())
+    assert plan.flow_sources == ("meta-synthetic", "meta-synthetic")
+    assert plan.inverse().flow_sources == ("meta-synthetic", "meta-synthetic")
+
+
+@pytest.mark.parametrize("build", [_tiny_llama, _tiny_bert], ids=["llama", "bert"])
+def test_the_meta_flow_is_the_real_flow(build):
+    model = build().eval()
+    order, how = auto_execution_order(model)
+    assert how == "meta-synthetic"
+    assert order == record_execution_order(model, synthesize_input(model))
+
+
+def test_a_model_built_on_meta_gets_a_flow():
+    order, how = auto_execution_order(_tiny_llama("meta"))
+    assert how == "meta-synthetic"
+    assert order["model.embed_tokens.weight"] < order["model.layers.0.self_attn.q_proj.weight"] < order["lm_head.weight"]
+
+
+def test_synthesized_inputs_follow_the_first_input_layer():
+    assert synthesize_input(nn.Sequential(nn.Conv1d(2, 4, 3))).shape == (1, 2, 1024)
+    assert synthesize_input(nn.Sequential(nn.Linear(7, 2), nn.Linear(2, 1))).shape == (1, 7)
+    assert synthesize_input(nn.Sequential(nn.ReLU())) is None
+    vit = transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                       intermediate_size=64, image_size=32, patch_size=8))
+    assert synthesize_input(vit)["pixel_values"].shape == (1, 3, 32, 32)
+    assert auto_execution_order(vit)[1] == "meta-synthetic"
+
+
+def test_a_large_model_that_fails_on_meta_gets_no_flow(monkeypatch):
+    monkeypatch.setattr("weight_mapper.flow.REAL_RUN_MAX_PARAMS", 10)
+    assert REAL_RUN_MAX_PARAMS == 50_000_000  # the default
+    assert auto_execution_order(Untraceable()) == (None, "none")

@@ -259,8 +259,8 @@ def test_getters_and_reports(tmp_path):
     mapping = mapper.suggest_mapping()
     assert mapper.get_mapping_dict() == mapping
     scored = mapper.get_mapping_with_scores()
-    assert set(scored) == set(mapping)
-    assert all(t == mapping[s] and 0.6 <= score <= 1.0 for s, (t, score) in scored.items())
+    assert {s for s, _, _ in scored} == set(mapping)
+    assert all(t == mapping[s] and 0.6 <= score <= 1.0 for s, t, score in scored)
     path = mapper.export_mapping_report(tmp_path / "report.json")
     report = json.loads(path.read_text())
     assert report["summary"]["n_matched"] == len(mapping)
@@ -293,7 +293,8 @@ def test_explain_gives_scores_and_alternatives():
     assert why["target"] == "classifier.2.weight" and why["level"] == "group"
     assert set(why["components"]) == {"shape", "name", "hierarchy", "context"}
     assert {"tokens", "edit", "lcs", "index", "leaf", "depth", "order"} <= set(why["sub_scores"])
-    assert why["score"] == pytest.approx(mapper.get_mapping_with_scores()["classifier.2.weight"][1])
+    scores = {s: score for s, _, score in mapper.get_mapping_with_scores()}
+    assert why["score"] == pytest.approx(scores["classifier.2.weight"])
     assert all(a["score"] <= why["score"] for a in why["alternatives"])
     lost = mapper.explain("backbone.0.bias")
     assert lost["target"] is None and lost["score"] is None

@@ -105,7 +105,7 @@ def test_lightning_envelope_is_written_back(tmp_path):
     before = src.read_bytes()
     renamer = WeightRenamer(src)
     renamer.rename_keys({"model.w": "w"})
-    out = renamer.save(tmp_path / "new.ckpt")
+    out = renamer.save(tmp_path / "new.ckpt", keep_envelope=True)
     saved = torch.load(out, weights_only=True)
     assert saved["epoch"] == 4 and saved["hyper_parameters"] == {"lr": 0.1}
     assert list(saved["state_dict"]) == ["w"]

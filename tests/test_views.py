@@ -8,6 +8,7 @@ opened in headless Chromium where ``/usr/bin/chromium`` exists.
 import dataclasses
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,14 +17,14 @@ import pytest
 import torch
 from rich.console import Console
 
+from benchmarks.review_page.cdp import FETCH_HINT, Browser, find_chromium
 from cli_factories import OldNet
 from fixture_models import BatchNormed, BatchNormedRenamed, OldModel, PartiallyCompatible
-from weight_mapper import MappingError, MappingPlan, PlanEntry, TensorTable, WeightMapper
+from weight_mapper import MappingError, MappingPlan, PlanEntry, PlanError, TensorTable, WeightMapper
 from weight_mapper.cli import main
 from weight_mapper.views import MappingView, ScoreBreakdownView, _sub_weights, export_html, score_bar
 
 _WIDTH = 100
-_CHROMIUM = Path("/usr/bin/chromium")
 _FACTORY = "cli_factories:new_net"
 
 
@@ -56,9 +57,9 @@ def batchnormed(**options) -> WeightMapper:
 def norms(**options) -> WeightMapper:
     """Two norms that only their names tell apart, from an unordered (safetensors-like) source."""
     source = TensorTable.from_state_dict(
-        {"layers.0.in_norm.weight": (8,), "layers.0.post_norm.weight": (8,), "layers.0.attn.weight": (8, 8)},
+        {"layers.0.in_norm.weight": (8,), "layers.0.post_norm.weight": (8,), "layers.0.attn.weight": (8, 16)},
         natural_order=True, label="hf.safetensors")
-    target = {"layers.0.sa_norm.weight": (8,), "layers.0.mlp_norm.weight": (8,), "layers.0.attention.weight": (8, 8)}
+    target = {"layers.0.sa_norm.weight": (8,), "layers.0.mlp_norm.weight": (8,), "layers.0.attention.weight": (8, 16)}
     mapper = WeightMapper(source, target)
     mapper.suggest_mapping(**options)
     return mapper
@@ -72,23 +73,24 @@ MAPPING_PARTIAL = """\
 │ coverage          ████████████████░░░░ 7/9 target tensors filled (77.8%) │
 │ matched           7: 6 GROUP, 1 INDIV; 0 ambiguous                       │
 │ transforms        7 exact                                                │
+│ review            0 flagged, 0 repaired, 7 unproved, 0 proved            │
 │ unmatched         1 source, 2 target                                     │
 │ threshold         0.60                                                   │
 │ strategy          best_match                                             │
 │ hierarchy rounds  2 group-level + 2 tensor-level, converged              │
 ╰──────────────────────────────────────────────────────────────────────────╯
 
-Matches
-source               target               score  transform  level  shape
-─────────────────────────────────────────────────────────────────────────────────
-backbone.0.weight    backbone.0.weight    1.000  exact      INDIV  [16, 3, 3, 3]
-backbone.2.weight    backbone.2.weight    0.991  exact      GROUP  [32, 16, 3, 3]
-backbone.2.bias      backbone.2.bias      0.991  exact      GROUP  [32]
-classifier.0.weight  classifier.0.weight  0.989  exact      GROUP  [64, 32]
-classifier.0.bias    classifier.0.bias    0.989  exact      GROUP  [64]
-classifier.2.weight  classifier.2.weight  0.987  exact      GROUP  [10, 64]
-classifier.2.bias    classifier.2.bias    0.987  exact      GROUP  [10]
-score: green > 0.8, yellow 0.6-0.8, red < 0.6
+Matches, riskiest first
+source               target               score  margin  transform  level  shape
+─────────────────────────────────────────────────────────────────────────────────────────
+classifier.2.weight  classifier.2.weight  0.987   0.987  exact      GROUP  [10, 64]
+classifier.2.bias    classifier.2.bias    0.987   0.987  exact      GROUP  [10]
+classifier.0.weight  classifier.0.weight  0.989   0.989  exact      GROUP  [64, 32]
+classifier.0.bias    classifier.0.bias    0.989   0.989  exact      GROUP  [64]
+backbone.2.weight    backbone.2.weight    0.991   0.991  exact      GROUP  [32, 16, 3, 3]
+backbone.2.bias      backbone.2.bias      0.991   0.991  exact      GROUP  [32]
+backbone.0.weight    backbone.0.weight    1.000   1.000  exact      INDIV  [16, 3, 3, 3]
+score: green > 0.8, yellow 0.6-0.8, red < 0.6; margin: score minus the runner-up's
 
 Unmatched
 source (1)       shape  target (2)    shape
@@ -129,21 +131,22 @@ MAPPING_BN_TOP4 = """\
 │ coverage          ████████████████████ 14/14 target tensors filled (100.0%) │
 │ matched           14: 14 GROUP; 0 ambiguous                                 │
 │ transforms        14 exact                                                  │
+│ review            0 flagged, 0 repaired, 14 unproved, 0 proved              │
 │ unmatched         0 source, 0 target                                        │
 │ threshold         0.60                                                      │
 │ strategy          best_match                                                │
 │ hierarchy rounds  2 group-level + 1 tensor-level, converged                 │
 ╰─────────────────────────────────────────────────────────────────────────────╯
 
-Matches
-source            target                  score  transform  level  shape
-────────────────────────────────────────────────────────────────────────
-bn1.weight        stem.norm.weight        0.827  exact      GROUP  [8]
-bn1.bias          stem.norm.bias          0.827  exact      GROUP  [8]
-bn1.running_mean  stem.norm.running_mean  0.827  exact      GROUP  [8]
-bn1.running_var   stem.norm.running_var   0.827  exact      GROUP  [8]
-4 of 14 shown: the ambiguous and lowest-scoring ones; the other 10 score >= 0.827
-score: green > 0.8, yellow 0.6-0.8, red < 0.6
+Matches, riskiest first
+source            target                  score  margin  transform  level  shape
+────────────────────────────────────────────────────────────────────────────────
+bn1.weight        stem.norm.weight        0.827   0.071  exact      GROUP  [8]
+bn1.bias          stem.norm.bias          0.827   0.071  exact      GROUP  [8]
+bn1.running_mean  stem.norm.running_mean  0.827   0.071  exact      GROUP  [8]
+bn1.running_var   stem.norm.running_var   0.827   0.071  exact      GROUP  [8]
+4 of 14 shown; the other 10: 10 unproved, margin >= 0.071
+score: green > 0.8, yellow 0.6-0.8, red < 0.6; margin: score minus the runner-up's
 """
 
 TREES_BN_DEPTH1 = """\
@@ -213,20 +216,26 @@ MAPPING_AMBIGUOUS = """\
 │ coverage          ████████████████████ 3/3 target tensors filled (100.0%) │
 │ matched           3: 3 GROUP; 2 ambiguous                                 │
 │ transforms        3 exact                                                 │
+│ review            2 flagged, 0 repaired, 1 unproved, 0 proved             │
 │ unmatched         0 source, 0 target                                      │
 │ threshold         0.60                                                    │
 │ strategy          best_match                                              │
 │ hierarchy rounds  2 group-level + 1 tensor-level, converged               │
 ╰───────────────────────────────────────────────────────────────────────────╯
 
-Matches
-source                     target                     score  transform  level  shape   margin
-───────────────────────────────────────────────────────────────────────────────────────────────
-layers.0.in_norm.weight    layers.0.sa_norm.weight    0.932  exact      GROUP  [8]     ⚠ -0.016
-layers.0.post_norm.weight  layers.0.mlp_norm.weight   0.948  exact      GROUP  [8]     ⚠ 0.000
-layers.0.attn.weight       layers.0.attention.weight  1.000  exact      GROUP  [8, 8]
-score: green > 0.8, yellow 0.6-0.8, red < 0.6
-⚠ ambiguous: margin (score minus the runner-up's) under 0.02
+Matches, riskiest first
+source               target               score  margin  transform  level  shape    review
+────────────────────────────────────────────────────────────────────────────────────────────────────
+layers.0.in_norm.we  layers.0.sa_norm.we  0.932  -0.016  exact      GROUP  [8]      ⚠ names_disagree
+ight                 ight
+layers.0.post_norm.  layers.0.mlp_norm.w  0.948   0.000  exact      GROUP  [8]      ⚠ order_only
+weight               eight
+layers.0.attn.weigh  layers.0.attention.  1.000   1.000  exact      GROUP  [8, 16]
+t                    weight
+score: green > 0.8, yellow 0.6-0.8, red < 0.6; margin: score minus the runner-up's
+⚠ ambiguous: margin under 0.02
+names_disagree: another candidate's name fits clearly better: order or context overrode the names
+order_only: decided by order alone: names and shapes could not tell the candidates apart
 """
 
 MAPPING_WITHHELD = """\
@@ -235,6 +244,7 @@ MAPPING_WITHHELD = """\
 │ coverage          ███████░░░░░░░░░░░░░ 1/3 target tensors filled (33.3%) │
 │ matched           1: 1 GROUP; 0 ambiguous                                │
 │ transforms        1 exact                                                │
+│ review            0 flagged, 0 repaired, 1 unproved, 0 proved            │
 │ unmatched         2 source, 2 target                                     │
 │ withheld          2 ambiguous matches (strategy conservative)            │
 │ threshold         0.75                                                   │
@@ -242,19 +252,23 @@ MAPPING_WITHHELD = """\
 │ hierarchy rounds  2 group-level + 1 tensor-level, converged              │
 ╰──────────────────────────────────────────────────────────────────────────╯
 
-Matches
-source                target                     score  transform  level  shape
-────────────────────────────────────────────────────────────────────────────────
-layers.0.attn.weight  layers.0.attention.weight  1.000  exact      GROUP  [8, 8]
-score: green > 0.8, yellow 0.6-0.8, red < 0.6
+Matches, riskiest first
+source                target                     score  margin  transform  level  shape
+─────────────────────────────────────────────────────────────────────────────────────────
+layers.0.attn.weight  layers.0.attention.weight  1.000   1.000  exact      GROUP  [8, 16]
+score: green > 0.8, yellow 0.6-0.8, red < 0.6; margin: score minus the runner-up's
 
-Withheld as ambiguous (not in the plan)
-source                     target                    score  transform  level  shape  margin
-─────────────────────────────────────────────────────────────────────────────────────────────
-layers.0.in_norm.weight    layers.0.sa_norm.weight   0.932  exact      GROUP  [8]    ⚠ -0.016
-layers.0.post_norm.weight  layers.0.mlp_norm.weight  0.948  exact      GROUP  [8]    ⚠ 0.000
-score: green > 0.8, yellow 0.6-0.8, red < 0.6
-⚠ ambiguous: margin (score minus the runner-up's) under 0.02
+Withheld as ambiguous (not in the plan), riskiest first
+source                target                score  margin  transform  level  shape  review
+────────────────────────────────────────────────────────────────────────────────────────────────────
+layers.0.in_norm.wei  layers.0.sa_norm.wei  0.932  -0.016  exact      GROUP  [8]    ⚠ names_disagree
+ght                   ght
+layers.0.post_norm.w  layers.0.mlp_norm.we  0.948   0.000  exact      GROUP  [8]    ⚠ order_only
+eight                 ight
+score: green > 0.8, yellow 0.6-0.8, red < 0.6; margin: score minus the runner-up's
+⚠ ambiguous: margin under 0.02
+names_disagree: another candidate's name fits clearly better: order or context overrode the names
+order_only: decided by order alone: names and shapes could not tell the candidates apart
 
 Unmatched
 source (2)                 shape  target (2)                shape
@@ -288,7 +302,8 @@ def test_mapping_view_takes_a_plan_or_the_last_mapping():
     mapper = partial()
     assert render(mapper.visualize_mapping, mapper.get_mapping_dict()) == MAPPING_PARTIAL
     assert "PartiallyCompatible -> OldModel" in render(mapper.visualize_mapping, mapper.get_plan().inverse())
-    with pytest.raises(MappingError, match="takes a MappingPlan"):
+    # an edited dict is shown (issue 13); a pair whose shapes no transform fixes is refused
+    with pytest.raises(PlanError, match="'backbone.0.weight' .* cannot fill 'extra.weight'"):
         mapper.visualize_mapping({"backbone.0.weight": "extra.weight"})
 
 
@@ -387,7 +402,7 @@ def test_fused_entries_show_every_source_and_their_own_components():
     plan = MappingPlan((entry,), weights={"shape": 0.5, "name": 0.3, "hierarchy": 0.2})
     mapping = render_view(MappingView(plan, show_unmatched=False))
     assert "1: 1 FUSED; 0 ambiguous" in mapping and "1 concat" in mapping
-    assert "attn.in_proj_weight  0.810  concat     FUSED  [4, 4] + [4, 4] + [4, 4]" in mapping
+    assert "0.810   0.500  concat     FUSED  [4, 4] + [4, 4] + [4, 4] -> [12, 4]" in mapping  # one line
     # What WeightMapper.explain says of a tensor the 1:1 assignment did not match.
     explanation = {"source": "attn.k.weight", "target": "attn.in_proj_weight", "level": None, "candidate": None,
                    "target_label": None, "score": None, "components": None, "sub_scores": {}, "alternatives": [],
@@ -471,15 +486,20 @@ def _html(old_checkpoint, tmp_path, capsys, *extra) -> tuple[str, str]:
     return html.read_text(encoding="utf-8"), capsys.readouterr().out
 
 
-def test_map_html_is_one_self_contained_file(old_checkpoint, tmp_path, capsys):
+def test_map_html_is_one_self_contained_page(old_checkpoint, tmp_path, capsys):
     text, out = _html(old_checkpoint, tmp_path, capsys, "--explain", "backbone.1.weight")
-    assert "Review written to" in out
+    assert "Review written to" in out and "riskiest first" in out
     assert text.startswith("<!DOCTYPE html>")
     assert "<title>weight_mapper review: old.pt -&gt; NewNet</title>" in text
-    for view in ("Mapping review", "source: old.pt", "Why backbone.1.weight -> stem.norm.weight?"):
-        assert view in _visible(text)
-    assert 'style="color: #' in text  # the colours are inline
-    for external in ("<script", "<link", "src=", "href=", "http://", "https://", "@import"):
+    data = json.loads(re.search(r'id="wm-data">(.*?)</script>', text, re.S).group(1))
+    plan = MappingPlan.from_json(tmp_path / "plan.json")
+    assert data["meta"]["source_label"] == "old.pt" and data["meta"]["n_matched"] == len(plan.entries)
+    # every entry's breakdown (there are fewer than MAX_BREAKDOWNS), the --explain one among them
+    assert len(data["breakdowns"]) == sum(e.level != "alias" for e in plan.entries) + len(plan.unmatched_source)
+    explained = next(r for r, src in enumerate(data["rows"]["src"][:len(plan.entries)])
+                     if plan.entries[r].source == ("backbone.1.weight",))
+    assert str(explained) in data["breakdowns"]
+    for external in ("<link", " src=", "href=", "http://", "https://", "@import"):
         assert external not in text
 
 
@@ -504,26 +524,19 @@ def test_map_html_fails_before_writing_anything(old_checkpoint, tmp_path, capsys
     assert not plan.exists()
 
 
-@pytest.mark.skipif(not _CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+@pytest.mark.skipif(find_chromium() is None, reason=f"no headless Chromium: {FETCH_HINT}")
 def test_html_opens_in_headless_chromium(tmp_path):
     mapper = batchnormed()
     html = export_html([MappingView(mapper.get_plan(), source_table=mapper.source_table,
                                     target_table=mapper.target_table),
                         ScoreBreakdownView(mapper.explain("bn1.weight"))], tmp_path / "review.html")
-    shot = tmp_path / "shot.png"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}"]
-    out = subprocess.run([str(_CHROMIUM), *flags, f"--screenshot={shot}", "--window-size=1200,900",
-                          html.resolve().as_uri()], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert shot.exists() and shot.stat().st_size > 0
+    with Browser(find_chromium()) as browser:
+        browser.open(html)
+        shot = browser.screenshot(tmp_path / "shot.png")
+        text = browser.evaluate("document.body.innerText")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    dom = subprocess.run([str(_CHROMIUM), *flags, "--dump-dom", html.resolve().as_uri()],
-                         capture_output=True, text=True, timeout=120)
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    assert "Mapping review" in _visible(dom.stdout)
-    assert "Why bn1.weight -> stem.norm.weight?" in _visible(dom.stdout)
+    assert "Mapping review" in text
+    assert "Why bn1.weight -> stem.norm.weight?" in text
 
 
 def test_breakdown_of_a_tensor_matched_alone_after_its_group_was_not():
@@ -538,7 +551,9 @@ def test_a_combined_entry_with_many_sources_is_one_short_line():
 
     mapper = WeightMapper(ExpertList(8, 16, 4), FusedExperts(8, 16, 4))
     mapper.suggest_mapping()
-    text = render(mapper.visualize_mapping)
+    console = Console(color_system=None, width=120, record=True, file=io.StringIO())
+    mapper.visualize_mapping(console=console)
+    text = console.export_text()
     assert "8 x [16, 8] -> [4, 32, 8]" in text
     assert "experts.1.w1.weight, …," in text and "experts.3.w3.weight (8" in text
     assert "experts.2.w1.weight" not in text

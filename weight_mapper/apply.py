@@ -7,6 +7,7 @@ entry, and :func:`validate_state_dict` compares the result with a target module 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -29,7 +30,8 @@ def apply_plan(
 ) -> dict[str, torch.Tensor]:
     """Build the target state dict from ``tensors`` as ``plan`` says.
 
-    Entries that copy the same source unchanged share one tensor, so tied weights stay tied.
+    Entries that copy the same source unchanged share one tensor, so tied weights stay tied; a
+    source several entries read (the pieces of a split) is looked up once.
 
     Args:
         plan: The mapping plan.
@@ -48,18 +50,29 @@ def apply_plan(
     out: dict[str, torch.Tensor] = {}
     produced: dict[tuple, torch.Tensor] = {}
     wanted = None if targets is None else set(targets)
-    for entry in plan.entries:
-        if wanted is not None and entry.target not in wanted:
-            continue
+    entries = [e for e in plan.entries if wanted is None or e.target in wanted]
+    # A fused source split over several targets is read once, not once per piece.
+    uses = Counter(name for e in entries for name in set(e.source))
+    loaded: dict[str, torch.Tensor] = {}
+
+    def read(name: str) -> torch.Tensor:
+        if uses[name] < 2:
+            return _lookup(tensors, name, source)
+        if name not in loaded:
+            loaded[name] = _lookup(tensors, name, source)
+        return loaded[name]
+
+    for entry in entries:
         transform = get_transform(entry.transform)
         if len(entry.source) != 1 and not transform.many_sources:
             raise PlanError(f"entry for {entry.target!r} combines {list(entry.source)} with {entry.transform or 'copy'}")
         key = (entry.source, entry.transform, repr(sorted(entry.args.items())))
         if key not in produced:
-            values = [_lookup(tensors, name, source) for name in entry.source]
+            values = [read(name) for name in entry.source]
             try:
                 result = transform.apply(values, entry.args)
-            except (RuntimeError, IndexError, KeyError, TypeError) as exc:
+            except (RuntimeError, IndexError, KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError,
+                    PlanError) as exc:
                 raise PlanError(
                     f"{source}: cannot {entry.transform} {list(entry.source)} "
                     f"(shapes {[list(v.shape) for v in values]}) into {entry.target!r}: {exc}"

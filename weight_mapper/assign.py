@@ -770,6 +770,56 @@ def explain(
     Raises:
         MappingError: If ``name`` is not a source tensor.
     """
+    return explain_many(assignment, src_table, [name], top_k=top_k)[0]
+
+
+def explain_many(
+    assignment: Assignment, src_table: TensorTable, names: Sequence[str], *, top_k: int = 5
+) -> list[dict]:
+    """:func:`explain` for many source tensors: each level is indexed once, not once per name.
+
+    Raises:
+        MappingError: If a name is not a source tensor.
+    """
+    index = _ExplainIndex(assignment)
+    return [_explain_one(assignment, src_table, index, name, top_k) for name in names]
+
+
+class _ExplainIndex:
+    """Lookups that :func:`explain` needs per name, built once per level on first use."""
+
+    def __init__(self, assignment: Assignment):
+        self.assignment = assignment
+        self._row2hit: dict[int, int] | None = None
+        self._levels: dict[str, tuple[dict, dict, dict]] = {}
+
+    def first_hit(self, row: int) -> int | None:
+        """Position of source ``row`` in the assignment, if matched."""
+        if self._row2hit is None:
+            self._row2hit = {}
+            for k, s in enumerate(self.assignment.src.tolist()):
+                self._row2hit.setdefault(int(s), k)
+        return self._row2hit.get(row)
+
+    def level(self, level_name: str, detail: LevelDetail) -> tuple[dict, dict, dict]:
+        """``(label2positions, item2where, item2matched)`` of one level."""
+        if level_name not in self._levels:
+            lv = detail.level
+            label2positions: dict[str, list[int]] = {}
+            for i, label in enumerate(lv.src.labels):
+                label2positions.setdefault(label, []).append(i)
+            item2where: dict[int, tuple[int, int]] = {}
+            for k, items in enumerate(lv.bucket_src):
+                for i, item in enumerate(items.tolist()):
+                    item2where.setdefault(int(item), (k, i))
+            item2matched: dict[int, int] = {}
+            for m, item in enumerate(detail.src.tolist()):
+                item2matched.setdefault(int(item), m)
+            self._levels[level_name] = (label2positions, item2where, item2matched)
+        return self._levels[level_name]
+
+
+def _explain_one(assignment: Assignment, src_table: TensorTable, index: _ExplainIndex, name: str, top_k: int) -> dict:
     from weight_mapper.errors import MappingError
 
     if name not in src_table.name2row:
@@ -778,18 +828,19 @@ def explain(
     if not src_table.is_canonical[row]:
         row = int(src_table.alias_of[row])
     candidates = [("group", src_table.modules[row]), ("tensor", src_table.names[row])]
-    hit = np.flatnonzero(assignment.src == row)
-    if len(hit) and assignment.level[hit[0]] == "tensor":  # its group went unmatched; the tensor did not
+    hit = index.first_hit(row)
+    if hit is not None and assignment.level[hit] == "tensor":  # its group went unmatched; the tensor did not
         candidates.reverse()
     for level_name, label in candidates:
         detail: LevelDetail | None = assignment.levels.get(level_name)
         if detail is None:
             continue
         lv = detail.level
-        positions = [i for i, lab in enumerate(lv.src.labels) if lab == label]
+        label2positions, item2where, item2matched = index.level(level_name, detail)
+        positions = label2positions.get(label, [])
         if level_name == "tensor":
             positions = [i for i in positions if lv.src.rows[i] == row]
-        where = lv.locate(positions[0]) if positions else None
+        where = item2where.get(positions[0]) if positions else None
         if where is None:
             continue
         k, i = where
@@ -798,8 +849,8 @@ def explain(
         allowed = lv.block(lv.allowed, k)
         scores = {key: lv.block(v, k) for key, v in lv.scores.items()}
         tgt_pos = lv.bucket_tgt[k]
-        matched = np.flatnonzero(detail.src == lv.bucket_src[k][i])
-        chosen = int(np.flatnonzero(tgt_pos == detail.tgt[matched[0]])[0]) if len(matched) else None
+        matched = item2matched.get(int(lv.bucket_src[k][i]))
+        chosen = int(np.flatnonzero(tgt_pos == detail.tgt[matched])[0]) if matched is not None else None
 
         def parts(j: int) -> dict:
             comps = {c: float(scores[c][i, j]) for c in ("shape", "name", "hierarchy")}

@@ -18,7 +18,9 @@ import json
 import os
 import pickle
 import re
-import tempfile
+import secrets
+import shutil
+import socket
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
+from weight_mapper import validate
 from weight_mapper.errors import CheckpointError, UnsafeCheckpointError
 
 __all__ = [
@@ -40,6 +43,8 @@ __all__ = [
     "detect_wrapper_prefix",
     "save_checkpoint",
     "write_text_atomic",
+    "temporary_path_for",
+    "clean_stale_temporaries",
 ]
 
 # Keys under which training frameworks keep the weights, in the order they are listed to users.
@@ -81,6 +86,7 @@ _SAFETENSORS_DTYPES = {
 # Unsigned 16/32/64-bit dtypes only exist from torch 2.3 on.
 _SAFETENSORS_DTYPES.update({k: getattr(torch, n) for k, n in
                             {"U16": "uint16", "U32": "uint32", "U64": "uint64"}.items() if hasattr(torch, n)})
+_ITEMSIZES = {name: dtype.itemsize for name, dtype in _SAFETENSORS_DTYPES.items()}
 _MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 _ALIASES_KEY = "weight_mapper.aliases"  # safetensors metadata: {"dropped name": "kept name"}
 _SAFETENSORS_SUFFIX = ".safetensors"
@@ -150,8 +156,19 @@ class TensorSource(Mapping[str, torch.Tensor]):
         return {name: dtype for name, (_, dtype) in self._name2spec.items()}
 
     def meta(self) -> dict[str, torch.Tensor]:
-        """Meta-device tensors of the right shape and dtype, for matching without data."""
-        return {n: torch.empty(s, dtype=d, device="meta") for n, (s, d) in self._name2spec.items()}
+        """Meta-device tensors of the right shape and dtype, for matching without data.
+
+        Tied names (see :meth:`aliases`) share one meta tensor, so the tie survives.
+        """
+        out = {n: torch.empty(s, dtype=d, device="meta") for n, (s, d) in self._name2spec.items()
+               if n not in self._aliases}
+        for alias, kept in self._aliases.items():
+            out[alias] = out[kept]
+        return {n: out[n] for n in self._name2spec}
+
+    def aliases(self) -> dict[str, str]:
+        """Tied names: ``{alias: kept name}`` for every name that shares the kept name's tensor."""
+        return dict(self._aliases)
 
     def shards(self) -> list[tuple[Path | None, list[str]]]:
         """The names held by each shard, in shard order (one pseudo-shard for a single file)."""
@@ -166,11 +183,14 @@ class _DictSource(TensorSource):
 
     def __init__(self, tensors: dict[str, torch.Tensor], path: Path | None = None):
         super().__init__({n: (tuple(t.shape), t.dtype) for n, t in tensors.items()},
-                         dict.fromkeys(tensors, 0), [path])
+                         dict.fromkeys(tensors, 0), [path], aliases=_tied_names(tensors))
         self._tensors = tensors
 
     def _read(self, name: str) -> torch.Tensor:
         return self._tensors[name]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tensors[name]  # an alias is its own (shared) tensor already
 
 
 class _SafetensorsSource(TensorSource):
@@ -217,6 +237,7 @@ class _TorchShardSource(TensorSource):
         name2spec: dict[str, _Spec] = {}
         name2shard: dict[str, int] = {}
         skipped: list[str] = []
+        aliases: dict[str, str] = {}
         for shard, path in enumerate(paths):
             tensors, shard_skipped = self._load_shard(path)
             skipped += shard_skipped
@@ -224,8 +245,9 @@ class _TorchShardSource(TensorSource):
                 if name in name2shard:
                     raise _duplicate_error(name, paths[name2shard[name]], path)
                 name2spec[name], name2shard[name] = (tuple(t.shape), t.dtype), shard
+            aliases.update(_tied_names(tensors))
             del tensors  # bound memory: one shard at a time
-        super().__init__(name2spec, name2shard, list(paths))
+        super().__init__(name2spec, name2shard, list(paths), aliases=aliases)
         self.skipped = tuple(skipped)
         self._loaded: tuple[int, dict[str, torch.Tensor]] | None = None
 
@@ -330,6 +352,7 @@ def load_checkpoint(path: str | os.PathLike, *, key: str | None = None, trust_pi
     try:
         if path.is_dir():
             return _load_folder(path, **opts)
+        _require_regular(path, "Checkpoint")
         if path.name.endswith(".index.json"):
             return _load_index(path, **opts)
         return _load_file(path, **opts)
@@ -471,7 +494,8 @@ def write_text_atomic(path: str | os.PathLike, text: str, *,
     """
     path = Path(path)
     _check_output_path(path, protected)
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    # Names that cannot be encoded (a lone surrogate read from a file name) are escaped, never a crash.
+    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="backslashreplace"))
     return path
 
 
@@ -490,18 +514,25 @@ def _load_file(path: Path, *, key, trust_pickle, map_location) -> Checkpoint:
 
 
 def _load_index(index: Path, *, key, trust_pickle, map_location) -> Checkpoint:
+    _require_regular(index, "Shard index", max_bytes=validate.MAX_INDEX_BYTES)
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        data = validate.loads_json(index.read_bytes())
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError("weight_map is not an object of tensor name -> file name")
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"Shard index {index} is not a valid index ({type(e).__name__}: {e}); "
+            raise validate.Invalid("its 'weight_map' is not an object of tensor name -> file name")
+        validate.check_names(weight_map)
+        for shard_file in set(weight_map.values()):
+            validate.check_shard_name(shard_file)
+    except validate.Invalid as e:
+        raise CheckpointError(f"Shard index {index} is not a valid index ({e}); "
                               f"expected JSON with a 'weight_map' of tensor name -> shard file") from None
     paths = [index.parent / name for name in sorted(set(weight_map.values()))]
-    missing = [p.name for p in paths if not p.is_file()]
+    missing = [p.name for p in paths if not p.exists()]
     if missing:
         raise CheckpointError(f"Shard index {index} lists shard(s) {_preview(missing)} that do not exist "
                               f"in {index.parent}; download every shard")
+    for p in paths:
+        _require_regular(p, f"Shard index {index} lists a shard that")
     ckpt = _load_shards(paths, index, key=key, trust_pickle=trust_pickle, map_location=map_location)
     name2shard, shard2path = ckpt.tensors._name2shard, ckpt.tensors._shard_paths
     for name, shard_file in weight_map.items():
@@ -513,7 +544,7 @@ def _load_index(index: Path, *, key, trust_pickle, map_location) -> Checkpoint:
 
 def _load_folder(folder: Path, *, key, trust_pickle, map_location) -> Checkpoint:
     opts = dict(key=key, trust_pickle=trust_pickle, map_location=map_location)
-    indexes = sorted(folder.glob("*.index.json"))
+    indexes = sorted(p for p in folder.glob("*.index.json") if not p.is_dir())
     # Hugging Face folders often hold the same weights twice: prefer safetensors.
     indexes = [p for p in indexes if p.name.endswith(".safetensors.index.json")] or indexes
     if len(indexes) > 1:
@@ -557,6 +588,14 @@ def _safetensors_checkpoint(paths: list[Path], path: Path, fmt: str, *, key, map
     return Checkpoint(source, path, fmt, None, {}, source.metadata, ())
 
 
+def _require_regular(path: Path, what: str, *, max_bytes: int | None = None) -> int:
+    """Refuse a FIFO, a device or a folder before it is opened (reading one could block forever)."""
+    try:
+        return validate.require_regular_file(path, max_bytes=max_bytes)
+    except validate.Invalid as e:
+        raise CheckpointError(f"{what} {path} cannot be read: {e}; pass the checkpoint file itself") from None
+
+
 def _looks_like_safetensors(path: Path) -> bool:
     """A safetensors file under another name: 8-byte length then a JSON object."""
     with open(path, "rb") as f:
@@ -565,8 +604,13 @@ def _looks_like_safetensors(path: Path) -> bool:
 
 
 def _read_safetensors_header(path: Path) -> tuple[dict[str, _Spec], dict[str, str]]:
-    """Parse a safetensors header (u64 little-endian length + JSON) and check it fits the file."""
-    size = path.stat().st_size
+    """Parse a safetensors header (u64 little-endian length + JSON) and check it fits the file.
+
+    The checks are those the safetensors library makes when it reads data
+    (:func:`~weight_mapper.validate.check_safetensors_header`), so a damaged file is refused
+    by ``inspect`` and ``map`` already, not only when its tensors are read.
+    """
+    size = _require_regular(path, "Checkpoint")
 
     def corrupt(why: str) -> CheckpointError:
         return CheckpointError(f"Checkpoint {path} could not be read: truncated or corrupt ({why}); "
@@ -576,43 +620,30 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, _Spec], dict[str, st
         n_header = int.from_bytes(f.read(8), "little") if size >= 8 else -1
         if not 0 < n_header <= min(size - 8, _MAX_HEADER_BYTES):
             raise corrupt(f"header length {n_header} does not fit a file of {size} bytes")
-        try:
-            header = json.loads(f.read(n_header))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise corrupt(f"header is not valid JSON: {e}") from None
-    if not isinstance(header, dict):
-        raise corrupt("header is not a JSON object")
-    n_data = size - 8 - n_header
-    metadata = header.pop("__metadata__", None) or {}
-    name2spec: dict[str, _Spec] = {}
-    for name, info in header.items():
-        dtype_name = info.get("dtype") if isinstance(info, dict) else None
+        raw = f.read(n_header)
+    try:
+        header = validate.loads_json(raw)
+    except validate.Invalid as e:
+        raise corrupt(f"header is {e}") from None
+    for name, info in header.items() if isinstance(header, dict) else ():
+        dtype_name = info.get("dtype") if isinstance(info, dict) and name != "__metadata__" else None
         if isinstance(dtype_name, str) and dtype_name not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"Checkpoint {path}: tensor {name!r} has dtype {dtype_name}, which "
-                                  f"weight_mapper cannot read; convert it to a torch dtype before mapping")
-        try:
-            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise corrupt(f"bad header entry for {name!r}: {type(e).__name__} {e}") from None
-        numel = 1
-        for d in shape:
-            numel *= d
-        if end > n_data:
-            raise corrupt(f"tensor {name!r} ends at byte {end} but the data section has {n_data} bytes")
-        if end - begin != numel * dtype.itemsize:
-            raise corrupt(f"tensor {name!r} has {end - begin} bytes for shape {list(shape)} {info['dtype']}")
-        name2spec[name] = (shape, dtype)
-    return name2spec, {str(k): str(v) for k, v in metadata.items()}
+            raise CheckpointError(f"Checkpoint {path}: tensor {validate.short(name)} has dtype {dtype_name[:40]}, "
+                                  f"which weight_mapper cannot read; convert it to a torch dtype before mapping")
+    try:
+        name2info, metadata = validate.check_safetensors_header(header, size - 8 - n_header, _ITEMSIZES)
+    except validate.Invalid as e:
+        raise corrupt(str(e)) from None
+    return {name: (shape, _SAFETENSORS_DTYPES[dtype]) for name, (dtype, shape) in name2info.items()}, metadata
 
 
 def _parse_aliases(text: str | None, name2spec: Mapping[str, _Spec], path: Path) -> dict[str, str]:
     if text is None:
         return {}
     try:
-        aliases = json.loads(text)
-        bad = [a for a, kept in aliases.items() if kept not in name2spec or a in name2spec]
+        aliases = validate.loads_json(text)
+        bad = [a for a, kept in aliases.items() if not isinstance(kept, str) or kept not in name2spec
+               or a in name2spec or validate.check_name(a)]
     except (ValueError, AttributeError) as e:
         bad = [f"{type(e).__name__}: {e}"]
     if bad:
@@ -640,11 +671,19 @@ def _torch_load(path: Path, *, trust_pickle: bool, map_location: Any) -> Any:
                 f"was NOT run. If the file comes from a trusted source, opt in with trust_pickle=True "
                 f"(CLI: --trust-pickle)") from None
         raise _corrupt_error(path, e) from None
-    except (RuntimeError, EOFError, ValueError, KeyError, IndexError, UnicodeDecodeError) as e:
-        raise _corrupt_error(path, e) from None
     except (ImportError, AttributeError) as e:  # trust_pickle only: the pickled classes are not importable
+        if not trust_pickle:
+            raise _corrupt_error(path, e) from None
         raise CheckpointError(f"Checkpoint {path} could not be unpickled: it refers to code that is not "
                               f"importable here ({e}); import or install the module that defines it") from None
+    except RecursionError:
+        raise CheckpointError(f"Checkpoint {path} could not be read: its objects are nested too deep to "
+                              f"unpickle; re-save it from a plain state dict") from None
+    except MemoryError:
+        raise CheckpointError(f"Checkpoint {path} could not be read: it claims more memory than is "
+                              f"available (truncated or corrupt); re-download or re-save it") from None
+    except Exception as e:  # noqa: BLE001 - struct.error, AssertionError, zipfile errors...: a damaged file
+        raise _corrupt_error(path, e) from None
 
 
 def _weights_only_refusal(message: str) -> str | None:
@@ -670,6 +709,17 @@ def _corrupt_error(path: Path, e: BaseException) -> CheckpointError:
 def _unwrap(obj: Any, *, key: str | None, source: str
             ) -> tuple[dict[str, torch.Tensor], str | None, dict, tuple[str, ...]]:
     """Core of :func:`unwrap_state_dict`, without the warning (shards are re-read silently)."""
+    try:
+        return _find_state_dict(obj, key=key, source=source)
+    except validate.Invalid as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"{source}: its objects are nested too deep to read; "
+                              f"re-save it from a plain state dict") from None
+
+
+def _find_state_dict(obj: Any, *, key: str | None, source: str
+                     ) -> tuple[dict[str, torch.Tensor], str | None, dict, tuple[str, ...]]:
     if isinstance(obj, torch.nn.Module):
         return _unwrapped(obj.state_dict(), None, {})
     if not isinstance(obj, Mapping):
@@ -711,9 +761,32 @@ def _pick(obj: Mapping, key: str) -> tuple[dict[str, torch.Tensor], str | None, 
 
 def _unwrapped(state_dict: Mapping, state_key: str | None, envelope: dict
                ) -> tuple[dict[str, torch.Tensor], str | None, dict, tuple[str, ...]]:
-    """Split a state dict into its tensors and the names of its non-tensor entries."""
-    tensors = {str(k): v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    """Split a state dict into its tensors and the names of its non-tensor entries.
+
+    Raises:
+        validate.Invalid: two keys have the same name as strings (``1`` and ``"1"``), a name is
+            beyond the bounds of :mod:`weight_mapper.validate`, a tensor is not a plain dense
+            tensor (nested, sparse), or the envelope nests too deep.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    key2name: dict[str, Any] = {}
+    for k, v in state_dict.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        name = str(k)
+        if name in key2name:
+            raise validate.Invalid(f"the state dict has two keys named {validate.short(name)}: "
+                                   f"{validate.short(key2name[name])} ({type(key2name[name]).__name__}) and "
+                                   f"{validate.short(k)} ({type(k).__name__}); rename one so that no tensor is dropped")
+        key2name[name] = k
+        validate.check_name(name, "tensor name")
+        if v.layout != torch.strided or v.is_nested:
+            raise validate.Invalid(f"tensor {validate.short(name)} is a {v.layout} "
+                                  f"{'nested ' if v.is_nested else ''}tensor; only dense tensors can be mapped: "
+                                  f"convert it with .to_dense() first")
+        tensors[name] = v
     skipped = tuple(str(k) for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
+    validate.check_envelope_depth(envelope)
     return tensors, state_key, envelope, skipped
 
 
@@ -802,6 +875,20 @@ def _check_metadata(metadata: Mapping[str, str] | None, path: Path) -> dict[str,
     return metadata
 
 
+def _tied_names(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """``{alias: first name}`` for names holding the same view of the same storage (tied weights)."""
+    first: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    for name, t in tensors.items():
+        if t.numel() == 0 or t.is_meta:
+            continue
+        view = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape), t.stride())
+        kept = first.setdefault(view, name)
+        if kept != name:
+            aliases[name] = kept
+    return aliases
+
+
 def _dedupe_shared(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Keep one name per identical view of shared storage; copy views that only overlap.
 
@@ -835,14 +922,18 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], tmp: Path, metadata: di
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename over ``path``."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, prefix="." + path.name + ".",
-                                     suffix=".tmp") as f:
-        tmp = Path(f.name)
+    """Write through a temporary file in the same folder, fsync, then rename over ``path``.
+
+    The temporary file is named by :func:`temporary_path_for`; stale ones that a killed run
+    left in the folder are removed first.
+    """
+    clean_stale_temporaries(path.parent)
+    tmp = temporary_path_for(path)
     try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         write(tmp)
         _fsync(tmp)
-        # NamedTemporaryFile is private (0o600); give the output the mode a plain open() would.
+        # The temporary file is private (0o600); give the output the mode a plain open() would.
         os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
         os.replace(tmp, path)
         with contextlib.suppress(OSError):  # not every platform can fsync a folder
@@ -851,7 +942,60 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise CheckpointError(f"Could not write {path}: {e}; check free space and permissions") from e
+        if isinstance(e, RecursionError):
+            raise CheckpointError(f"Could not write {path}: the objects to save are nested too deep") from None
         raise
+
+
+# Temporary outputs are named ".<output name>.weight_mapper-tmp-<host>-<pid>-<random>": a later run
+# in the same folder recognises the ones whose process is gone and removes them.
+_TMP_MARK = ".weight_mapper-tmp-"
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+
+
+def temporary_path_for(path: str | os.PathLike) -> Path:
+    """A fresh name next to ``path`` for building it before it is published (file or folder).
+
+    Example:
+        >>> temporary_path_for("out/model.safetensors").name.startswith(".model.safetensors.weight_mapper-tmp-")
+        True
+    """
+    path = Path(path)
+    return path.parent / f".{path.name}{_TMP_MARK}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def clean_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary outputs a killed run of weight_mapper left in ``folder``.
+
+    Only names made by :func:`temporary_path_for` on this host whose process no longer runs
+    are removed; anything else is left alone. Returns what was removed.
+    """
+    removed = []
+    with contextlib.suppress(OSError):
+        for p in Path(folder).glob(f".*{_TMP_MARK}*"):
+            host, _, rest = p.name.rpartition(_TMP_MARK)[2].partition("-")
+            pid_text = rest.partition("-")[0]
+            if host != _HOST or not pid_text.isdecimal() or _process_alive(int(pid_text)):
+                continue
+            with contextlib.suppress(OSError):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+                removed.append(p)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a pid we wrote: leave it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True
+    return True
 
 
 def _fsync(path: Path) -> None:

@@ -34,7 +34,8 @@ from rich.tree import Tree
 from torch import nn
 
 from weight_mapper.apply import ValidationReport
-from weight_mapper.checkpoint import Checkpoint, detect_wrapper_prefix, load_checkpoint, write_text_atomic
+from weight_mapper.checkpoint import (Checkpoint, detect_wrapper_prefix, load_checkpoint, temporary_path_for,
+                                     write_text_atomic)
 from weight_mapper.errors import CheckpointError, ConversionError, MappingError, PlanError, WeightMapperError
 from weight_mapper.mapper import STRATEGIES, WeightMapper
 from weight_mapper.plan import MappingPlan
@@ -42,7 +43,7 @@ from weight_mapper.renamer import WeightRenamer
 from weight_mapper.report import report_dict
 from weight_mapper.table import TensorTable
 from weight_mapper.tree import ROOT, ModuleTree
-from weight_mapper.views import HierarchyView, MappingView, ScoreBreakdownView, export_html
+from weight_mapper.views import HierarchyView, ScoreBreakdownView
 
 __all__ = ["main", "build_parser"]
 
@@ -253,22 +254,23 @@ def _cmd_map(args: argparse.Namespace) -> int:
             mapper.suggest_mapping(threshold=args.threshold, strategy=args.strategy, weights=args.weights,
                                    progress=lambda message: status.update(f"matching: {message}"))
     plan = mapper.get_plan()
-    # The JSON of report.export_report, written with the checkpoints protected.
-    output = write_text_atomic(args.output, json.dumps(report_dict(plan), indent=2),
-                               protected=[*source.files, *target_files])
-    if args.rules:
-        _write_rules(mapper, plan, args.rules, protected=[*source.files, *target_files, output])
-    tree = HierarchyView(mapper.source_table, mapper.target_table, plan=plan, show_matches=True)
-    breakdowns = [ScoreBreakdownView.from_plan(mapper.explain(name), plan) for name in explain_names]
-    html = None
-    if args.html:
-        # A file to review, not a terminal: every match and every unmatched tensor.
-        mapping = MappingView(plan, source_table=mapper.source_table, target_table=mapper.target_table,
-                              max_matches=max(len(plan.entries), len(plan.ambiguous)),
-                              max_unmatched=max(len(plan.unmatched_source), len(plan.unmatched_target)))
-        html = export_html([mapping, tree, *breakdowns], args.html,
-                           title=f"weight_mapper review: {plan.source_label} -> {plan.target_label}",
-                           protected=[*source.files, *target_files, output])
+    inputs = [(p, "the source checkpoint") for p in (*source.files, *target_files)]
+    # Every output is built under a temporary name and published only once all of them are built.
+    with _Outputs() as outputs:
+        # The JSON of report.export_report, written with the checkpoints protected.
+        output = Path(args.output)
+        write_text_atomic(outputs.stage(output, protected=inputs), json.dumps(report_dict(plan), indent=2))
+        if args.rules:
+            _write_rules(mapper, plan, outputs.stage(Path(args.rules), protected=inputs))
+        tree = HierarchyView(mapper.source_table, mapper.target_table, plan=plan, show_matches=True)
+        breakdowns = [ScoreBreakdownView.from_plan(mapper.explain(name), plan) for name in explain_names]
+        html = None
+        if args.html:
+            # A page to work in: every entry and unmatched tensor, riskiest first, both trees, breakdowns.
+            html = Path(args.html)
+            mapper.export_review_page(outputs.stage(html, protected=inputs), explain=explain_names,
+                                      title=f"weight_mapper review: {plan.source_label} -> {plan.target_label}")
+        outputs.publish()
     if args.json:
         _print_json({"plan": str(output), **report_dict(plan)["summary"]})
         return 0
@@ -281,15 +283,15 @@ def _cmd_map(args: argparse.Namespace) -> int:
                  + (f" --validate {shlex.quote(args.target)}" if isinstance(target, nn.Module) else ""))
     if html is not None:
         console.print(Text.assemble(("Review written to ", "green"), (str(html), "bold green"),
-                                    " (one HTML file: the mapping, both module trees"
-                                    + (", the score breakdowns" if breakdowns else "") + ")"))
+                                    " (one HTML page: every entry, riskiest first, to sort, filter and search; "
+                                    "both module trees; score breakdowns on a click)"))
     console.print(Text.assemble(("Plan written to ", "green"), (str(output), "bold green"),
                                 f" ({len(plan.entries)} entries). Next:"))
     console.print(Text(f"  {next_step}"), soft_wrap=True)  # unwrapped, so that it can be copied
     return 0
 
 
-def _write_rules(mapper: WeightMapper, plan: MappingPlan, path: str, *, protected) -> Path:
+def _write_rules(mapper: WeightMapper, plan: MappingPlan, path: Path) -> Path:
     """--rules: the plan's renames as regex rules, in the forms transformers, mmengine and torchtune take."""
     from weight_mapper.rules import rules_to_key_mapping, rules_to_revise_keys
 
@@ -303,7 +305,7 @@ def _write_rules(mapper: WeightMapper, plan: MappingPlan, path: str, *, protecte
         "not_renames": [{"target": e.target, "source": list(e.source), "transform": e.transform}
                         for e in plan.entries if len(e.source) > 1 or e.transform],
     }
-    return write_text_atomic(path, json.dumps(data, indent=2), protected=protected)
+    return write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def _source_name(mapper: WeightMapper, name: str, source: str) -> str:
@@ -423,9 +425,18 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         if report is not None and not report.ok and args.strict:
             raise ConversionError(f"{report.message(type(model).__name__)}\n"
                                   f"Nothing was written to {output} (--strict).")
-        output = renamer.save(output)
+        # The proof runs before anything is written: a failed --strict proof leaves no file behind.
+        verification = _verify(args, renamer, plan) if args.verify else None
+        if verification is not None and not verification.ok and args.strict:
+            if args.json:
+                _print_json({"output": None, "source": args.source, "plan": str(plan_path),
+                             "validation": None if report is None else _validation_dict(report),
+                             "verification": verification.to_dict()})
+                return 1
+            console.print(Text(verification.message(), style="red"))
+            raise ConversionError(f"the conversion was not verified; nothing was written to {output} (--strict)")
+        output = renamer.save(output, keep_envelope=True)  # a torch output keeps the envelope (README)
 
-    verification = _verify(args, renamer, plan) if args.verify else None
     fmt = ("sharded-safetensors" if output.is_dir() else
            "safetensors" if output.suffix == _SAFETENSORS_SUFFIX else "torch")
     if args.json:
@@ -434,9 +445,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             "source": args.source, "plan": str(plan_path),
             "n_unmatched_source": len(plan.unmatched_source), "n_unmatched_target": len(plan.unmatched_target),
             "validation": None if report is None else _validation_dict(report),
-            "verification": None if verification is None else {
-                "ok": verification.ok, "max_abs_diff": verification.max_abs_diff,
-                "n_outputs": verification.n_outputs, "untouched": list(verification.untouched)},
+            "verification": None if verification is None else verification.to_dict(),
         })
         return 1 if verification is not None and not verification.ok and args.strict else 0
     if report is not None:
@@ -458,18 +467,22 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace, renamer: WeightRenamer, plan: MappingPlan):
     """--verify: build both models on the CPU, load the source, convert, run both on --input."""
-    from weight_mapper.verify import verify_conversion
+    from dataclasses import replace
+
+    from weight_mapper.verify import load_source_weights, verify_conversion
 
     source = _build_model(args.verify, meta=False)
     prefix = plan.source_prefix
     state = {k[len(prefix):] if prefix and k.startswith(prefix) else k: renamer.tensors[k] for k in renamer.tensors}
-    result = source.load_state_dict(state, strict=False)
-    if result.missing_keys:
-        raise ConversionError(f"--verify {args.verify}: the model it builds is not the one {args.source} was saved "
-                              f"from (missing keys {result.missing_keys[:5]}); pass the source model's factory")
+    try:
+        how = load_source_weights(source, state, label=args.source)
+    except ConversionError as e:
+        raise ConversionError(f"--verify {args.verify}: {e}; pass the factory of the model {args.source} was "
+                              "saved from") from None
     target = _build_model(args.validate, meta=False)
     dummy_input = _load_factory(args.input)()
-    return verify_conversion(plan, source, target, dummy_input)
+    report = verify_conversion(plan, source, target, dummy_input, source_tensors=renamer.tensors)
+    return replace(report, source_weights=f"{args.source} {how}")
 
 
 def _validation_dict(report: ValidationReport) -> dict[str, Any]:
@@ -492,6 +505,41 @@ def _read_plan(path: Path) -> MappingPlan:
     except (OSError, UnicodeDecodeError) as e:
         raise PlanError(f"Plan {path} could not be read ({type(e).__name__}: {e}); pass the JSON file that "
                         f"`{_PROG} map` wrote") from None
+
+
+class _Outputs:
+    """A command's output files, built under temporary names and published together at the end.
+
+    ``stage(path)`` checks ``path`` (not an input, its folder exists) and returns the temporary
+    name to build it at; ``publish()`` renames every staged file onto its path. Leaving the
+    ``with`` block without publishing (an error, Ctrl-C) removes whatever was staged.
+    """
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[Path, Path]] = []
+
+    def stage(self, path: Path, *, protected: Iterable[tuple[Path, str]] = ()) -> Path:
+        _refuse_overwrite(path, [*protected, *((final, "another output") for _, final in self._staged)])
+        if not path.parent.is_dir():
+            raise CheckpointError(f"Cannot save {path}: folder {path.parent} does not exist; create it first")
+        if path.is_dir():
+            raise CheckpointError(f"Cannot save to {path}: it is a folder; pass a file path")
+        tmp = temporary_path_for(path)
+        self._staged.append((tmp, path))
+        return tmp
+
+    def publish(self) -> None:
+        for tmp, path in self._staged:
+            os.replace(tmp, path)
+        self._staged = []
+
+    def __enter__(self) -> _Outputs:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for tmp, _ in self._staged:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
 
 def _refuse_overwrite(output: Path, protected: Iterable[tuple[Path, str]]) -> None:
@@ -710,8 +758,9 @@ for a command's options and examples.""",
                          help="also print why SOURCE tensor NAME went where it did: every score, its weight, "
                               "and the alternatives (repeatable)")
     mapping.add_argument("--html", metavar="REPORT", default=None,
-                         help="also save the review (the mapping, both module trees and the --explain "
-                              "breakdowns) as one self-contained HTML file to share")
+                         help="also save the review as one self-contained HTML page: every entry, riskiest "
+                              "first, to sort, filter and search; both module trees; score breakdowns "
+                              "(the riskiest entries' and the --explain ones) on a click")
     mapping.add_argument("--rules", metavar="RULES", default=None,
                          help="also save the renames as a short list of regex rules (JSON: the rules, transformers' "
                               "key_mapping, mmengine's revise_keys, and the entries that are not plain renames)")
@@ -779,6 +828,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    for stream in (sys.stdout, sys.stderr):  # a name that cannot be encoded is printed escaped, never a crash
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            stream.reconfigure(errors="backslashreplace")
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning  # one line on stderr, not Python's file:line form
         try:

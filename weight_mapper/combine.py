@@ -13,6 +13,7 @@ choice is made with ``linear_sum_assignment``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -24,7 +25,7 @@ from weight_mapper.score import Items, context_score, forbidden, score_edges, wi
 from weight_mapper.table import TensorTable
 from weight_mapper.tree import ModuleTree
 
-__all__ = ["Combination", "combine"]
+__all__ = ["Combination", "combine", "split", "PART_ROLES", "part_role", "spelled_roles"]
 
 
 @dataclass(frozen=True)
@@ -64,13 +65,94 @@ def _concat_runs(table: TensorTable, rows: np.ndarray) -> list[tuple[tuple[int, 
             groups.setdefault(key, []).append(int(r))
     out = []
     for (*_, trailing), members in groups.items():
-        members.sort()
+        members = _in_part_order(table, sorted(members))
         for i in range(len(members)):
             total = table.shapes[members[i]][0]
             for j in range(i + 1, len(members)):
                 total += table.shapes[members[j]][0]
                 out.append((tuple(members[i:j + 1]), (total, *trailing)))
     return out
+
+
+# The parts fused tensors are made of, by the words their modules are named with: family and
+# rank in the order the field fuses them (q, k, v; gate, up). A fused tensor is concatenated in
+# this order whatever order its parts' keys sort in (a safetensors header has key < query < value).
+PART_ROLES: dict[str, tuple[str, int]] = {
+    **{w: ("attn", 0) for w in ("q", "query", "wq", "queries")},
+    **{w: ("attn", 1) for w in ("k", "key", "wk", "keys")},
+    **{w: ("attn", 2) for w in ("v", "value", "wv", "values")},
+    **{w: ("attn", 3) for w in ("o", "out", "output", "wo")},
+    **{w: ("mlp", 0) for w in ("gate", "w1")},
+    **{w: ("mlp", 1) for w in ("up", "w3")},
+    **{w: ("mlp", 2) for w in ("down", "w2")},
+}
+_WORD = re.compile(r"[a-z]+\d*")
+
+
+def part_role(module: str) -> tuple[str, int] | None:
+    """The part a module stands for, from the last component of its path.
+
+    >>> part_role("model.layers.0.self_attn.k_proj"), part_role("attention.self.query"), part_role("mlp.fc1")
+    (('attn', 1), ('attn', 0), None)
+    """
+    roles = {PART_ROLES[w] for w in _WORD.findall(module.rpartition(".")[2].lower()) if w in PART_ROLES}
+    return roles.pop() if len(roles) == 1 else None
+
+
+def spelled_roles(module: str) -> list[tuple[str, int]]:
+    """The parts a fused module's name spells, in its order (``qkv``, ``kv_proj``, ``gate_up_proj``).
+
+    >>> [r for _, r in spelled_roles("attn.kvq")], [r for _, r in spelled_roles("mlp.gate_up_proj")]
+    ([1, 2, 0], [0, 1])
+    """
+    out = []
+    for word in _WORD.findall(module.rpartition(".")[2].lower()):
+        if word in PART_ROLES:
+            out.append(PART_ROLES[word])
+        elif len(word) > 1 and set(word) <= {"q", "k", "v", "o"}:
+            out.extend(PART_ROLES[c] for c in word)
+    return out
+
+
+def _in_part_order(table: TensorTable, rows: list[int]) -> list[int]:
+    """Sibling rows in the order the field fuses them, when every one names its part; else as given."""
+    roles = [part_role(table.modules[r]) for r in rows]
+    if None in roles or len({f for f, _ in roles}) != 1 or len(set(roles)) != len(roles):
+        return rows
+    return [r for _, r in sorted(zip(roles, rows))]
+
+
+# Parts never fused with the others of their family (an output projection, a down projection).
+_NEVER_FUSED = frozenset({("attn", 3), ("mlp", 2)})
+
+
+def _fits_roles(table: TensorTable, rows: Sequence[int], fused_module: str) -> bool:
+    """Whether a set of parts can be the fused tensor of ``fused_module`` by their names.
+
+    A fused name that spells its parts (``qkv_proj``, ``gate_up_proj``, ``kv``) takes exactly
+    those parts; one that does not (``in_proj``, ``c_attn``) never takes an output or down
+    projection. Parts that do not all name a role are not judged here.
+
+    >>> t = TensorTable.from_state_dict({f"a.{p}.weight": (2, 2) for p in ("q", "k", "v", "o")})
+    >>> _fits_roles(t, [0, 1, 2], "a.qkv"), _fits_roles(t, [1, 2, 3], "a.qkv"), _fits_roles(t, [1, 2, 3], "a.in_proj")
+    (True, False, False)
+    """
+    roles = [part_role(table.modules[r]) for r in rows]
+    if None in roles:
+        return True
+    spelled = spelled_roles(fused_module)
+    if spelled:
+        return set(roles) == set(spelled)
+    return not _NEVER_FUSED.intersection(roles)
+
+
+def _as_spelled(table: TensorTable, rows: tuple[int, ...], fused_module: str) -> tuple[int, ...]:
+    """A concat's parts in the order the fused counterpart's name spells them (``kvq``), if it does."""
+    spelled = spelled_roles(fused_module)
+    roles = [part_role(table.modules[r]) for r in rows]
+    if not spelled or None in roles or not set(roles) <= set(spelled) or len(set(roles)) != len(roles):
+        return rows
+    return tuple(r for _, r in sorted(zip([spelled.index(x) for x in roles], rows)))
 
 
 def _item_key(name: str) -> tuple[str, int] | None:
@@ -184,8 +266,55 @@ def combine(
     Returns:
         Non-overlapping combinations scoring at least ``threshold``.
     """
-    left_src = np.flatnonzero(src_table.is_canonical)
     left_tgt = np.setdiff1d(np.flatnonzero(tgt_table.is_canonical), assignment.tgt)
+    return _propose(src_table, tgt_table, assignment, np.flatnonzero(src_table.is_canonical), left_tgt,
+                    weights=weights, threshold=threshold, incompatible_pairs=incompatible_pairs)
+
+
+def split(
+    src_table: TensorTable,
+    tgt_table: TensorTable,
+    assignment: Assignment,
+    *,
+    weights: Mapping[str, float],
+    threshold: float,
+    incompatible_pairs: Sequence[tuple[str, str]] = (),
+    taken: Sequence[Combination] = (),
+) -> list[Combination]:
+    """Propose splits: one fused source tensor the 1:1 assignment left unmatched into several targets.
+
+    The mirror image of :func:`combine`, found by the same code with the sides swapped: runs of
+    sibling target tensors (``q_proj, k_proj, v_proj``, GQA sizes included; every expert's
+    tensor) whose concatenation or stack has the source's shape. Target sets are drawn from
+    every target tensor not ``taken`` by a combination; the caller re-runs the 1:1 assignment
+    without the rows the splits take.
+
+    Returns:
+        Non-overlapping splits scoring at least ``threshold``, each as the :class:`Combination`
+        that would rebuild the source: ``src`` are **target** rows (in the source's part order),
+        ``tgt`` the **source** row.
+    """
+    taken_src = np.array([r for c in taken for r in c.src], dtype=np.int64)
+    taken_tgt = np.array([c.tgt for c in taken], dtype=np.int64)
+    left_src = np.setdiff1d(np.flatnonzero(src_table.is_canonical), np.concatenate([assignment.src, taken_src]))
+    tgt_rows = np.setdiff1d(np.flatnonzero(tgt_table.is_canonical), taken_tgt)
+    mirrored = replace(assignment, src=assignment.tgt, tgt=assignment.src)
+    return _propose(tgt_table, src_table, mirrored, tgt_rows, left_src, weights=weights, threshold=threshold,
+                    incompatible_pairs=[(b, a) for a, b in incompatible_pairs])
+
+
+def _propose(
+    src_table: TensorTable,
+    tgt_table: TensorTable,
+    assignment: Assignment,
+    left_src: np.ndarray,
+    left_tgt: np.ndarray,
+    *,
+    weights: Mapping[str, float],
+    threshold: float,
+    incompatible_pairs: Sequence[tuple[str, str]],
+) -> list[Combination]:
+    """Sets of ``left_src`` rows (concat / stack runs) matched one-to-one onto single ``left_tgt`` rows."""
     if len(left_src) < 2 or len(left_tgt) == 0:
         return []
     runs = _concat_runs(src_table, left_src)
@@ -235,6 +364,10 @@ def combine(
     ctx = context_score(s_items, t_items, pair_c, pair_t, module_map)
     total = _joint(with_context(base, ctx), candidates, pair_c, src_table, tgt_table, left_tgt[pair_t])
     allowed = ~forbidden(s_items, t_items, pair_c, pair_t, incompatible_pairs)
+    fits = {(c, t): _fits_roles(src_table, candidates[c][0], tgt_table.modules[left_tgt[t]])
+            for c, t in set(zip(pair_c.tolist(), pair_t.tolist())) if candidates[c][2] == "concat"}
+    if fits:
+        allowed &= np.array([fits.get((c, t), True) for c, t in zip(pair_c.tolist(), pair_t.tolist())], dtype=bool)
 
     weight = np.zeros((len(candidates), len(left_tgt)))
     weight[pair_c, pair_t] = np.where(allowed & (total >= threshold), total, 0.0)
@@ -250,6 +383,8 @@ def combine(
             continue
         used.update(src_rows)
         e = lookup[(k, j)]
+        if transform == "concat":
+            src_rows = _as_spelled(src_table, src_rows, tgt_table.modules[left_tgt[j]])
         out.append(Combination(
             src=tuple(int(r) for r in src_rows), tgt=int(left_tgt[j]), transform=transform,
             score=float(total[e]), margin=float(m),

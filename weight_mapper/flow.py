@@ -10,13 +10,19 @@ first conv of a residual branch must run at the block's first step (asap = alap)
 conv can run anywhere until the addition (late alap), so both implementations place them alike.
 Call order only breaks ties (q/k/v projections, which are parallel).
 
-Two ways to get the graph, both yielding ``{tensor name or module path: position in [0, 1]}``:
+Three ways to get the graph, all yielding ``{tensor name or module path: position in [0, 1]}``:
 
 - :func:`record_execution_order` runs the model once on a ``dummy_input`` and follows every
   tensor through a ``TorchFunctionMode`` (any model that runs);
 - :func:`trace_execution_order` reads the same graph from ``torch.fx.symbolic_trace`` without
   running anything (models whose ``forward`` has no data-dependent Python control flow, such
-  as torchvision's and timm's; Hugging Face models usually fail to trace and get no positions).
+  as torchvision's and timm's; Hugging Face models usually fail to trace);
+- :func:`auto_execution_order` needs no input: it synthesises one (:func:`synthesize_input`)
+  and records the flow with every parameter and buffer swapped for a meta-device stand-in, so
+  nothing is computed and no memory is spent; a model that cannot run on meta runs for real
+  if it is small (:data:`REAL_RUN_MAX_PARAMS`).
+
+:data:`FLOW_SOURCES` names where positions came from; plans record it.
 """
 
 from __future__ import annotations
@@ -29,11 +35,32 @@ import numpy as np
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["record_execution_order", "trace_execution_order", "flow_positions"]
+__all__ = [
+    "record_execution_order",
+    "trace_execution_order",
+    "auto_execution_order",
+    "synthesize_input",
+    "flow_positions",
+    "FLOW_SOURCES",
+    "REAL_RUN_MAX_PARAMS",
+]
 
 _TIE_SHARE = 0.4  # call order may move a use by less than half a graph step (steps are 0.5 apart)
+
+#: Where a side's data-flow positions came from.
+FLOW_SOURCES = {
+    "dummy_input": "a forward pass on the dummy_input given",
+    "fx": "torch.fx.symbolic_trace (nothing ran)",
+    "meta-synthetic": "a forward pass on a synthesised input, on the meta device (nothing computed)",
+    "real-synthetic": "a forward pass on a synthesised input, on the model's device (it failed on meta)",
+    "none": "no data flow",
+}
+#: A model that fails on the meta device is run for real only up to this many parameters.
+REAL_RUN_MAX_PARAMS = 50_000_000
+_SPATIAL = {1: (1024,), 2: (224, 224), 3: (16, 112, 112)}  # input size per conv dims (free on meta)
+_TOKENS = 16
 
 
 def flow_positions(uses: list[tuple[frozenset[str], frozenset[int]]], module_paths: Iterable[str]) -> dict[str, float]:
@@ -175,6 +202,138 @@ def _tensor_names(module: nn.Module) -> dict[int, str]:
 
 def _module_paths(module: nn.Module) -> list[str]:
     return [path for path, _ in module.named_modules(remove_duplicate=False)]
+
+
+def synthesize_input(module: nn.Module) -> Any:
+    """An input ``module`` plausibly accepts, from what the model says about itself.
+
+    Hugging Face models carry ``dummy_inputs`` (token ids; vision models get ``pixel_values`` of
+    their configured size); otherwise the first input layer in definition
+    order decides: a conv's ``in_channels`` (spatial size from ``pretrained_cfg["input_size"]``
+    or ``config.image_size`` when the model has one, else 224), an embedding's vocabulary
+    (token ids) or a Linear's ``in_features``. Batch size 1.
+
+    Returns:
+        A tensor, or a dict of keyword arguments; None if nothing says what the input is.
+
+    >>> synthesize_input(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())).shape
+    torch.Size([1, 3, 224, 224])
+    >>> synthesize_input(nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))).dtype
+    torch.int64
+    """
+    main = getattr(module, "main_input_name", None)  # a Hugging Face model
+    dummy = getattr(module, "dummy_inputs", None)
+    if (isinstance(dummy, Mapping) and dummy and (main is None or main in dummy)
+            and all(isinstance(v, torch.Tensor) for v in dummy.values())):
+        return {k: v[:1] for k, v in dummy.items()}
+    if main == "pixel_values":  # its generic dummy_inputs are token ids
+        channels = getattr(getattr(module, "config", None), "num_channels", 3)
+        return {main: torch.zeros(1, int(channels), *_spatial_size(module, 2))}
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.conv._ConvNd):
+            dims = len(layer.kernel_size)
+            return torch.zeros(1, layer.in_channels, *_spatial_size(module, dims))
+        if isinstance(layer, nn.Embedding):
+            return torch.zeros(1, _TOKENS, dtype=torch.long)
+        if isinstance(layer, nn.EmbeddingBag):
+            return torch.zeros(1, _TOKENS, dtype=torch.long)
+        if isinstance(layer, nn.Linear):
+            return torch.zeros(1, layer.in_features)
+    return None
+
+
+def _spatial_size(module: nn.Module, dims: int) -> tuple[int, ...]:
+    """The model's own input size if it states one (timm's pretrained_cfg, a HF config), else a default."""
+    cfg = getattr(module, "pretrained_cfg", None) or getattr(module, "default_cfg", None)
+    size = cfg.get("input_size") if isinstance(cfg, Mapping) else None
+    if isinstance(size, (tuple, list)) and len(size) == dims + 1:
+        return tuple(int(d) for d in size[1:])
+    image_size = getattr(getattr(module, "config", None), "image_size", None)
+    if isinstance(image_size, int) and dims == 2:
+        return image_size, image_size
+    return _SPATIAL[dims]
+
+
+def auto_execution_order(module: nn.Module) -> tuple[dict[str, float] | None, str]:
+    """Place each tensor in the data flow without being given an input or spending memory.
+
+    Runs ``module`` once on :func:`synthesize_input`'s input with every parameter and buffer
+    replaced by a meta-device tensor of its shape (``torch.func.functional_call``; the module
+    itself is not changed), so no value is computed. A model that fails on meta (code that
+    reads values, tensors kept outside its parameters and buffers) is run for real if it has
+    at most :data:`REAL_RUN_MAX_PARAMS` parameters.
+
+    Returns:
+        ``(positions or None, how)``, ``how`` a key of :data:`FLOW_SOURCES`
+        (``"meta-synthetic"``, ``"real-synthetic"`` or ``"none"``).
+
+    >>> order, how = auto_execution_order(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)))
+    >>> how, order["0.weight"] < order["2.weight"]
+    ('meta-synthetic', True)
+    """
+    inputs = synthesize_input(module)
+    if inputs is None:
+        return None, "none"
+    # Some meta kernels accept only half precision (grouped_mm in transformers' MoE layers): a
+    # second try in bfloat16 places the same graph.
+    for dtype in (None, torch.bfloat16):
+        order = _record_on_meta(module, inputs, dtype)
+        if order is not None:
+            return order, "meta-synthetic"
+    n_params = sum(p.numel() for p in module.parameters())
+    if n_params <= REAL_RUN_MAX_PARAMS and not any(p.is_meta for p in module.parameters()):
+        order = _record(module, inputs, _tensor_names(module), module)
+        if order is not None:
+            return order, "real-synthetic"
+    return None, "none"
+
+
+def _record_on_meta(module: nn.Module, inputs: Any, dtype: torch.dtype | None) -> dict[str, float] | None:
+    """Positions from one forward pass with a meta stand-in (of ``dtype`` if floating) for every tensor."""
+    stand_ins: dict[int, torch.Tensor] = {}
+    named = {}
+    for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+        if id(t) not in stand_ins:
+            cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
+            stand_ins[id(t)] = torch.empty_like(t, device="meta", dtype=cast)
+        named[name] = stand_ins[id(t)]
+    tensor2name: dict[int, str] = {}
+    for name, value in module.state_dict(keep_vars=True).items():
+        if isinstance(value, torch.Tensor) and id(value) in stand_ins:
+            tensor2name.setdefault(id(stand_ins[id(value)]), name)
+
+    def to_meta(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        return x.to("meta", dtype=dtype if dtype is not None and x.is_floating_point() else x.dtype)
+
+    def call(*args, **kwargs):
+        return torch.func.functional_call(module, named, args, kwargs, tie_weights=False, strict=False)
+
+    return _record(module, tree_map(to_meta, inputs), tensor2name, call)
+
+
+def _record(module: nn.Module, inputs: Any, tensor2name: Mapping[int, str], call) -> dict[str, float] | None:
+    """Positions from one call of ``call`` on ``inputs`` in eval mode, or None if it raised."""
+    recorder = _FlowRecorder(tensor2name)
+    was_training = module.training
+    try:
+        module.eval()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            recorder.mark_inputs(inputs)
+            with recorder:
+                if isinstance(inputs, Mapping):
+                    call(**inputs)
+                elif isinstance(inputs, (tuple, list)):
+                    call(*inputs)
+                else:
+                    call(inputs)
+    except Exception:  # noqa: BLE001 - any failure of user code only disables this signal
+        return None
+    finally:
+        module.train(was_training)
+    return flow_positions(recorder.uses, _module_paths(module)) or None
 
 
 def record_execution_order(module: nn.Module, dummy_input: Any) -> dict[str, float] | None:

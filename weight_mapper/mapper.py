@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +12,13 @@ import numpy as np
 from torch import nn
 
 from weight_mapper.assign import MAX_ROUNDS, assign
-from weight_mapper.combine import combine
+from weight_mapper.combine import combine, split
+from weight_mapper.storage import infer_storage
 from weight_mapper.errors import MappingError
+from weight_mapper.mapping_dict import MappingDict
 from weight_mapper.plan import MappingPlan, build_plan
 from weight_mapper.score import validate_incompatible_pairs, validate_weights
-from weight_mapper.flow import record_execution_order, trace_execution_order
+from weight_mapper.flow import auto_execution_order, record_execution_order, trace_execution_order
 from weight_mapper.table import TensorTable
 
 __all__ = ["WeightMapper", "STRATEGIES"]
@@ -40,15 +42,20 @@ class WeightMapper:
             as a (weak) match; 0 accepts only equal or transposed shapes.
         dummy_input: Input to run both models once and record their data flow (a tensor, a
             tuple of arguments or a dict of keyword arguments); see :mod:`weight_mapper.flow`.
-        trace: Without ``dummy_input``, read the data flow of both models from
-            ``torch.fx.symbolic_trace`` instead (nothing runs). Used only when both sides are
-            modules and both trace; ``False`` skips it.
+        trace: Without ``dummy_input``, find the data flow of both models anyway: from
+            ``torch.fx.symbolic_trace`` when both trace (nothing runs), else by running each
+            once on a synthesised input with meta-device stand-ins for its weights (nothing is
+            computed; a small model that fails on meta runs for real). Used only when both
+            sides are modules and both get a flow; ``False`` skips it. The plan records which
+            (``plan.flow_sources``).
         source_model: When the source is a state dict or a checkpoint's table: the model it was
             saved from (the meta device is fine). It adds module types, definition order and
             the data flow to the source's names and shapes (see
             :meth:`TensorTable.with_module`); the weights still come from the source.
         incompatible_pairs: Pairs of module names whose tensors must never be matched across,
-            e.g. ``[("encoder", "decoder")]``; None or ``[]`` allows everything.
+            e.g. ``[("encoder", "decoder")]``, or, as in the user guide, pairs of sets of
+            alternatives, ``[({"encoder", "embedding"}, {"decoder", "output"})]`` (any name on
+            the left against any on the right); None or ``[]`` allows everything.
 
     Raises:
         MappingError: On bad options or a side without tensors.
@@ -66,7 +73,7 @@ class WeightMapper:
         target_module: nn.Module | Mapping[str, Any] | TensorTable,
         shape_tolerance: float = 0.0,
         dummy_input: Any = None,
-        incompatible_pairs: Sequence[tuple[str, str]] | None = None,
+        incompatible_pairs: Sequence[tuple[Any, Any]] | None = None,
         *,
         source_prefix: str | None = None,
         trace: bool = True,
@@ -81,59 +88,67 @@ class WeightMapper:
         self.target_module = target_module if isinstance(target_module, nn.Module) else None
         if source_model is not None and isinstance(source_module, nn.Module):
             raise MappingError("source_model describes a state dict or checkpoint source; the source is already a model")
-        orders = _flow_orders(source_model if source_model is not None else source_module, target_module,
-                              dummy_input, trace)
+        orders, self.flow_sources = _flow_orders(source_model if source_model is not None else source_module,
+                                                 target_module, dummy_input, trace)
         self.source_table = _to_table(source_module, orders[0], "source")
         if source_model is not None:
             self.source_table = self.source_table.with_module(source_model, exec_order=orders[0])
         self.target_table = _to_table(target_module, orders[1], "target")
         self.source_prefix = _strip_prefix(self, source_prefix)
+        # Untyped sides (state dicts): read their [in, out] storage off the non-square weights.
+        self.source_table = infer_storage(self.source_table, self.target_table)
+        self.target_table = infer_storage(self.target_table, self.source_table)
         self.plan: MappingPlan | None = None
+        self._source_code = source_model if source_model is not None else self.source_module  # for conventions
+        self.notes: list[str] = []  # what the conventions and the layer-wise proof did to the last plan
+        self.verification = None  # the layer-wise proof suggest_mapping ran, when it could
 
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_state_dict(
         cls,
-        state_dict: Mapping[str, Any],
+        source_state_dict: Mapping[str, Any],
         target_module: nn.Module | Mapping[str, Any],
-        *,
-        key: str | None = None,
         shape_tolerance: float = 0.0,
         dummy_input: Any = None,
-        incompatible_pairs: Sequence[tuple[str, str]] | None = None,
+        incompatible_pairs: Sequence[tuple[Any, Any]] | None = None,
+        *,
+        key: str | None = None,
         source_model: nn.Module | None = None,
     ) -> WeightMapper:
         """Map a state dict (or anything ``torch.load`` returned, envelope included).
 
         Args:
-            state_dict: Flat state dict, or a checkpoint dict (Lightning, ``{"model": ...}``).
+            source_state_dict: Flat state dict, or a checkpoint dict (Lightning, ``{"model": ...}``).
             target_module: The model to fill.
+            shape_tolerance, dummy_input, incompatible_pairs: As for :class:`WeightMapper`.
             key: Envelope key to take the state dict from when there are several candidates.
             source_model: The model the state dict was saved from, if you have it (see
                 :class:`WeightMapper`).
         """
         from weight_mapper.checkpoint import unwrap_state_dict
 
-        tensors, _, _, _ = unwrap_state_dict(state_dict, key=key)
+        tensors, _, _, _ = unwrap_state_dict(source_state_dict, key=key)
         return cls(tensors, target_module, shape_tolerance, dummy_input, incompatible_pairs, source_model=source_model)
 
     @classmethod
     def from_checkpoint(
         cls,
-        path: str | Path,
+        checkpoint_path: str | Path,
         target_module: nn.Module | Mapping[str, Any],
+        shape_tolerance: float = 0.0,
+        dummy_input: Any = None,
+        incompatible_pairs: Sequence[tuple[Any, Any]] | None = None,
         *,
         key: str | None = None,
         trust_pickle: bool = False,
-        shape_tolerance: float = 0.0,
-        dummy_input: Any = None,
-        incompatible_pairs: Sequence[tuple[str, str]] | None = None,
         source_model: nn.Module | None = None,
     ) -> WeightMapper:
         """Map a checkpoint file or sharded folder; only shapes are read for matching.
 
-        ``source_model`` is the model the checkpoint was saved from, if you have it (see
-        :class:`WeightMapper`).
+        Tied tensors (an embedding and the head sharing its storage) stay tied, as with
+        :meth:`from_state_dict`. ``source_model`` is the model the checkpoint was saved from,
+        if you have it (see :class:`WeightMapper`).
 
         Raises:
             CheckpointError: If the file is missing, corrupt, or needs ``trust_pickle=True``.
@@ -141,8 +156,8 @@ class WeightMapper:
         """
         from weight_mapper.checkpoint import load_checkpoint
 
-        ckpt = load_checkpoint(path, key=key, trust_pickle=trust_pickle)
-        table = TensorTable.from_checkpoint(ckpt, label=Path(path).name)
+        ckpt = load_checkpoint(checkpoint_path, key=key, trust_pickle=trust_pickle)
+        table = TensorTable.from_checkpoint(ckpt, label=Path(checkpoint_path).name)
         return cls(table, target_module, shape_tolerance, dummy_input, incompatible_pairs, source_model=source_model)
 
     # ------------------------------------------------------------------ matching
@@ -154,8 +169,12 @@ class WeightMapper:
         *,
         max_rounds: int = MAX_ROUNDS,
         progress: Callable[[str], None] | None = None,
-    ) -> dict[str, str]:
+        repair: bool = True,
+    ) -> MappingDict:
         """Match source tensors to target tensors and return ``{source_name: target_name}``.
+
+        The dict carries its plan (``mapping.plan``): ``WeightRenamer.rename_keys(mapping)``
+        applies the plan's transposes, reshapes and concatenations, as ``rename_keys(plan)`` does.
 
         Args:
             threshold: Minimum combined score of a match, in [0, 1].
@@ -167,6 +186,11 @@ class WeightMapper:
             max_rounds: Bound on hierarchy-context rounds.
             progress: Called with a short description as each step starts (the CLI shows it
                 as a status line); matching a 100,000-tensor model takes seconds.
+            repair: With both models (holding weights) and ``dummy_input``, prove the plan layer
+                by layer and repair what diverges (:func:`weight_mapper.verify.verify_conversion`
+                with ``repair=True``; the target's weights are restored afterwards). Entries'
+                ``provenance`` says ``proved`` or ``repaired``; ``mapper.verification`` keeps the
+                report and ``mapper.notes`` what was done. ``False`` keeps the matcher's plan.
 
         Raises:
             MappingError: On an unknown strategy, a threshold outside [0, 1] or bad weights.
@@ -192,7 +216,7 @@ class WeightMapper:
         )
         assignment = assign(self.source_table, self.target_table, **options)
         if progress is not None:
-            progress("combined matches: looking for concat / stack candidates")
+            progress("combined matches: looking for concat / stack / split candidates")
         combinations = combine(
             self.source_table,
             self.target_table,
@@ -201,11 +225,20 @@ class WeightMapper:
             threshold=threshold,
             incompatible_pairs=self.incompatible_pairs,
         ) if strategy != "shape_only" else []
-        if combinations:  # re-match 1:1 without the tensors the combinations take
+        splits = split(
+            self.source_table,
+            self.target_table,
+            assignment,
+            weights=weights,
+            threshold=threshold,
+            incompatible_pairs=self.incompatible_pairs,
+            taken=combinations,
+        ) if strategy != "shape_only" else []
+        if combinations or splits:  # re-match 1:1 without the tensors the combinations and splits take
             assignment = assign(
                 self.source_table, self.target_table, **options,
-                skip_src=np.array([r for c in combinations for r in c.src], dtype=np.int64),
-                skip_tgt=np.array([c.tgt for c in combinations], dtype=np.int64),
+                skip_src=np.array([r for c in combinations for r in c.src] + [c.tgt for c in splits], dtype=np.int64),
+                skip_tgt=np.array([c.tgt for c in combinations] + [r for c in splits for r in c.src], dtype=np.int64),
             )
         self._assignment = assignment
         self.plan = build_plan(
@@ -218,8 +251,27 @@ class WeightMapper:
             withhold_ambiguous=withhold,
             source_prefix=self.source_prefix,
             combinations=combinations,
+            splits=splits,
+            flow_sources=self.flow_sources,
         )
-        return self.plan.mapping
+        from weight_mapper.verify import settle_plan
+
+        self.plan, self.notes, self.verification = settle_plan(
+            self.plan, source=self.source_module, target=self.target_module, dummy_input=self.dummy_input,
+            source_code=self._source_code, repair=repair, progress=progress)
+        return self.get_mapping_dict()
+
+    def _plan_of(self, mapping: Mapping[str, str]) -> MappingPlan:
+        """The plan a (possibly edited) mapping dict stands for, against this mapper's tables."""
+        from weight_mapper.mapping_dict import plan_from_mapping
+
+        base = getattr(mapping, "plan", None) or self._require_plan()
+        if dict(mapping) == base.mapping:
+            return base
+        prefix = self.source_prefix
+        source_shapes = {prefix + n: s for n, s in zip(self.source_table.names, self.source_table.shapes)}
+        return plan_from_mapping(mapping, base, source_shapes, dict(zip(self.target_table.names, self.target_table.shapes)),
+                                 source_label=self.source_table.label)
 
     def _require_plan(self) -> MappingPlan:
         if self.plan is None:
@@ -231,17 +283,22 @@ class WeightMapper:
         """The full :class:`MappingPlan` (runs ``suggest_mapping()`` with defaults if needed)."""
         return self._require_plan()
 
-    def get_mapping_dict(self) -> dict[str, str]:
-        """``{source_name: target_name}`` of the last suggestion."""
-        return self._require_plan().mapping
+    def get_mapping_dict(self) -> MappingDict:
+        """``{source_name: target_name}`` of the last suggestion: a new copy, carrying its plan.
 
-    def get_mapping_with_scores(self) -> dict[str, tuple[str, float]]:
-        """``{source_name: (target_name, score)}`` of the last suggestion."""
-        out: dict[str, tuple[str, float]] = {}
-        for e in self._require_plan().entries:
-            for s in e.source:
-                out.setdefault(s, (e.target, e.score))
-        return out
+        Edit it like a dict (``mapping["old.layer"] = "new.layer"``) and pass it to
+        ``WeightRenamer.rename_keys``: the pairs left alone keep the plan's transforms, and the
+        edited ones are checked against the target's shapes.
+        """
+        plan = self._require_plan()
+        return MappingDict.from_plan(plan, target_shapes=dict(zip(self.target_table.names, self.target_table.shapes)))
+
+    def get_mapping_with_scores(self) -> list[tuple[str, str, float]]:
+        """``[(source_name, target_name, score), ...]`` of the last suggestion, in target order.
+
+        A combined entry (several sources, one target) gives one tuple per source.
+        """
+        return [(s, e.target, e.score) for e in self._require_plan().entries for s in e.source]
 
     def get_unmatched(self) -> dict[str, list[str]]:
         """``{"source": [...], "target": [...]}``: tensors the last suggestion left out."""
@@ -277,15 +334,22 @@ class WeightMapper:
         dummy_input: Any = None,
         *,
         atol: float = 1e-5,
+        repair: bool = False,
     ):
         """Prove the conversion: load the converted weights into the target, run both models.
 
         Defaults to the models and ``dummy_input`` the mapper was built with. The target's
-        tensors are overwritten with the converted ones.
+        tensors are overwritten with the converted ones. Both models run side by side with
+        hooks on the module pairs the plan implies (see :mod:`weight_mapper.verify`).
+
+        Args:
+            repair: Try the known alternatives for each diverging module and keep what makes
+                it agree; the repaired plan (``report.plan``) becomes the mapper's plan.
 
         Returns:
             A :class:`~weight_mapper.verify.VerificationReport`: max abs output difference,
-            target tensors left at their initial values, ``ok``.
+            target tensors left at their initial values, per-entry status (proved / diverges /
+            not reached), the first divergence, ``ok``, and the plan with each entry's provenance.
 
         Raises:
             MappingError: If a model or the input is missing.
@@ -301,7 +365,10 @@ class WeightMapper:
                 "verify() needs both models and an input: pass source_model, target_model and dummy_input "
                 "(the mapper was built from a state dict or without dummy_input)"
             )
-        return verify_conversion(self._require_plan(), source, target, x, atol=atol)
+        report = verify_conversion(self._require_plan(), source, target, x, atol=atol, repair=repair)
+        if repair and report.plan is not None:
+            self.plan = report.plan
+        return report
 
     def export_rules(self, *, max_groups: int | None = None) -> list:
         """Compress the mapping's renames into a short list of regex rename rules.
@@ -332,11 +399,46 @@ class WeightMapper:
 
         print_analysis(self._require_plan(), top_n=top_n, show_unmatched=show_unmatched, console=console)
 
-    def export_mapping_report(self, path: str | Path) -> Path:
-        """Write the JSON report (the plan plus counts and coverage) atomically to ``path``."""
+    def export_mapping_report(self, output_path: str | Path) -> Path:
+        """Write the JSON report (the plan plus counts and coverage) atomically to ``output_path``."""
         from weight_mapper.report import export_report
 
-        return export_report(self._require_plan(), path)
+        return export_report(self._require_plan(), output_path)
+
+    def export_review_page(
+        self,
+        path: str | Path,
+        *,
+        explain: Iterable[str] = (),
+        max_breakdowns: int | None = None,
+        title: str | None = None,
+        protected: Iterable[str | Path] = (),
+    ) -> Path:
+        """Write the plan as one self-contained HTML page to review it in (see :mod:`weight_mapper.page`).
+
+        Args:
+            path: The HTML file to write, atomically.
+            explain: Source tensors whose score breakdowns must be in the page.
+            max_breakdowns: Breakdowns (sub-scores, alternatives) embedded besides ``explain``,
+                riskiest entries first; default :data:`weight_mapper.page.MAX_BREAKDOWNS`.
+            title: The page title.
+            protected: Paths the page must never overwrite.
+
+        Raises:
+            MappingError: If a name in ``explain`` is not a source tensor.
+            CheckpointError: If ``path`` is protected or its folder is missing.
+        """
+        from weight_mapper.assign import explain_many
+        from weight_mapper.page import MAX_BREAKDOWNS, breakdown_candidates, export_review_page
+
+        plan = self._require_plan()
+        limit = MAX_BREAKDOWNS if max_breakdowns is None else max_breakdowns
+        names = list(dict.fromkeys([*explain, *breakdown_candidates(plan, limit=limit)]))
+        prefix = plan.source_prefix
+        stripped = [n[len(prefix):] if prefix and n.startswith(prefix) else n for n in names]
+        explanations = dict(zip(names, explain_many(self._assignment, self.source_table, stripped)))
+        return export_review_page(plan, path, source_table=self.source_table, target_table=self.target_table,
+                                  explanations=explanations, title=title, protected=protected)
 
     def visualize_mapping(
         self,
@@ -350,28 +452,27 @@ class WeightMapper:
         """Print the mapping for review: summary, scored matches with badges, unmatched tensors.
 
         Args:
-            result: A :class:`MappingPlan`, or the dict ``suggest_mapping`` returned; default the last plan.
+            result: A :class:`MappingPlan`, or a ``{source: target}`` dict (the one
+                ``suggest_mapping`` returned, edited or not; pairs changed by hand show as
+                ``MANUAL``, unscored); default the last plan.
             show_unmatched: List the unmatched tensors of both sides, with their shapes.
             max_matches: Matches listed (past it, the ambiguous and lowest-scoring ones).
             max_unmatched: Unmatched tensors listed per side.
             console: A ``rich.console.Console``; default a new one on stdout.
 
         Raises:
-            MappingError: If ``result`` is a dict that is not the last suggestion.
+            PlanError: If ``result`` names a tensor the source lacks or pairs shapes no transform fixes.
         """
         from weight_mapper.views import MappingView, print_view
 
         plan = self._require_plan() if result is None or result is self.plan else result
         if not isinstance(plan, MappingPlan):
-            if dict(plan) != self._require_plan().mapping:
-                raise MappingError("visualize_mapping(result) takes a MappingPlan or the dict the last "
-                                   "suggest_mapping() returned; pass mapper.get_plan() or a plan you loaded")
-            plan = self._require_plan()
+            plan = self._plan_of(plan)
         print_view(MappingView(plan, source_table=self.source_table, target_table=self.target_table,
                                show_unmatched=show_unmatched, max_matches=max_matches,
                                max_unmatched=max_unmatched), console=console)
 
-    def visualize_hierarchies(self, *, max_depth: int = 5, show_matches: bool = False, console: Any = None) -> None:
+    def visualize_hierarchies(self, max_depth: int = 5, show_matches: bool = False, *, console: Any = None) -> None:
         """Print both module trees side by side: W/B/buf badges with shapes, matched modules marked.
 
         Args:
@@ -400,20 +501,31 @@ class WeightMapper:
         print_view(ScoreBreakdownView.from_plan(explanation, self._require_plan()), console=console)
 
 
-def _flow_orders(source: Any, target: Any, dummy_input: Any, trace: bool) -> tuple[dict | None, dict | None]:
-    """Data-flow positions of both sides: from ``dummy_input`` if given, else from traces.
+def _flow_orders(source: Any, target: Any, dummy_input: Any, trace: bool) -> tuple[tuple, tuple[str, str]]:
+    """Data-flow positions of both sides, and where they came from (keys of ``flow.FLOW_SOURCES``).
 
-    A trace is only worth it when both sides are modules and both trace: execution order is
-    compared between the two sides, and one side alone says nothing.
+    From ``dummy_input`` if given; else from fx traces when both sides trace; else from a
+    synthesised input on the meta device (:func:`~weight_mapper.flow.auto_execution_order`).
+    Without ``dummy_input`` a flow is only worth finding when both sides are modules and both
+    get one: execution order is compared between the two sides, and one side alone says nothing.
     """
     modules = [side if isinstance(side, nn.Module) else None for side in (source, target)]
     if dummy_input is not None:
-        return tuple(record_execution_order(m, dummy_input) if m is not None else None for m in modules)
+        orders = tuple(record_execution_order(m, dummy_input) if m is not None else None for m in modules)
+        return orders, tuple("dummy_input" if o is not None else "none" for o in orders)
     if not trace or None in modules:
-        return None, None
+        return (None, None), ("none", "none")
     source_order = trace_execution_order(modules[0])
     target_order = trace_execution_order(modules[1]) if source_order is not None else None
-    return (source_order, target_order) if target_order is not None else (None, None)
+    if target_order is not None:
+        return (source_order, target_order), ("fx", "fx")
+    source_order, source_how = auto_execution_order(modules[0])
+    if source_order is None:
+        return (None, None), ("none", "none")
+    target_order, target_how = auto_execution_order(modules[1])
+    if target_order is None:
+        return (None, None), ("none", "none")
+    return (source_order, target_order), (source_how, target_how)
 
 
 def _to_table(side: Any, exec_order: Mapping[str, float] | None, which: str) -> TensorTable:

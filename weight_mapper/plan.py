@@ -18,10 +18,12 @@ import numpy as np
 
 from weight_mapper.assign import AMBIGUITY_MARGIN, Assignment
 from weight_mapper.combine import Combination
+from weight_mapper.storage import TransposeVote, transpose_votes
 from weight_mapper.score import TRANSPOSED_TYPES
 from weight_mapper.errors import PlanError
 from weight_mapper.table import TensorTable
-from weight_mapper.transforms import invert_entries
+from weight_mapper.transforms import TRANSFORMS, invert_entries
+from weight_mapper.validate import Invalid, check_plan_dict, loads_json, short
 
 __all__ = ["PlanEntry", "MappingPlan", "build_plan", "PLAN_FORMAT_VERSION", "FLAG_DESCRIPTIONS", "PROVENANCES"]
 
@@ -31,6 +33,13 @@ PLAN_FORMAT_VERSION = 1
 FLAG_DESCRIPTIONS = {
     "order_only": "decided by order alone: names and shapes could not tell the candidates apart",
     "names_disagree": "another candidate's name fits clearly better: order or context overrode the names",
+    "convention:rotary": "one side may keep its rotary q/k rows interleaved (Meta, torchtune) and the other "
+                         "half-split (Hugging Face); nothing but a forward pass can tell, so the rows were copied "
+                         "as they are: confirm with verify(..., repair=True)",
+    "transpose_unknown": "a square 2-D weight whose storage ([out, in] or [in, out]) neither module types nor "
+                         "any non-square weight of its kind shows: copied untransposed, check it",
+    "transpose_split": "a square 2-D weight transposed (or not) by a split majority of the non-square "
+                       "weights of its kind",
 }
 
 #: The ways an entry can have been established (``PlanEntry.provenance``).
@@ -47,8 +56,9 @@ class PlanEntry:
         transform: Name of a registered transform, ``None`` for a plain copy.
         score: Combined similarity in [0, 1]; 1.0 for aliases of a matched tensor.
         margin: Score minus the best alternative's; small means ambiguous.
-        level: ``"group"``, ``"tensor"``, ``"combined"`` (several sources, concat / stack) or
-            ``"alias"`` (tied weight filled from its twin).
+        level: ``"group"``, ``"tensor"``, ``"combined"`` (several sources, concat / stack),
+            ``"split"`` (a piece of one fused source: slice / index) or ``"alias"`` (tied weight
+            filled from its twin).
         source_shape, target_shape: Shapes on both sides.
         components: ``shape``, ``name``, ``hierarchy`` and ``context`` scores (NaN: not used).
         args: Arguments of the transform (``{"dim": 0, "sizes": [...]}`` for ``concat``...).
@@ -113,8 +123,8 @@ class PlanEntry:
                 flags=tuple(str(f) for f in data.get("flags", ())),
                 provenance=str(data.get("provenance", "matched")),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PlanError(f"malformed plan entry {dict(data)!r}: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise PlanError(f"malformed plan entry {short(data, 200)}: {exc}") from None
 
 
 def _json_float(x: float) -> float | None:
@@ -136,6 +146,11 @@ class MappingPlan:
         source_label, target_label: Where the two sides came from.
         source_prefix: Wrapper prefix (``module.``) found on every source key and ignored
             while matching; entries keep the full checkpoint keys.
+        path: The file the plan was read from (:meth:`from_json`), which saving a
+            conversion never overwrites; None for a plan built in memory.
+        flow_sources: Where each side's data-flow positions came from: ``"dummy_input"``,
+            ``"fx"``, ``"meta-synthetic"``, ``"real-synthetic"`` or ``"none"``
+            (see :data:`weight_mapper.flow.FLOW_SOURCES`).
     """
 
     entries: tuple[PlanEntry, ...]
@@ -150,6 +165,8 @@ class MappingPlan:
     source_label: str = ""
     target_label: str = ""
     source_prefix: str = ""
+    flow_sources: tuple[str, str] = ("none", "none")
+    path: Path | None = field(default=None, compare=False, repr=False)
 
     # ------------------------------------------------------------------ views
     @property
@@ -199,6 +216,7 @@ class MappingPlan:
             source_label=self.target_label,
             target_label=self.source_label,
             source_prefix="",
+            flow_sources=self.flow_sources[::-1],
         )
 
     # ------------------------------------------------------------------ JSON
@@ -209,6 +227,7 @@ class MappingPlan:
             "source_label": self.source_label,
             "target_label": self.target_label,
             "source_prefix": self.source_prefix,
+            "flow_sources": list(self.flow_sources),
             "strategy": self.strategy,
             "threshold": self.threshold,
             "weights": dict(self.weights),
@@ -228,13 +247,11 @@ class MappingPlan:
         Raises:
             PlanError: If ``data`` is not a weight_mapper plan.
         """
-        if not isinstance(data, Mapping) or data.get("format") != "weight_mapper.plan" or "entries" not in data:
-            raise PlanError("not a weight_mapper plan: expected a JSON object with format 'weight_mapper.plan'")
-        if data.get("version", PLAN_FORMAT_VERSION) > PLAN_FORMAT_VERSION:
-            raise PlanError(
-                f"plan format version {data['version']} is newer than this weight_mapper understands "
-                f"({PLAN_FORMAT_VERSION}); upgrade weight-mapper"
-            )
+        try:
+            check_plan_dict(dict(data) if isinstance(data, Mapping) else data, version=PLAN_FORMAT_VERSION,
+                            known_transforms=TRANSFORMS)
+        except Invalid as exc:
+            raise PlanError(str(exc)) from None
         return cls(
             entries=tuple(PlanEntry.from_dict(e) for e in data["entries"]),
             unmatched_source=tuple(data.get("unmatched_source", ())),
@@ -243,11 +260,12 @@ class MappingPlan:
             strategy=str(data.get("strategy", "best_match")),
             threshold=float(data.get("threshold", 0.6)),
             weights=dict(data.get("weights", {})),
-            rounds=tuple(data.get("rounds", (0, 0))),
+            rounds=tuple(int(r) for r in data.get("rounds", (0, 0))),
             converged=bool(data.get("converged", True)),
             source_label=str(data.get("source_label", "")),
             target_label=str(data.get("target_label", "")),
             source_prefix=str(data.get("source_prefix", "")),
+            flow_sources=tuple(str(x) for x in data.get("flow_sources", ("none", "none"))),
         )
 
     def to_json(self, path: str | Path | None = None, *, indent: int = 2) -> str:
@@ -266,25 +284,28 @@ class MappingPlan:
         Raises:
             PlanError: If the file is missing or is not valid plan JSON.
         """
-        text, where = str(text_or_path), "plan"
+        text, where, path = str(text_or_path), "plan", None
         if not text.lstrip().startswith("{"):
             path = Path(text_or_path)
             where = f"plan file {path}"
-            if not path.is_file():
-                raise PlanError(f"No such plan file: {path}")
             try:
+                if not path.is_file():  # also refuses a FIFO or a device before opening it
+                    raise PlanError(f"No such plan file: {path}" if not path.exists() else
+                                    f"{where} is not a regular file; pass the JSON that `weight-mapper map -o` wrote")
                 text = path.read_text(encoding="utf-8")
-            except (UnicodeDecodeError, OSError) as exc:
+            except (UnicodeDecodeError, OSError, ValueError) as exc:
                 raise PlanError(f"{where} could not be read as text ({exc}); is it a checkpoint? "
                                 "Pass the JSON that `weight-mapper map -o` wrote") from None
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"{where} is not valid JSON ({exc}); regenerate it with `weight-mapper map`") from None
+            data = loads_json(text)
+        except Invalid as exc:
+            raise PlanError(f"{where} is {exc if str(exc).startswith('not') else f'not usable: {exc}'}; "
+                            "regenerate it with `weight-mapper map`") from None
         try:
-            return cls.from_dict(data)
+            plan = cls.from_dict(data)
         except PlanError as exc:
             raise PlanError(f"{where}: {exc}") from None
+        return plan if path is None else replace(plan, path=path)
 
 
 # ---------------------------------------------------------------------------- building
@@ -299,6 +320,8 @@ def build_plan(
     withhold_ambiguous: bool = False,
     source_prefix: str = "",
     combinations: Sequence[Combination] = (),
+    splits: Sequence[Combination] = (),
+    flow_sources: tuple[str, str] = ("none", "none"),
 ) -> MappingPlan:
     """Turn matched rows into named entries, expand tied weights, collect the unmatched.
 
@@ -310,6 +333,10 @@ def build_plan(
             ``plan.ambiguous`` instead of using them.
         source_prefix: Wrapper prefix stripped from the source table; put back on entry keys.
         combinations: Concat / stack matches from :func:`weight_mapper.combine.combine`.
+        splits: Fused sources split over several targets, from :func:`weight_mapper.combine.split`
+            (each as the combination of target rows that rebuilds its source row); one
+            ``slice`` / ``index`` / ``slice_index`` entry per target, level ``"split"``.
+        flow_sources: Where each side's data-flow positions came from; recorded in the plan.
     """
     entries: list[PlanEntry] = []
     withheld: list[PlanEntry] = []
@@ -317,13 +344,14 @@ def build_plan(
     filled_tgt: set[int] = set()
     src_aliases = _alias_lists(src_table)
     tgt_aliases = _alias_lists(tgt_table)
+    votes = transpose_votes(src_table, tgt_table, zip(assignment.src.tolist(), assignment.tgt.tolist()))
     for k in range(len(assignment.src)):
         s, t = int(assignment.src[k]), int(assignment.tgt[k])
         components = {c: float(v[k]) for c, v in assignment.components.items()}
         entry = _entry(src_table, tgt_table, s, t, float(assignment.score[k]), float(assignment.margin[k]),
-                       str(assignment.level[k]), components, source_prefix)
+                       str(assignment.level[k]), components, source_prefix, votes.get((s, t)))
         if assignment.flags is not None and assignment.flags[k]:
-            entry = replace(entry, flags=tuple(assignment.flags[k]))
+            entry = replace(entry, flags=(*entry.flags, *assignment.flags[k]))
         if withhold_ambiguous and entry.flagged:
             withheld.append(entry)
             continue
@@ -335,7 +363,8 @@ def build_plan(
         s_names, t_names = src_aliases.get(s, [s]), tgt_aliases.get(t, [t])
         for i, t_alias in enumerate(t_names[1:], start=1):
             s_alias = s_names[min(i, len(s_names) - 1)]
-            entries.append(_entry(src_table, tgt_table, s_alias, t_alias, 1.0, 1.0, "alias", {}, source_prefix))
+            entries.append(_entry(src_table, tgt_table, s_alias, t_alias, 1.0, 1.0, "alias", {}, source_prefix,
+                                  votes.get((s, t))))
             filled_tgt.add(t_alias)
         used_src.update(s_names)
     for c in combinations:
@@ -357,6 +386,14 @@ def build_plan(
         entries.append(entry)
         used_src.update(c.src)
         filled_tgt.add(c.tgt)
+    for c in splits:
+        pieces = _split_entries(src_table, tgt_table, c, source_prefix)
+        if withhold_ambiguous and any(p.flagged for p in pieces):
+            withheld.extend(pieces)
+            continue
+        entries.extend(pieces)
+        used_src.add(c.tgt)
+        filled_tgt.update(c.src)
     entries.sort(key=lambda e: tgt_table.name2row[e.target])
     unmatched_src = tuple(source_prefix + n for r, n in enumerate(src_table.names) if r not in used_src and src_table.is_canonical[r])
     unmatched_tgt = tuple(n for r, n in enumerate(tgt_table.names) if r not in filled_tgt)
@@ -373,7 +410,25 @@ def build_plan(
         source_label=src_table.label,
         target_label=tgt_table.label,
         source_prefix=source_prefix,
+        flow_sources=tuple(flow_sources),
     )
+
+
+def _split_entries(src_table: TensorTable, tgt_table: TensorTable, c: Combination, prefix: str) -> list[PlanEntry]:
+    """The entries of a split: the inverse of the combination of targets that rebuilds the source."""
+    merged = PlanEntry(
+        source=tuple(tgt_table.names[r] for r in c.src),
+        target=prefix + src_table.names[c.tgt],
+        transform=c.transform,
+        score=c.score,
+        margin=c.margin,
+        level="split",
+        source_shape=tgt_table.shapes[c.src[0]],
+        target_shape=src_table.shapes[c.tgt],
+        components=dict(c.components),
+        args=_combined_args(tgt_table, c),
+    )
+    return invert_entries([merged])
 
 
 def _alias_lists(table: TensorTable) -> dict[int, list[int]]:
@@ -420,9 +475,15 @@ def transform_for(s_shape, t_shape, s_type: str = "", t_type: str = "") -> tuple
     return None, {}
 
 
-def _entry(src_table, tgt_table, s, t, score, margin, level, components, prefix) -> PlanEntry:
+def _entry(src_table, tgt_table, s, t, score, margin, level, components, prefix,
+           vote: TransposeVote | None = None) -> PlanEntry:
+    """The entry of one match; ``vote`` decides a square 2-D weight the module types leave open."""
     s_shape, t_shape = src_table.shapes[s], tgt_table.shapes[t]
     transform, args = transform_for(s_shape, t_shape, src_table.module_types[s], tgt_table.module_types[t])
+    flags: tuple[str, ...] = ()
+    if vote is not None:
+        transform, args = ("transpose" if vote.transpose else None), vote.args()
+        flags = (vote.flag,) if vote.flag else ()
     return PlanEntry(
         source=(prefix + src_table.names[s],),
         target=tgt_table.names[t],
@@ -434,4 +495,5 @@ def _entry(src_table, tgt_table, s, t, score, margin, level, components, prefix)
         target_shape=t_shape,
         components=components,
         args=args,
+        flags=flags,
     )

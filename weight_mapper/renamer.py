@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +14,8 @@ import torch
 from torch import nn
 
 from weight_mapper.apply import ConvertedTensors, ValidationReport, apply_plan, validate_state_dict
-from weight_mapper.checkpoint import load_checkpoint, save_checkpoint, unwrap_state_dict
+from weight_mapper.checkpoint import (clean_stale_temporaries, load_checkpoint, save_checkpoint, temporary_path_for,
+                                     unwrap_state_dict)
 from weight_mapper.errors import CheckpointError, ConversionError, PlanError
 from weight_mapper.plan import MappingPlan, PlanEntry
 
@@ -57,29 +57,46 @@ class WeightRenamer:
         self.plan: MappingPlan | None = None
 
     def rename_keys(
-        self, mapping: Mapping[str, str] | MappingPlan, *, keep_unmapped: bool = False
+        self, mapping: Mapping[str, str] | MappingPlan, *, keep_unmapped: bool = False,
+        target: nn.Module | Mapping[str, Any] | None = None,
     ) -> ConvertedTensors:
         """Apply ``mapping`` (``{old: new}`` or a :class:`MappingPlan`) to the checkpoint.
+
+        The dict ``WeightMapper.suggest_mapping()`` returns carries its plan, so passing it
+        converts exactly what passing the plan does (transposes, reshapes, fused q/k/v). Edited
+        pairs of that dict are checked against the target's shapes. A plain dict can only
+        rename: several sources mapped to one target are refused.
 
         Args:
             mapping: Source key -> target key, or a plan (which may carry transforms).
             keep_unmapped: Keep tensors the mapping does not mention under their old names
                 (they would be "unexpected keys" for the target); dropped by default.
+            target: The target model (or its state dict), to check a dict written by hand:
+                a pair whose shapes differ gets the transpose or reshape that fixes it, or
+                is refused. The dict ``suggest_mapping`` returned knows its target already.
 
         Returns:
             The converted state dict, a mapping whose tensors are computed when read (also kept
             for :meth:`save` and :meth:`validate`).
 
         Raises:
-            PlanError: If the mapping names a missing key, or two sources land on one target.
+            PlanError: If the mapping names a missing key, two sources land on one target
+                outside a combined entry of its plan, or an edited pair's shapes need a
+                transform no dict can carry.
         """
-        plan = mapping if isinstance(mapping, MappingPlan) else self._plan_from_dict(mapping)
+        plan = mapping if isinstance(mapping, MappingPlan) else self._plan_from_dict(mapping, target)
         missing = [s for e in plan.entries for s in e.source if s not in self.tensors]
         if missing:
             raise PlanError(
                 f"{self.source_name} has no tensor(s) {missing[:5]} that the plan needs; the plan was made "
                 "for another checkpoint. Run `weight-mapper map` again on this one."
             )
+        target2entry: dict[str, PlanEntry] = {}
+        for e in plan.entries:
+            if e.target in target2entry:
+                raise PlanError(f"the plan fills {e.target!r} twice (from {list(target2entry[e.target].source)} and "
+                                f"{list(e.source)}); a target key can be filled once: remove one entry")
+            target2entry[e.target] = e
         if keep_unmapped:
             used = {s for e in plan.entries for s in e.source}
             targets = {e.target for e in plan.entries}
@@ -95,18 +112,19 @@ class WeightRenamer:
         self.renamed = ConvertedTensors(plan, self.tensors, source=self.source_name)
         return self.renamed
 
-    def _plan_from_dict(self, mapping: Mapping[str, str]) -> MappingPlan:
-        seen: dict[str, str] = {}
-        entries = []
-        for src, tgt in mapping.items():
-            if tgt in seen:
-                raise PlanError(f"{src!r} and {seen[tgt]!r} are both mapped to {tgt!r}; a target key can be filled once")
-            seen[tgt] = src
-            if src not in self.tensors:
-                raise PlanError(f"{self.source_name} has no tensor {src!r}; check the mapping's source keys")
-            shape = tuple(self.tensors[src].shape)  # a safetensors source reads only its header here
-            entries.append(PlanEntry((src,), tgt, None, 1.0, 1.0, "tensor", shape, shape))
-        return MappingPlan(tuple(entries), source_label=self.source_name)
+    def _plan_from_dict(self, mapping: Mapping[str, str], target: Any = None) -> MappingPlan:
+        from weight_mapper.mapping_dict import plan_from_mapping
+
+        plan = getattr(mapping, "plan", None)
+        if plan is not None and dict(mapping) == plan.mapping:
+            return plan
+        shapes = self.tensors.shapes() if hasattr(self.tensors, "shapes") else {
+            n: tuple(t.shape) for n, t in self.tensors.items()}  # a safetensors source reads only its header here
+        target_shapes = getattr(mapping, "target_shapes", None)
+        if target is not None:
+            state = target.state_dict(keep_vars=True) if isinstance(target, nn.Module) else target
+            target_shapes = {n: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for n, v in state.items()}
+        return plan_from_mapping(mapping, plan, shapes, target_shapes, source_label=self.source_name)
 
     def _require_renamed(self) -> ConvertedTensors:
         if self.renamed is None:
@@ -117,37 +135,56 @@ class WeightRenamer:
         shards = getattr(self.tensors, "shards", None)
         return shards() if shards is not None else [(None, list(self.tensors))]
 
-    def save(self, path: str | Path, *, progress: Any = None) -> Path:
+    def save(self, path: str | Path, *, keep_envelope: bool = False, progress: Any = None) -> Path:
         """Save the converted tensors atomically.
 
         - A path ending in ``.safetensors`` writes one safetensors file; any other suffix
-          (``.pt``, ``.pth``, ``.bin``, ``.ckpt``) a torch file with the envelope (Lightning's
-          epoch, hyper_parameters, ...) written back around the tensors.
+          (``.pt``, ``.pth``, ``.bin``, ``.ckpt``) a torch file holding the plain state dict,
+          so that ``model.load_state_dict(torch.load(path))`` works. With
+          ``keep_envelope=True`` a torch file gets the source's envelope (Lightning's epoch,
+          hyper_parameters, ...) written back around the tensors instead (see
+          :meth:`save_with_envelope`).
         - A path without a suffix writes a sharded safetensors folder, one output shard per
           source shard plus ``model.safetensors.index.json``, converting shard by shard so
           that memory is bounded by the largest shard, not the model.
 
         Args:
             path: Output file or folder; never the source.
+            keep_envelope: Write a torch file in the source's envelope (a safetensors output
+                holds tensors only, and warns that the envelope is dropped).
             progress: Optional callable ``progress(done, total)`` called after each shard.
 
         Raises:
             ConversionError: If :meth:`rename_keys` was not called.
-            CheckpointError: If ``path`` is the source or cannot be written.
+            CheckpointError: If ``path`` is the source or the plan's own file, or cannot be written.
         """
         converted = self._require_renamed()
         path = Path(path)
-        protected = list(self.source_files)
+        # Never the source, nor the plan being applied.
+        protected = [*self.source_files, *([converted.plan.path] if converted.plan.path is not None else [])]
         if path.suffix == "":
             return self._save_sharded(path, converted, progress)
         tensors = apply_plan(converted.plan, self.tensors, source=self.source_name)
-        out = save_checkpoint(
-            tensors, path, envelope=self.envelope, state_key=self.state_key, metadata=self.metadata or None,
-            protected=protected,
-        )
+        if keep_envelope:  # a safetensors output warns that it cannot hold the envelope
+            out = self.save_with_envelope(tensors, path, protected=protected)
+        else:
+            out = save_checkpoint(tensors, path, metadata=self.metadata or None, protected=protected)
         if progress is not None:
             progress(1, 1)
         return out
+
+    def save_with_envelope(self, tensors: Mapping[str, torch.Tensor], path: str | Path, *,
+                           protected: Any = ()) -> Path:
+        """Write ``tensors`` as a torch file inside the source's envelope, under its state key.
+
+        The envelope is the rest of what the source file held (Lightning's ``epoch``,
+        ``hyper_parameters``, ...); a source without one gives the plain state dict.
+
+        Raises:
+            CheckpointError: If ``path`` is protected or cannot be written.
+        """
+        return save_checkpoint(tensors, path, envelope=self.envelope, state_key=self.state_key,
+                               metadata=self.metadata or None, protected=protected)
 
     def _save_sharded(self, folder: Path, converted: ConvertedTensors, progress: Any) -> Path:
         source_dirs = {p.resolve() for p in self.source_files} | {p.resolve().parent for p in self.source_files}
@@ -162,7 +199,9 @@ class WeightRenamer:
             source2targets.setdefault(e.source[0], []).append(e.target)
         shards = [[t for name in names for t in source2targets.get(name, [])] for _, names in self._shards()]
         shards = [s for s in shards if s]
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+        clean_stale_temporaries(folder.parent)
+        tmp = temporary_path_for(folder)
+        tmp.mkdir()
         try:
             weight_map, total_size = {}, 0
             for i, targets in enumerate(shards, start=1):

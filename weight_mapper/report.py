@@ -13,9 +13,16 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from weight_mapper.plan import MappingPlan, PlanEntry
+from weight_mapper.plan import FLAG_DESCRIPTIONS, MappingPlan, PlanEntry
 
-__all__ = ["analysis_renderable", "print_analysis", "report_dict", "export_report", "score_style"]
+__all__ = ["analysis_renderable", "print_analysis", "report_dict", "export_report", "score_style", "risk_key",
+           "risk_tier", "review_marks", "RISK_TIERS"]
+
+#: Review tiers, riskiest first. ``flagged``: ambiguous or carrying a flag, not proved;
+#: ``repaired``: changed by a layer-wise proof; ``unproved``: matched, never proved; ``proved``.
+RISK_TIERS = ("flagged", "repaired", "unproved", "proved")
+# entry.provenance -> its mark in the views (a plain "matched" has none)
+PROVENANCE2MARK = {"repaired": "↻ repaired", "proved": "✓ proved"}
 
 
 def score_style(score: float) -> str:
@@ -23,31 +30,84 @@ def score_style(score: float) -> str:
     return "green" if score > 0.8 else "yellow" if score >= 0.6 else "red"
 
 
+def risk_tier(entry: PlanEntry) -> str:
+    """The :data:`RISK_TIERS` entry of ``entry``; a proof outranks a flag.
+
+    >>> risk_tier(PlanEntry(("a",), "b", None, 0.9, 0.001, "tensor", (2,), (2,)))
+    'flagged'
+    """
+    if entry.provenance == "proved":
+        return "proved"
+    if entry.flagged:
+        return "flagged"
+    return "repaired" if entry.provenance == "repaired" else "unproved"
+
+
+def risk_key(entry: PlanEntry) -> tuple:
+    """Sort key putting the entries to review first: by tier, then lowest margin, then lowest score.
+
+    Ties keep their order (a stable sort keeps the plan's target order).
+    """
+    return RISK_TIERS.index(risk_tier(entry)), entry.margin, entry.score
+
+
+def review_marks(entry: PlanEntry) -> list[str]:
+    """What a reviewer must know of ``entry`` in a few characters: ambiguity, flags, provenance."""
+    marks = ["⚠"] if entry.ambiguous else []
+    marks += list(entry.flags)
+    if entry.provenance in PROVENANCE2MARK:
+        marks.append(PROVENANCE2MARK[entry.provenance])
+    return marks
+
+
+def flags_legend(entries) -> str:
+    """One line per flag carried by ``entries``: the flag and what it means."""
+    flags = sorted({f for e in entries for f in e.flags})
+    return "\n".join(f"{flag}: {FLAG_DESCRIPTIONS.get(flag, 'see the plan')}" for flag in flags)
+
+
 def _shape(shape) -> str:
     return "[" + ", ".join(map(str, shape)) + "]"
 
 
+def plain(text: str) -> Text:
+    """``text`` as a rich Text, never read as markup, with unencodable characters (a lone
+    surrogate from a file name) escaped: a hostile tensor name can never break a report."""
+    return Text(text.encode("utf-8", "backslashreplace").decode("utf-8"))
+
+
 def _entry_row(e: PlanEntry) -> tuple:
-    marks = []
-    if e.transform:
-        marks.append(e.transform)
-    if e.ambiguous:
-        marks.append("ambiguous")
+    marks = [e.transform] if e.transform else []
+    marks += (["ambiguous"] if e.ambiguous else []) + list(e.flags)
+    if e.provenance in PROVENANCE2MARK:
+        marks.append(PROVENANCE2MARK[e.provenance])
     return (
-        ", ".join(e.source),
-        e.target,
+        plain(", ".join(e.source)),
+        plain(e.target),
         Text(f"{e.score:.3f}", style=score_style(e.score)),
+        Text(f"{e.margin:.3f}", style="bold yellow" if e.ambiguous else ""),
         _shape(e.source_shape) + ("" if e.source_shape == e.target_shape else " -> " + _shape(e.target_shape)),
         e.level,
         " ".join(marks),
     )
 
 
+def _entries_table(title: str) -> Table:
+    # Names wrap instead of being cut: two names that differ only in their last characters (a
+    # swap to review) must stay visibly different at 80 columns.
+    table = Table(title=title)
+    table.add_column("source", overflow="fold")
+    table.add_column("target", overflow="fold")
+    for col in ("score", "margin", "shape", "level", "note"):
+        table.add_column(col, overflow="fold")
+    return table
+
+
 def analysis_renderable(plan: MappingPlan, *, top_n: int = 10, show_unmatched: bool = True) -> Group:
     """The ``print_analysis`` view as one rich renderable."""
     n_matched = len(plan.entries)
     summary = Text()
-    summary.append(f"{plan.source_label or 'source'} -> {plan.target_label or 'target'}\n", style="bold")
+    summary.append(plain(f"{plan.source_label or 'source'} -> {plan.target_label or 'target'}\n").plain, style="bold")
     summary.append(
         f"strategy {plan.strategy}, threshold {plan.threshold:.2f}, hierarchy rounds "
         f"{plan.rounds[0]}+{plan.rounds[1]}{'' if plan.converged else ' (not converged)'}\n"
@@ -55,37 +115,46 @@ def analysis_renderable(plan: MappingPlan, *, top_n: int = 10, show_unmatched: b
     summary.append(f"target tensors filled: {n_matched}/{plan.n_target} ({plan.coverage:.1%})\n")
     summary.append(f"unmatched: {len(plan.unmatched_source)} source, {len(plan.unmatched_target)} target")
     if plan.source_prefix:
-        summary.append(f"\nsource prefix {plan.source_prefix!r} ignored while matching")
+        summary.append(plain(f"\nsource prefix {plan.source_prefix!r} ignored while matching").plain)
+    if tuple(plan.flow_sources) != ("none", "none"):
+        summary.append(f"\ndata flow: {plan.flow_sources[0]} (source), {plan.flow_sources[1]} (target)")
     n_ambiguous = sum(e.ambiguous for e in plan.entries)
     if n_ambiguous:
         summary.append(f"\n{n_ambiguous} matches are ambiguous (runner-up within the margin): review them", style="yellow")
+    n_flagged = sum(bool(e.flags) for e in plan.entries)
+    if n_flagged:
+        summary.append(f"\n{n_flagged} matches carry a flag: review them", style="yellow")
+    n_repaired = sum(e.provenance == "repaired" for e in plan.entries)
+    n_proved = sum(e.provenance == "proved" for e in plan.entries)
+    if n_repaired or n_proved:
+        summary.append(f"\nlayer-wise proof: {n_proved} proved, {n_repaired} repaired, "
+                       f"{n_matched - n_proved - n_repaired} unproved")
     if plan.ambiguous:
         summary.append(f"\n{len(plan.ambiguous)} ambiguous matches withheld", style="yellow")
     parts: list[Any] = [Panel(summary, title="weight_mapper analysis", expand=False)]
     if top_n > 0 and plan.entries:
-        table = Table(title=f"Matches (lowest scores first, {min(top_n, n_matched)} of {n_matched})")
-        for col in ("source", "target", "score", "shape", "level", "note"):
-            table.add_column(col)
-        for e in sorted(plan.entries, key=lambda e: (e.score, e.target))[:top_n]:
+        table = _entries_table(f"Matches, riskiest first ({min(top_n, n_matched)} of {n_matched})")
+        for e in sorted(plan.entries, key=risk_key)[:top_n]:
             table.add_row(*_entry_row(e))
         parts.append(table)
     if plan.ambiguous:
-        table = Table(title="Withheld as ambiguous")
-        for col in ("source", "target", "score", "shape", "level", "note"):
-            table.add_column(col)
-        for e in plan.ambiguous[:top_n]:
+        table = _entries_table("Withheld as ambiguous")
+        for e in sorted(plan.ambiguous, key=risk_key)[:top_n]:
             table.add_row(*_entry_row(e))
         parts.append(table)
+    legend = flags_legend([*plan.entries, *plan.ambiguous])
+    if legend and top_n > 0:
+        parts.append(Text(legend, style="dim"))
     if show_unmatched and (plan.unmatched_source or plan.unmatched_target):
         table = Table(title="Unmatched")
-        table.add_column("source")
-        table.add_column("target")
+        table.add_column("source", overflow="fold")
+        table.add_column("target", overflow="fold")
         n = max(len(plan.unmatched_source), len(plan.unmatched_target))
         shown = min(n, max(top_n, 1))
         for i in range(shown):
             table.add_row(
-                plan.unmatched_source[i] if i < len(plan.unmatched_source) else "",
-                plan.unmatched_target[i] if i < len(plan.unmatched_target) else "",
+                plain(plan.unmatched_source[i] if i < len(plan.unmatched_source) else ""),
+                plain(plan.unmatched_target[i] if i < len(plan.unmatched_target) else ""),
             )
         if n > shown:
             table.add_row(f"... {max(len(plan.unmatched_source) - shown, 0)} more", f"... {max(len(plan.unmatched_target) - shown, 0)} more")

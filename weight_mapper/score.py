@@ -9,9 +9,10 @@ component weights. Nothing here loops over source x target pairs in Python.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 from rapidfuzz import process
@@ -71,7 +72,15 @@ TRANSPOSED_SCORE = 0.7  # shape score of a 2-D tensor whose target has the rever
 # Module types that store a 2-D weight as [in, out] where the other stores [out, in]: for such
 # a pair the source shape is compared transposed, and the plan transposes the weight even when
 # it is square (the shapes alone cannot tell).
-TRANSPOSED_TYPES: frozenset[tuple[str, str]] = frozenset({("Conv1D", "Linear"), ("Linear", "Conv1D")})
+# INFERRED_IN_OUT is not a class: it marks the modules of a state dict (no types) whose 2-D
+# weights its non-square ones show stored [in, out] against the other side's nn.Linear layers
+# (:func:`weight_mapper.storage.infer_storage`).
+INFERRED_IN_OUT = "[in, out]"
+LINEAR_TYPES = ("Linear", "NonDynamicallyQuantizableLinear")
+TRANSPOSED_TYPES: frozenset[tuple[str, str]] = frozenset(
+    {("Conv1D", "Linear"), ("Linear", "Conv1D")}
+    | {pair for t in LINEAR_TYPES for pair in ((INFERRED_IN_OUT, t), (t, INFERRED_IN_OUT))}
+)
 RESHAPE_SCORE = 0.6  # shape score of equal shapes up to size-1 dims ([C, 1, 1] vs [C])
 # Shape score of a flattened weight: the same first dim and size, other trailing dims. A
 # Linear over a flattened [C, H, W] feature map is a conv with an H x W kernel (torchvision's
@@ -539,50 +548,70 @@ def with_context(base: np.ndarray, context: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- rules
 def forbidden(
-    src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray, incompatible_pairs: Sequence[tuple[str, str]] | None
+    src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray,
+    incompatible_pairs: Sequence[tuple[Sequence[str], Sequence[str]]] | None,
 ) -> np.ndarray:
     """True where an ``incompatible_pairs`` rule forbids the match (symmetrically).
 
-    A rule ``("yolo_backbone", "resnet")`` forbids a source whose name contains every chunk of
-    one side (``{yolo, backbone}``) from matching a target containing every chunk of the other,
-    in both directions.
+    Each side of a validated rule is a tuple of alternatives (see
+    :func:`validate_incompatible_pairs`). A source whose name contains every chunk of one
+    alternative of one side (``yolo_backbone``: ``{yolo, backbone}``) never matches a target
+    containing every chunk of an alternative of the other side, in both directions.
     """
     out = np.zeros(len(si), dtype=bool)
     if not incompatible_pairs:
         return out
+    incompatible_pairs = validate_incompatible_pairs(incompatible_pairs)  # idempotent on validated rules
     src_chunks = [semantic_chunks(n) for n in src.labels]
     tgt_chunks = [semantic_chunks(n) for n in tgt.labels]
+
+    def hits(alternatives: Sequence[str], chunks: list[frozenset[str]]) -> np.ndarray:
+        wanted = [semantic_chunks(a) for a in alternatives]
+        return np.array([any(w <= c for w in wanted) for c in chunks], dtype=bool)
+
     for left, right in incompatible_pairs:
-        lc, rc = semantic_chunks(left), semantic_chunks(right)
-        s_left = np.array([lc <= c for c in src_chunks], dtype=bool)
-        s_right = np.array([rc <= c for c in src_chunks], dtype=bool)
-        t_left = np.array([lc <= c for c in tgt_chunks], dtype=bool)
-        t_right = np.array([rc <= c for c in tgt_chunks], dtype=bool)
+        s_left, s_right = hits(left, src_chunks), hits(right, src_chunks)
+        t_left, t_right = hits(left, tgt_chunks), hits(right, tgt_chunks)
         out |= (s_left[si] & t_right[ti]) | (s_right[si] & t_left[ti])
     return out
 
 
-def validate_incompatible_pairs(pairs) -> tuple[tuple[str, str], ...]:
-    """Check ``incompatible_pairs``: None or a sequence of 2-tuples of non-empty strings.
+def validate_incompatible_pairs(pairs) -> tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]:
+    """Check ``incompatible_pairs`` and bring each rule to ``(left alternatives, right alternatives)``.
+
+    A rule is a pair of sides. A side is a module name (``"encoder"``, ``"yolo_backbone"``:
+    every chunk must occur) or, as in the user guide, a set of such names meaning any of them
+    (``({"encoder", "embedding"}, {"decoder", "output"})``).
 
     Raises:
         MappingError: Naming the malformed rule.
+
+    >>> validate_incompatible_pairs([({"encoder", "embedding"}, "decoder")])
+    ((('embedding', 'encoder'), ('decoder',)),)
     """
     if pairs is None:
         return ()
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable):
+        raise MappingError(f"incompatible_pairs must be a list of pairs, got {pairs!r}")
     out = []
     for rule in pairs:
-        if (
-            not isinstance(rule, (tuple, list))
-            or len(rule) != 2
-            or not all(isinstance(r, str) and semantic_chunks(r) for r in rule)
-        ):
+        sides = [_alternatives(side) for side in rule] if isinstance(rule, (tuple, list)) else []
+        if len(sides) != 2 or not all(sides):
             raise MappingError(
                 f"incompatible_pairs entry {rule!r} must be a pair of module names such as "
-                "('encoder', 'decoder')"
+                "('encoder', 'decoder'), or of sets of alternatives such as "
+                "({'encoder', 'embedding'}, {'decoder', 'output'})"
             )
-        out.append((rule[0], rule[1]))
+        out.append((sides[0], sides[1]))
     return tuple(out)
+
+
+def _alternatives(side: Any) -> tuple[str, ...] | None:
+    """A rule side as a sorted tuple of names, or None when it is malformed."""
+    names = [side] if isinstance(side, str) else list(side) if isinstance(side, (set, frozenset, list, tuple)) else None
+    if not names or not all(isinstance(n, str) and semantic_chunks(n) for n in names):
+        return None
+    return tuple(sorted(set(names)))
 
 
 # ---------------------------------------------------------------------------- combination

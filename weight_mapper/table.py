@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from weight_mapper.errors import MappingError
+from weight_mapper.validate import Invalid, check_names
 from weight_mapper.names import name_indices, name_skeleton, name_tokens, natural_key, normalise_leaf, split_name
 
 __all__ = ["TensorTable", "looks_sorted"]
@@ -211,6 +212,10 @@ class TensorTable:
 
     @classmethod
     def _build(cls, names, shapes, dtypes, is_buffer, types, identities, exec_order, label, ordered=True) -> TensorTable:
+        try:
+            check_names(names)
+        except Invalid as e:
+            raise MappingError(f"{label}: {e}; names beyond these bounds are refused") from None
         alias_of = _alias_rows(identities)
         exec_pos = _exec_positions(names, exec_order)
         return cls(

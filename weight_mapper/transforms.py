@@ -15,11 +15,21 @@ reversed (:func:`invert_entries`). Applying a transform never scores anything.
 | ``index`` | 1 | ``dim``, ``index`` | ``stack`` of the indices |
 | ``stack_concat`` | parts x n | ``dim``, ``parts``, ``concat_dim``, ``sizes`` | one ``slice_index`` per source |
 | ``slice_index`` | 1 | ``dim``, ``index``, ``concat_dim``, ``start``, ``length`` | ``stack_concat`` |
+| ``rotary_half`` | 1 | ``n_heads`` | ``rotary_interleave`` |
+| ``rotary_interleave`` | 1 | ``n_heads`` | ``rotary_half`` |
+
+``slice``, ``index`` and ``slice_index`` are not only inverses: the matcher proposes them as
+*splits* (one fused source filling several targets, :func:`weight_mapper.combine.split`).
 
 ``stack_concat`` is what a fused, stacked expert weight needs (transformers 5's
 ``mlp.experts.gate_up_proj`` ``[E, 2I, H]`` from per-expert ``w1`` and ``w3``): its sources are
 part-major (every expert's ``w1``, then every expert's ``w3``); each part's ``n`` tensors are
 stacked along ``dim`` and the ``parts`` stacks concatenated along ``concat_dim``.
+
+``rotary_half`` / ``rotary_interleave`` reorder the rows of a rotary query / key projection
+(weight or bias) within each of ``n_heads`` heads: from the interleaved pairs of Meta's
+reference Llama and torchtune (``x0 y0 x1 y1 ...``) to the half-split halves Hugging Face's
+``rotate_half`` expects (``x0 x1 ... y0 y1 ...``), and back. See :mod:`weight_mapper.conventions`.
 """
 
 from __future__ import annotations
@@ -47,12 +57,14 @@ class Transform:
         apply: ``(source tensors, args) -> target tensor``.
         inverse: Name of the transform that undoes this one.
         many_sources: Whether the entry combines several source tensors.
+        same_args: Whether the inverse takes this transform's arguments unchanged.
     """
 
     name: str
     apply: Callable[[Sequence[torch.Tensor], Mapping[str, Any]], torch.Tensor]
     inverse: str
     many_sources: bool = False
+    same_args: bool = False
 
 
 # Results are contiguous copies: safetensors refuses non-contiguous views, and a copy never
@@ -76,13 +88,27 @@ TRANSFORMS: dict[str, Transform] = {
             .contiguous(),
             "stack_concat",
         ),
+        Transform("rotary_half", lambda ts, a: _rotary(ts[0], a, to_half=True), "rotary_interleave", same_args=True),
+        Transform("rotary_interleave", lambda ts, a: _rotary(ts[0], a, to_half=False), "rotary_half", same_args=True),
     )
 }
 
 
+def _rotary(tensor: torch.Tensor, args: Mapping[str, Any], *, to_half: bool) -> torch.Tensor:
+    """Reorder the rows of each head: interleaved pairs <-> half-split halves."""
+    n_heads = int(args["n_heads"])
+    rows = tensor.shape[0]
+    if n_heads < 1 or rows % n_heads or (rows // n_heads) % 2:
+        raise PlanError(f"cannot reorder {rows} rows into {n_heads} rotary heads of an even size")
+    half = rows // n_heads // 2
+    rest = tuple(tensor.shape[1:])
+    split = (n_heads, half, 2, *rest) if to_half else (n_heads, 2, half, *rest)
+    return tensor.reshape(split).transpose(1, 2).reshape(tensor.shape).contiguous()
+
+
 def _stack_concat(tensors: Sequence[torch.Tensor], args: Mapping[str, Any]) -> torch.Tensor:
-    parts = int(args["parts"])
-    if parts < 1 or len(tensors) % parts:
+    parts = args["parts"]
+    if not isinstance(parts, int) or parts < 1 or len(tensors) % parts:
         raise PlanError(f"stack_concat needs a multiple of parts={parts} source tensors, got {len(tensors)}")
     n = len(tensors) // parts
     dim = args.get("dim", 0)
@@ -111,8 +137,19 @@ def invert_entries(entries: Sequence[PlanEntry]) -> list[PlanEntry]:
 
     Raises:
         PlanError: If an entry has no unique way back (a source copied to several targets
-            comes back once; slices or indices of one source must cover it exactly).
+            comes back once; slices or indices of one source must cover it exactly), or its
+            transform arguments are missing or out of range.
     """
+    try:
+        return _invert_entries(entries)
+    except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
+        if isinstance(e, PlanError):
+            raise
+        raise PlanError(f"the plan has no inverse: an entry's transform arguments are missing or out of "
+                        f"range ({type(e).__name__}: {e}); check the plan's args") from None
+
+
+def _invert_entries(entries: Sequence[PlanEntry]) -> list[PlanEntry]:
     out: list[PlanEntry] = []
     seen: set[str] = set()
     pieces: dict[str, list[PlanEntry]] = {}  # slice / index entries, grouped by their source
@@ -140,9 +177,10 @@ def invert_entries(entries: Sequence[PlanEntry]) -> list[PlanEntry]:
         if e.source[0] in seen:
             continue  # a source copied to several targets comes back once
         seen.add(e.source[0])
-        args = {"shape": list(e.source_shape)} if op == "reshape" else {}
+        transform = get_transform(op)
+        args = {"shape": list(e.source_shape)} if op == "reshape" else dict(e.args) if transform.same_args else {}
         out.append(replace(e, source=(e.target,), target=e.source[0], transform=None if op == "identity" else
-                           get_transform(op).inverse, args=args, source_shape=e.target_shape,
+                           transform.inverse, args=args, source_shape=e.target_shape,
                            target_shape=e.source_shape))
     for src, group in pieces.items():
         op = group[0].transform

@@ -14,12 +14,15 @@ from functools import cached_property
 import networkx as nx
 import numpy as np
 
+from weight_mapper.errors import MappingError
 from weight_mapper.names import component_ordinal, natural_key, repeat_key
 from weight_mapper.table import TensorTable
 
 __all__ = ["ModuleTree", "GroupTable", "ROOT"]
 
 ROOT = ""
+#: Most characters all module paths of one tree may hold (a 1M-tensor model needs < 10M).
+MAX_TREE_CHARS = 100_000_000
 
 
 def _parent(path: str) -> str:
@@ -52,12 +55,18 @@ class ModuleTree:
         types: dict[str, str] = {}
         for module, mtype in zip(table.modules, table.module_types):
             types.setdefault(module, mtype)
+        n_chars = 0  # every module path is kept: bound their total size (deep hostile names)
         for module in table.modules:
             path = module
             chain = []
             while path != ROOT and path not in graph:
                 chain.append(path)
+                n_chars += len(path)
                 path = _parent(path)
+            if n_chars > MAX_TREE_CHARS:
+                raise MappingError(f"{table.label}: the module paths of its tensor names hold more than "
+                                   f"{MAX_TREE_CHARS:,} characters in all (names nested very deep); such "
+                                   f"names are refused")
             for node in reversed(chain):
                 graph.add_node(node, type=types.get(node, ""), depth=node.count(".") + 1)
                 graph.add_edge(_parent(node), node)

@@ -1,0 +1,161 @@
+"""Layout conventions the shapes cannot show: the rotary q/k rows of Meta / torchtune vs Hugging Face."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from reference_llama import MetaTransformer, TransformerDecoder, hf_to_meta_truth, hf_to_tune_truth
+from weight_mapper import WeightMapper, apply_plan
+from weight_mapper.conventions import ROTARY_FLAG, apply_conventions, rotary_layout
+from weight_mapper.plan import FLAG_DESCRIPTIONS, MappingPlan, PlanEntry
+from weight_mapper.transforms import get_transform
+
+transformers = pytest.importorskip("transformers")
+
+_LAYERS, _VOCAB, _DIM, _HIDDEN, _HEADS, _KV_HEADS = 2, 96, 64, 160, 4, 2
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _hf():
+    config = transformers.LlamaConfig(
+        vocab_size=_VOCAB, hidden_size=_DIM, intermediate_size=_HIDDEN, num_hidden_layers=_LAYERS,
+        num_attention_heads=_HEADS, num_key_value_heads=_KV_HEADS, max_position_embeddings=64,
+        rms_norm_eps=1e-6, tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _meta():
+    return MetaTransformer(_VOCAB, _DIM, _HIDDEN, _LAYERS, _HEADS, _KV_HEADS).eval()
+
+
+def _tune(interleaved=True):
+    return TransformerDecoder(_VOCAB, _DIM, _HIDDEN, _LAYERS, _HEADS, _KV_HEADS, interleaved=interleaved).eval()
+
+
+def _ids():
+    return torch.randint(0, _VOCAB, (2, 12))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        out = model(ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _independent_hf_to_interleaved(hf_sd, truth):
+    """transformers' convert_llama_weights_to_hf permute, undone, written out independently."""
+    out = {}
+    for k, v in hf_sd.items():
+        heads = _HEADS if "q_proj" in k else _KV_HEADS if "k_proj" in k else None
+        if heads is not None:
+            hd = v.shape[0] // heads
+            v = v.view(heads, 2, hd // 2, -1).transpose(1, 2).reshape(v.shape)
+        out[truth[k]] = v
+    return out
+
+
+@pytest.mark.parametrize("heads", [1, 2, 4])
+def test_rotary_transforms_are_inverses_and_match_the_reference_permutation(heads):
+    w = torch.randn(heads * 8, 5)
+    half = get_transform("rotary_half").apply([w], {"n_heads": heads})
+    hd = 8
+    expected = w.view(heads, hd // 2, 2, 5).transpose(1, 2).reshape(heads * hd, 5)  # HF's permute
+    assert torch.equal(half, expected)
+    assert torch.equal(get_transform("rotary_interleave").apply([half], {"n_heads": heads}), w)
+    bias = torch.arange(heads * 8.0)
+    assert torch.equal(get_transform("rotary_interleave").apply([get_transform("rotary_half").apply(
+        [bias], {"n_heads": heads})], {"n_heads": heads}), bias)
+
+
+def test_rotary_transform_refuses_rows_that_are_not_heads_of_even_size():
+    e = PlanEntry(("a",), "b", "rotary_half", 1.0, 1.0, "tensor", (6, 2), (6, 2), args={"n_heads": 2})
+    with pytest.raises(Exception, match="cannot rotary_half .*'a'.*even size"):
+        apply_plan(MappingPlan((e,)), {"a": torch.zeros(6, 2)})
+
+
+def test_layouts_are_told_by_code_config_and_names():
+    assert rotary_layout(hf_sd_names := list(_hf().state_dict())).kind == "half"
+    assert rotary_layout(hf_sd_names, _hf()).n_heads == _HEADS
+    assert rotary_layout(list(_meta().state_dict())).kind == "interleaved"
+    meta = rotary_layout(list(_meta().state_dict()), _meta())
+    assert meta.kind == "interleaved" and "freqs_cis" in meta.evidence and meta.n_kv_heads == _KV_HEADS
+    assert rotary_layout(list(_tune().state_dict())).kind == "interleaved"  # torchtune checkpoint names
+    assert rotary_layout(list(_tune().state_dict()), _tune()).kind == "unknown"  # its code is not torchtune's
+    assert rotary_layout(["encoder.layer.0.attention.self.query.weight"]).kind is None
+    assert ROTARY_FLAG in FLAG_DESCRIPTIONS
+
+
+def test_hf_to_meta_reference_converts_exactly_from_the_models():
+    hf, meta, ids = _hf(), _meta(), _ids()
+    mapper = WeightMapper(hf, meta)
+    assert mapper.suggest_mapping() == hf_to_meta_truth(_LAYERS)
+    qk = [e for e in mapper.get_plan().entries if e.target.endswith(("wq.weight", "wk.weight"))]
+    assert len(qk) == 2 * _LAYERS and all(e.transform == "rotary_interleave" and not e.flags for e in qk)
+    assert {e.args["n_heads"] for e in qk if "wk" in e.target} == {_KV_HEADS}
+    converted = apply_plan(mapper.get_plan(), hf.state_dict())
+    assert all(torch.equal(converted[k], v) for k, v in _independent_hf_to_interleaved(
+        hf.state_dict(), hf_to_meta_truth(_LAYERS)).items())
+    meta.load_state_dict(converted, strict=True)
+    assert torch.allclose(_logits(hf, ids), _logits(meta, ids), atol=1e-5)
+
+
+def test_meta_checkpoint_alone_converts_to_hf_and_back(tmp_path):
+    meta, ids = _meta(), _ids()
+    path = tmp_path / "consolidated.safetensors"
+    save_file({k: v.contiguous() for k, v in meta.state_dict().items()}, path)
+    hf = _hf()
+    mapper = WeightMapper.from_checkpoint(path, hf)  # the source is names and shapes only
+    mapper.suggest_mapping()
+    plan = mapper.get_plan()
+    assert {e.transform for e in plan.entries if "_proj" in e.target and e.target.endswith(("q_proj.weight",
+                                                                                            "k_proj.weight"))} == {"rotary_half"}
+    assert not any(e.flags for e in plan.entries)
+    hf.load_state_dict(apply_plan(plan, meta.state_dict()), strict=True)
+    assert torch.allclose(_logits(hf, ids), _logits(meta, ids), atol=1e-5)
+    back = apply_plan(plan.inverse(), hf.state_dict())  # and back: the inverse keeps the head counts
+    assert all(torch.equal(back[k], v) for k, v in meta.state_dict().items())
+
+
+def test_torchtune_checkpoint_alone_converts_to_hf(tmp_path):
+    tune, ids = _tune(), _ids()
+    hf = _hf()
+    mapper = WeightMapper.from_state_dict(dict(tune.state_dict()), hf)
+    mapper.suggest_mapping()
+    hf.load_state_dict(apply_plan(mapper.get_plan(), tune.state_dict()), strict=True)
+    assert torch.allclose(_logits(hf, ids), _logits(tune, ids), atol=1e-5)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_undetectable_layout_is_flagged_and_settled_by_a_forward_pass(interleaved):
+    hf, ids = _hf(), _ids()
+    tune = _tune(interleaved)  # torchtune names; its rotary code is nothing weight_mapper knows
+    flagged = WeightMapper(hf, tune)
+    assert flagged.suggest_mapping() == hf_to_tune_truth(_LAYERS)
+    qk = [e for e in flagged.get_plan().entries if e.target.endswith(("q_proj.weight", "k_proj.weight"))]
+    assert all(ROTARY_FLAG in e.flags and e.transform is None for e in qk)
+    assert any(ROTARY_FLAG in n for n in flagged.notes)
+    conservative = WeightMapper(hf, tune).suggest_mapping(strategy="conservative")
+    assert not any(k.endswith(("q_proj.weight", "k_proj.weight")) for k in conservative)
+
+    proved = WeightMapper(hf, tune, dummy_input=ids)
+    assert proved.suggest_mapping() == hf_to_tune_truth(_LAYERS)
+    plan = proved.get_plan()
+    qk = [e for e in plan.entries if e.target.endswith(("q_proj.weight", "k_proj.weight"))]
+    assert all(not e.flags for e in qk)
+    if interleaved:
+        assert all(e.transform == "rotary_interleave" and e.provenance == "repaired" for e in qk)
+    else:
+        assert all(e.transform is None and e.provenance == "proved" for e in qk)
+    assert proved.verification.ok and proved.verification.n_forward <= 4
+    tune.load_state_dict(apply_plan(plan, hf.state_dict()), strict=True)
+    assert torch.allclose(_logits(hf, ids), _logits(tune, ids), atol=1e-5)
+
+
+def test_apply_conventions_leaves_unrelated_plans_alone():
+    e = PlanEntry(("a.q_proj.weight",), "b.q_proj.weight", None, 1.0, 1.0, "tensor", (4, 4), (4, 4))
+    plan = MappingPlan((e,))
+    assert apply_conventions(plan) == (plan, [])

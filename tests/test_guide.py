@@ -745,23 +745,31 @@ def test_at_80_columns_the_analysis_wraps_names_so_a_swap_shows():
 
 
 def _column_cells(text: str) -> set[tuple[str, str]]:
-    """(source, target) of every row of a box table whose cells may wrap onto several lines."""
-    rows, current = set(), None
+    """(source, target) of every row of the analysis' tables, whose cells may wrap onto several lines.
+
+    The tables have a header rule and no vertical lines: the columns are where the header
+    names them.
+    """
+    rows, current, columns = set(), None, None
     for line in text.splitlines():
-        if not line.startswith("│"):
+        words = line.split()
+        if words[:3] == ["source", "target", "score"]:
+            columns = [line.index(name) for name in ("source", "target", "score", "shape")]
+            continue
+        if columns is None or set(line.strip()) <= {"─"}:
+            if not line.strip():  # a blank line ends the table
+                columns = None
+                if current:
+                    rows.add(current)
+                current = None
+            continue
+        source, target, score = (line[a:b].strip() for a, b in zip(columns, columns[1:]))
+        if score:  # the score column starts a row
             if current:
                 rows.add(current)
-            current = None
-            continue
-        cells = [c.strip() for c in line.strip("│").split("│")]
-        if len(cells) < 6:  # the summary panel
-            continue
-        if cells[2]:  # the score column starts a row
-            if current:
-                rows.add(current)
-            current = (cells[0], cells[1])
+            current = (source, target)
         elif current:
-            current = (current[0] + cells[0], current[1] + cells[1])
+            current = (current[0] + source, current[1] + target)
     if current:
         rows.add(current)
     return rows

@@ -745,34 +745,29 @@ def test_at_80_columns_the_analysis_wraps_names_so_a_swap_shows():
 
 
 def _column_cells(text: str) -> set[tuple[str, str]]:
-    """(source, target) of every row of the analysis' tables, whose cells may wrap onto several lines.
-
-    The tables have a header rule and no vertical lines: the columns are where the header
-    names them.
-    """
-    rows, current, columns = set(), None, None
-    for line in text.splitlines():
-        words = line.split()
-        if words[:3] == ["source", "target", "score"]:
-            columns = [line.index(name) for name in ("source", "target", "score", "shape")]
+    """(source, target) of every row of the analysis' match tables, whose cells may wrap onto
+    several lines: columns are cut where the header line puts them."""
+    rows: set[tuple[str, str]] = set()
+    lines = text.splitlines()
+    for h, header in enumerate(lines):
+        if not (header.strip().startswith("source") and " target " in header and " score " in header):
             continue
-        if columns is None or set(line.strip()) <= {"─"}:
-            if not line.strip():  # a blank line ends the table
-                columns = None
+        at_target, at_score, at_shape = header.index(" target ") + 1, header.index(" score "), header.index(" shape ")
+        current = None
+        for line in lines[h + 2:]:  # after the rule under the header
+            if not line.strip() or line.strip().startswith(("─", "╭", "Withheld", "Unmatched")):
+                break
+            source, target = line[:at_target].strip(), line[at_target:at_score].strip()
+            if line[at_score:at_shape].strip():  # a score starts a row
                 if current:
                     rows.add(current)
-                current = None
-            continue
-        source, target, score = (line[a:b].strip() for a, b in zip(columns, columns[1:]))
-        if score:  # the score column starts a row
-            if current:
-                rows.add(current)
-            current = (source, target)
-        elif current:
-            current = (current[0] + source, current[1] + target)
-    if current:
-        rows.add(current)
+                current = (source, target)
+            elif current:
+                current = (current[0] + source, current[1] + target)
+        if current:
+            rows.add(current)
     return rows
+
 
 
 def test_a_square_transposed_pair_moved_by_hand_keeps_its_transpose():

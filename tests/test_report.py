@@ -78,7 +78,7 @@ def test_print_analysis_lists_the_riskiest_first_with_flags_and_provenance():
 
     print_analysis(plan, top_n=4, console=console)
     text = console.export_text()
-    rows = [line.split("│")[2].strip() for line in text.splitlines() if line.startswith("│ src.")]
+    rows = [line.split()[1] for line in text.splitlines() if line.startswith(" src.")]
     assert rows == ["ambiguous", "order", "repaired", "low_margin"]
     assert "order_only: decided by order alone" in text
     assert "↻ repaired" in text and "layer-wise proof: 2 proved, 1 repaired, 5 unproved" in text

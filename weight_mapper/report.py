@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
@@ -105,7 +106,7 @@ def _entries_table(title: str, entries: Sequence[PlanEntry]) -> Table:
     # Names wrap instead of being cut: two names that differ only in their last characters (a
     # swap to review) must stay visibly different at 80 columns. They keep their full width up
     # to _NAME_MIN_WIDTH characters; the short columns give way first.
-    table = Table(title=title)
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
     for col, names in (("source", [", ".join(e.source) for e in entries]), ("target", [e.target for e in entries])):
         table.add_column(col, overflow="fold", min_width=min(_NAME_MIN_WIDTH, max(map(len, names), default=1)))
     for col in ("score", "shape", "level", "note"):

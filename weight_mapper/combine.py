@@ -337,7 +337,8 @@ def _propose(
     if len(left_src) < 2 or len(left_tgt) == 0:
         return []
     runs = _concat_runs(src_table, left_src)
-    singles = [((int(r),), src_table.shapes[r]) for r in left_src]
+    # 0-d tensors (num_batches_tracked) are counters, never parts of a stack.
+    singles = [((int(r),), src_table.shapes[r]) for r in left_src if src_table.shapes[r]]
     candidates = [(rows, shape, "concat", 1) for rows, shape in runs]
     candidates += [(rows, shape, "stack" if parts == 1 else "stack_concat", parts)
                    for rows, shape, parts in _stacked_runs(src_table, singles + runs)]

@@ -8,6 +8,7 @@ opened in headless Chromium where ``/usr/bin/chromium`` exists.
 import dataclasses
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 import torch
 from rich.console import Console
 
+from benchmarks.review_page.cdp import FETCH_HINT, Browser, find_chromium
 from cli_factories import OldNet
 from fixture_models import BatchNormed, BatchNormedRenamed, OldModel, PartiallyCompatible
 from weight_mapper import MappingError, MappingPlan, PlanEntry, PlanError, TensorTable, WeightMapper
@@ -23,7 +25,6 @@ from weight_mapper.cli import main
 from weight_mapper.views import MappingView, ScoreBreakdownView, _sub_weights, export_html, score_bar
 
 _WIDTH = 100
-_CHROMIUM = Path("/usr/bin/chromium")
 _FACTORY = "cli_factories:new_net"
 
 
@@ -72,23 +73,24 @@ MAPPING_PARTIAL = """\
 │ coverage          ████████████████░░░░ 7/9 target tensors filled (77.8%) │
 │ matched           7: 6 GROUP, 1 INDIV; 0 ambiguous                       │
 │ transforms        7 exact                                                │
+│ review            0 flagged, 0 repaired, 7 unproved, 0 proved            │
 │ unmatched         1 source, 2 target                                     │
 │ threshold         0.60                                                   │
 │ strategy          best_match                                             │
 │ hierarchy rounds  2 group-level + 2 tensor-level, converged              │
 ╰──────────────────────────────────────────────────────────────────────────╯
 
-Matches
-source               target               score  transform  level  shape
-─────────────────────────────────────────────────────────────────────────────────
-backbone.0.weight    backbone.0.weight    1.000  exact      INDIV  [16, 3, 3, 3]
-backbone.2.weight    backbone.2.weight    0.991  exact      GROUP  [32, 16, 3, 3]
-backbone.2.bias      backbone.2.bias      0.991  exact      GROUP  [32]
-classifier.0.weight  classifier.0.weight  0.989  exact      GROUP  [64, 32]
-classifier.0.bias    classifier.0.bias    0.989  exact      GROUP  [64]
-classifier.2.weight  classifier.2.weight  0.987  exact      GROUP  [10, 64]
-classifier.2.bias    classifier.2.bias    0.987  exact      GROUP  [10]
-score: green > 0.8, yellow 0.6-0.8, red < 0.6
+Matches, riskiest first
+source               target               score  margin  transform  level  shape
+─────────────────────────────────────────────────────────────────────────────────────────
+classifier.2.weight  classifier.2.weight  0.987   0.987  exact      GROUP  [10, 64]
+classifier.2.bias    classifier.2.bias    0.987   0.987  exact      GROUP  [10]
+classifier.0.weight  classifier.0.weight  0.989   0.989  exact      GROUP  [64, 32]
+classifier.0.bias    classifier.0.bias    0.989   0.989  exact      GROUP  [64]
+backbone.2.weight    backbone.2.weight    0.991   0.991  exact      GROUP  [32, 16, 3, 3]
+backbone.2.bias      backbone.2.bias      0.991   0.991  exact      GROUP  [32]
+backbone.0.weight    backbone.0.weight    1.000   1.000  exact      INDIV  [16, 3, 3, 3]
+score: green > 0.8, yellow 0.6-0.8, red < 0.6; margin: score minus the runner-up's
 
 Unmatched
 source (1)       shape  target (2)    shape
@@ -129,21 +131,22 @@ MAPPING_BN_TOP4 = """\
 │ coverage          ████████████████████ 14/14 target tensors filled (100.0%) │
 │ matched           14: 14 GROUP; 0 ambiguous                                 │
 │ transforms        14 exact                                                  │
+│ review            0 flagged, 0 repaired, 14 unproved, 0 proved              │
 │ unmatched         0 source, 0 target                                        │
 │ threshold         0.60                                                      │
 │ strategy          best_match                                                │
 │ hierarchy rounds  2 group-level + 1 tensor-level, converged                 │
 ╰─────────────────────────────────────────────────────────────────────────────╯
 
-Matches
-source            target                  score  transform  level  shape
-────────────────────────────────────────────────────────────────────────
-bn1.weight        stem.norm.weight        0.795  exact      GROUP  [8]
-bn1.bias          stem.norm.bias          0.795  exact      GROUP  [8]
-bn1.running_mean  stem.norm.running_mean  0.795  exact      GROUP  [8]
-bn1.running_var   stem.norm.running_var   0.795  exact      GROUP  [8]
-4 of 14 shown: the ambiguous and lowest-scoring ones; the other 10 score >= 0.795
-score: green > 0.8, yellow 0.6-0.8, red < 0.6
+Matches, riskiest first
+source            target                  score  margin  transform  level  shape
+────────────────────────────────────────────────────────────────────────────────
+bn1.weight        stem.norm.weight        0.795   0.071  exact      GROUP  [8]
+bn1.bias          stem.norm.bias          0.795   0.071  exact      GROUP  [8]
+bn1.running_mean  stem.norm.running_mean  0.795   0.071  exact      GROUP  [8]
+bn1.running_var   stem.norm.running_var   0.795   0.071  exact      GROUP  [8]
+4 of 14 shown; the other 10: 10 unproved, margin >= 0.071
+score: green > 0.8, yellow 0.6-0.8, red < 0.6; margin: score minus the runner-up's
 """
 
 TREES_BN_DEPTH1 = """\
@@ -196,14 +199,38 @@ WHY_BN1_RUNNING_MEAN = """\
 
 WHY_UNDER_THRESHOLD = """\
 ╭─ Why is bn1.weight not in the plan? ─────────────────────────────────────────────────────────────╮
-│ bn1.weight stayed unmatched: its best candidate stem.norm scores 0.744, under the threshold      │
-│ 0.85.                                                                                            │
+│ Matched as part of module bn1 -> stem.norm, score 0.795                                          │
+│ The assignment chose it, but its score is under the threshold 0.85: it is not in the plan (nor   │
+│ is the rest of its module).                                                                      │
+│ It beats the runner-up block.norm by 0.074                                                       │
 │                                                                                                  │
-│ Best candidates                                                                                  │
-│ candidate   score  shape   name  hierarchy  context                                              │
-│ ───────────────────────────────────────────────────                                              │
-│ stem.norm   0.744  1.000  0.272      0.812    0.500                                              │
-│ block.norm  0.651  1.000  0.310      0.291    0.500                                              │
+│ score component       weight  score                          adds                                │
+│ ─────────────────────────────────────────────────────────────────                                │
+│ shape                   0.50  1.000  ████████████████████   0.500                                │
+│ name                    0.30  0.272  █████░░░░░░░░░░░░░░░   0.082                                │
+│   token overlap         0.30  0.000  ░░░░░░░░░░░░░░░░░░░░   0.000                                │
+│   edit distance         0.20  0.444  █████████░░░░░░░░░░░   0.027                                │
+│   common subsequence    0.15  0.556  ███████████░░░░░░░░░   0.025                                │
+│   numeric indices       0.25  0.000  ░░░░░░░░░░░░░░░░░░░░   0.000                                │
+│   leaf type             0.10  1.000  ████████████████████   0.030                                │
+│ hierarchy               0.20  0.812  ████████████████░░░░   0.163                                │
+│   depth                 0.15  0.500  ██████████░░░░░░░░░░   0.015                                │
+│   sibling position      0.15  0.250  █████░░░░░░░░░░░░░░░   0.007                                │
+│   definition order      0.20  1.000  ████████████████████   0.040                                │
+│   execution order       0.50  1.000  ████████████████████   0.100                                │
+│                                                                                                  │
+│ base                          0.744  ███████████████░░░░░   0.744                                │
+│ context                 0.20  1.000  ████████████████████  +0.051                                │
+│                                                                                                  │
+│ score                         0.795  ████████████████░░░░   0.795                                │
+│ weight of a sub-score: its share of the component                                                │
+│ adds: its part of the score                                                                      │
+│ score = 0.80 × base + 0.20 × max(base, context)                                                  │
+│                                                                                                  │
+│ Alternatives (best first)                                                                        │
+│ candidate   score  vs chosen  shape   name  hierarchy  context                                   │
+│ ──────────────────────────────────────────────────────────────                                   │
+│ block.norm  0.721     -0.074  1.000  0.310      0.291    1.000                                   │
 ╰──────────────────────────────────────────────────────────────────────────────────────────────────╯
 """
 
@@ -213,20 +240,23 @@ MAPPING_AMBIGUOUS = """\
 │ coverage          ████████████████████ 3/3 target tensors filled (100.0%) │
 │ matched           3: 3 GROUP; 2 ambiguous                                 │
 │ transforms        3 exact                                                 │
+│ review            2 flagged, 0 repaired, 1 unproved, 0 proved             │
 │ unmatched         0 source, 0 target                                      │
 │ threshold         0.60                                                    │
 │ strategy          best_match                                              │
 │ hierarchy rounds  2 group-level + 1 tensor-level, converged               │
 ╰───────────────────────────────────────────────────────────────────────────╯
 
-Matches
-source                     target                     score  transform  level  shape    margin
-────────────────────────────────────────────────────────────────────────────────────────────────
-layers.0.in_norm.weight    layers.0.sa_norm.weight    0.951  exact      GROUP  [8]      ⚠ 0.004
-layers.0.post_norm.weight  layers.0.mlp_norm.weight   0.944  exact      GROUP  [8]      ⚠ -0.003
-layers.0.attn.weight       layers.0.attention.weight  1.000  exact      GROUP  [8, 16]
-score: green > 0.8, yellow 0.6-0.8, red < 0.6
-⚠ ambiguous: margin (score minus the runner-up's) under 0.02
+Matches, riskiest first
+source                    target                    score  margin  transform  level  shape    review
+────────────────────────────────────────────────────────────────────────────────────────────────────
+layers.0.post_norm.weigh  layers.0.mlp_norm.weight  0.944  -0.003  exact      GROUP  [8]      ⚠
+t
+layers.0.in_norm.weight   layers.0.sa_norm.weight   0.951   0.004  exact      GROUP  [8]      ⚠
+layers.0.attn.weight      layers.0.attention.weigh  1.000   1.000  exact      GROUP  [8, 16]
+                          t
+score: green > 0.8, yellow 0.6-0.8, red < 0.6; margin: score minus the runner-up's
+⚠ ambiguous: margin under 0.02
 """
 
 MAPPING_WITHHELD = """\
@@ -235,6 +265,7 @@ MAPPING_WITHHELD = """\
 │ coverage          ███████░░░░░░░░░░░░░ 1/3 target tensors filled (33.3%) │
 │ matched           1: 1 GROUP; 0 ambiguous                                │
 │ transforms        1 exact                                                │
+│ review            0 flagged, 0 repaired, 1 unproved, 0 proved            │
 │ unmatched         2 source, 2 target                                     │
 │ withheld          2 ambiguous matches (strategy conservative)            │
 │ threshold         0.75                                                   │
@@ -242,19 +273,19 @@ MAPPING_WITHHELD = """\
 │ hierarchy rounds  2 group-level + 1 tensor-level, converged              │
 ╰──────────────────────────────────────────────────────────────────────────╯
 
-Matches
-source                target                     score  transform  level  shape
-─────────────────────────────────────────────────────────────────────────────────
-layers.0.attn.weight  layers.0.attention.weight  1.000  exact      GROUP  [8, 16]
-score: green > 0.8, yellow 0.6-0.8, red < 0.6
+Matches, riskiest first
+source                target                     score  margin  transform  level  shape
+─────────────────────────────────────────────────────────────────────────────────────────
+layers.0.attn.weight  layers.0.attention.weight  1.000   1.000  exact      GROUP  [8, 16]
+score: green > 0.8, yellow 0.6-0.8, red < 0.6; margin: score minus the runner-up's
 
-Withheld as ambiguous (not in the plan)
-source                     target                    score  transform  level  shape  margin
-─────────────────────────────────────────────────────────────────────────────────────────────
-layers.0.in_norm.weight    layers.0.sa_norm.weight   0.951  exact      GROUP  [8]    ⚠ 0.004
-layers.0.post_norm.weight  layers.0.mlp_norm.weight  0.944  exact      GROUP  [8]    ⚠ -0.003
-score: green > 0.8, yellow 0.6-0.8, red < 0.6
-⚠ ambiguous: margin (score minus the runner-up's) under 0.02
+Withheld as ambiguous (not in the plan), riskiest first
+source                     target                    score  margin  transform  level  shape  review
+───────────────────────────────────────────────────────────────────────────────────────────────────
+layers.0.post_norm.weight  layers.0.mlp_norm.weight  0.944  -0.003  exact      GROUP  [8]    ⚠
+layers.0.in_norm.weight    layers.0.sa_norm.weight   0.951   0.004  exact      GROUP  [8]    ⚠
+score: green > 0.8, yellow 0.6-0.8, red < 0.6; margin: score minus the runner-up's
+⚠ ambiguous: margin under 0.02
 
 Unmatched
 source (2)                 shape  target (2)                shape
@@ -388,7 +419,7 @@ def test_fused_entries_show_every_source_and_their_own_components():
     plan = MappingPlan((entry,), weights={"shape": 0.5, "name": 0.3, "hierarchy": 0.2})
     mapping = render_view(MappingView(plan, show_unmatched=False))
     assert "1: 1 FUSED; 0 ambiguous" in mapping and "1 concat" in mapping
-    assert "attn.in_proj_weight  0.810  concat     FUSED  [4, 4] + [4, 4] + [4, 4]" in mapping
+    assert "0.810   0.500  concat     FUSED  [4, 4] + [4, 4] + [4, 4] -> [12, 4]" in mapping  # one line
     # What WeightMapper.explain says of a tensor the 1:1 assignment did not match.
     explanation = {"source": "attn.k.weight", "target": "attn.in_proj_weight", "level": None, "candidate": None,
                    "target_label": None, "score": None, "components": None, "sub_scores": {}, "alternatives": [],
@@ -472,15 +503,20 @@ def _html(old_checkpoint, tmp_path, capsys, *extra) -> tuple[str, str]:
     return html.read_text(encoding="utf-8"), capsys.readouterr().out
 
 
-def test_map_html_is_one_self_contained_file(old_checkpoint, tmp_path, capsys):
+def test_map_html_is_one_self_contained_page(old_checkpoint, tmp_path, capsys):
     text, out = _html(old_checkpoint, tmp_path, capsys, "--explain", "backbone.1.weight")
-    assert "Review written to" in out
+    assert "Review written to" in out and "riskiest first" in out
     assert text.startswith("<!DOCTYPE html>")
     assert "<title>weight_mapper review: old.pt -&gt; NewNet</title>" in text
-    for view in ("Mapping review", "source: old.pt", "Why backbone.1.weight -> stem.norm.weight?"):
-        assert view in _visible(text)
-    assert 'style="color: #' in text  # the colours are inline
-    for external in ("<script", "<link", "src=", "href=", "http://", "https://", "@import"):
+    data = json.loads(re.search(r'id="wm-data">(.*?)</script>', text, re.S).group(1))
+    plan = MappingPlan.from_json(tmp_path / "plan.json")
+    assert data["meta"]["source_label"] == "old.pt" and data["meta"]["n_matched"] == len(plan.entries)
+    # every entry's breakdown (there are fewer than MAX_BREAKDOWNS), the --explain one among them
+    assert len(data["breakdowns"]) == sum(e.level != "alias" for e in plan.entries) + len(plan.unmatched_source)
+    explained = next(r for r, src in enumerate(data["rows"]["src"][:len(plan.entries)])
+                     if plan.entries[r].source == ("backbone.1.weight",))
+    assert str(explained) in data["breakdowns"]
+    for external in ("<link", " src=", "href=", "http://", "https://", "@import"):
         assert external not in text
 
 
@@ -505,32 +541,28 @@ def test_map_html_fails_before_writing_anything(old_checkpoint, tmp_path, capsys
     assert not plan.exists()
 
 
-@pytest.mark.skipif(not _CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+@pytest.mark.skipif(find_chromium() is None, reason=f"no headless Chromium: {FETCH_HINT}")
 def test_html_opens_in_headless_chromium(tmp_path):
     mapper = batchnormed()
     html = export_html([MappingView(mapper.get_plan(), source_table=mapper.source_table,
                                     target_table=mapper.target_table),
                         ScoreBreakdownView(mapper.explain("bn1.weight"))], tmp_path / "review.html")
-    shot = tmp_path / "shot.png"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}"]
-    out = subprocess.run([str(_CHROMIUM), *flags, f"--screenshot={shot}", "--window-size=1200,900",
-                          html.resolve().as_uri()], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert shot.exists() and shot.stat().st_size > 0
+    with Browser(find_chromium()) as browser:
+        browser.open(html)
+        shot = browser.screenshot(tmp_path / "shot.png")
+        text = browser.evaluate("document.body.innerText")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    dom = subprocess.run([str(_CHROMIUM), *flags, "--dump-dom", html.resolve().as_uri()],
-                         capture_output=True, text=True, timeout=120)
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    assert "Mapping review" in _visible(dom.stdout)
-    assert "Why bn1.weight -> stem.norm.weight?" in _visible(dom.stdout)
+    assert "Mapping review" in text
+    assert "Why bn1.weight -> stem.norm.weight?" in text
 
 
-def test_breakdown_of_a_tensor_matched_alone_after_its_group_was_not():
-    """At 0.8 the BatchNorm group scores under the threshold, but its weight, matched alone, clears it."""
-    text = render(batchnormed(threshold=0.8).visualize_score_breakdown, "bn1.weight")
-    assert text.startswith("╭─ Why bn1.weight -> stem.norm.weight?") and "Matched as a single tensor" in text
+def test_breakdown_of_a_tensor_whose_group_is_under_the_threshold():
+    """At 0.8 the BatchNorm group scores under the threshold: its tensors are left out together,
+    not matched one by one (issue 13: groups move together), and the breakdown says so."""
+    mapper = batchnormed(threshold=0.8)
+    text = render(mapper.visualize_score_breakdown, "bn1.weight")
+    assert text.startswith("╭─ Why is bn1.weight not in the plan?") and "under the threshold 0.80" in text
+    assert not any(k.startswith("bn1.") for k in mapper.get_mapping_dict())
 
 
 def test_a_combined_entry_with_many_sources_is_one_short_line():
@@ -539,7 +571,9 @@ def test_a_combined_entry_with_many_sources_is_one_short_line():
 
     mapper = WeightMapper(ExpertList(8, 16, 4), FusedExperts(8, 16, 4))
     mapper.suggest_mapping()
-    text = render(mapper.visualize_mapping)
+    console = Console(color_system=None, width=120, record=True, file=io.StringIO())
+    mapper.visualize_mapping(console=console)
+    text = console.export_text()
     assert "8 x [16, 8] -> [4, 32, 8]" in text
     assert "experts.1.w1.weight, …," in text and "experts.3.w3.weight (8" in text
     assert "experts.2.w1.weight" not in text

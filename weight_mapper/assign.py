@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -498,6 +498,18 @@ class Assignment:
     largest_bucket: tuple[int, int] = field(default=(0, 0))
     levels: dict = field(default_factory=dict)
 
+    def above(self, threshold: float) -> Assignment:
+        """The matches whose final score reaches ``threshold`` (a group's tensors share its score).
+
+        ``assign(..., threshold=t)`` equals ``assign(..., threshold=0).above(t)``.
+        """
+        keep = self.score >= threshold
+        if keep.all():
+            return self
+        return replace(self, src=self.src[keep], tgt=self.tgt[keep], score=self.score[keep],
+                       margin=self.margin[keep], level=self.level[keep],
+                       components={c: v[keep] for c, v in self.components.items()})
+
 
 def assign(
     src_table: TensorTable,
@@ -519,7 +531,10 @@ def assign(
     Args:
         src_table, tgt_table: The two sides.
         weights: Validated component weights.
-        threshold: Pairs scoring below it are never assigned.
+        threshold: Pairs whose final score (with the hierarchy context, the score shown) is
+            below it are left out. It filters the assignment of every admissible pair, so a
+            pair's score never depends on it and raising it only removes pairs; a module group
+            below it is left out whole, not matched tensor by tensor.
         solver: ``"optimal"`` or ``"greedy"``.
         use_context: Re-solve with the hierarchy context until the assignment is stable.
         tolerance: ``shape_tolerance``.
@@ -541,13 +556,16 @@ def assign(
     g_src, g_tgt = Items.of_groups(src_table, src_tree, src_groups), Items.of_groups(tgt_table, tgt_tree, tgt_groups)
     options = dict(weights=weights, tolerance=tolerance, incompatible_pairs=incompatible_pairs)
     group_buckets = split_by_indices(_buckets_by_key(src_groups.signatures, tgt_groups.signatures), g_src, g_tgt)
-    level_options = dict(solver=solver, threshold=threshold, use_context=use_context, max_rounds=max_rounds,
+    # Every admissible pair competes (threshold 0); the threshold then filters the final scores,
+    # the ones shown, so that a pair's score never depends on it (issue 13).
+    level_options = dict(solver=solver, threshold=0.0, use_context=use_context, max_rounds=max_rounds,
                          n_src_modules=len(src_tree))
     _report(progress, f"module groups: scoring {len(group_buckets)} buckets")
     groups, votes = _solve_level(Level.build(g_src, g_tgt, group_buckets, **options), **level_options,
                                  progress=progress, name="module groups")
 
     # Expand matched groups into member tensor pairs: equal signatures align sorted members.
+    # A group scoring under the threshold is left out whole (its tensors are not split up).
     src_rows, tgt_rows, expand = [], [], []
     for k, (gs, gt) in enumerate(zip(groups.src, groups.tgt)):
         ms = _sorted_members(src_table, src_groups.members[gs])
@@ -559,9 +577,12 @@ def assign(
     g_src_rows = np.concatenate(src_rows) if src_rows else np.zeros(0, np.int64)
     g_tgt_rows = np.concatenate(tgt_rows) if tgt_rows else np.zeros(0, np.int64)
 
-    # Fallback: tensors of unmatched groups, bucketed by size (shapes that can possibly match).
+    # Fallback: tensors of groups without a partner group, bucketed by size (shapes that can
+    # possibly match).
     left_src = np.setdiff1d(np.concatenate(src_groups.members or [np.zeros(0, np.int64)]), g_src_rows)
     left_tgt = np.setdiff1d(np.concatenate(tgt_groups.members or [np.zeros(0, np.int64)]), g_tgt_rows)
+    passed = groups.score[expand_idx] >= threshold
+    expand_idx, g_src_rows, g_tgt_rows = expand_idx[passed], g_src_rows[passed], g_tgt_rows[passed]
     t_src, t_tgt = Items.of_tensors(src_table, src_tree, left_src), Items.of_tensors(tgt_table, tgt_tree, left_tgt)
     tensor_buckets = split_by_indices(_buckets_by_key(
         [_tensor_bucket_key(src_table.shapes[r], tolerance) for r in left_src],
@@ -570,6 +591,7 @@ def assign(
     _report(progress, f"single tensors: scoring {len(tensor_buckets)} buckets")
     tensors, _ = _solve_level(Level.build(t_src, t_tgt, tensor_buckets, **options), prior_votes=votes, **level_options,
                               progress=progress, name="single tensors")
+    tensors = _above(tensors, threshold)
 
     n_group, n_tensor = len(g_src_rows), len(tensors.src)
     sizes = groups.bucket_sizes + tensors.bucket_sizes
@@ -587,6 +609,15 @@ def assign(
         largest_bucket=max(sizes, key=lambda s: s[0] * s[1], default=(0, 0)),
         levels={"group": groups.detail, "tensor": tensors.detail},
     )
+
+
+def _above(result: _LevelResult, threshold: float) -> _LevelResult:
+    """The matches of a level whose final score reaches ``threshold``."""
+    keep = result.score >= threshold
+    if keep.all():
+        return result
+    return replace(result, src=result.src[keep], tgt=result.tgt[keep], score=result.score[keep],
+                   margin=result.margin[keep], components={c: v[keep] for c, v in result.components.items()})
 
 
 def _report(progress: Callable[[str], None] | None, message: str) -> None:
@@ -618,6 +649,56 @@ def explain(
     Raises:
         MappingError: If ``name`` is not a source tensor.
     """
+    return explain_many(assignment, src_table, [name], top_k=top_k)[0]
+
+
+def explain_many(
+    assignment: Assignment, src_table: TensorTable, names: Sequence[str], *, top_k: int = 5
+) -> list[dict]:
+    """:func:`explain` for many source tensors: each level is indexed once, not once per name.
+
+    Raises:
+        MappingError: If a name is not a source tensor.
+    """
+    index = _ExplainIndex(assignment)
+    return [_explain_one(assignment, src_table, index, name, top_k) for name in names]
+
+
+class _ExplainIndex:
+    """Lookups that :func:`explain` needs per name, built once per level on first use."""
+
+    def __init__(self, assignment: Assignment):
+        self.assignment = assignment
+        self._row2hit: dict[int, int] | None = None
+        self._levels: dict[str, tuple[dict, dict, dict]] = {}
+
+    def first_hit(self, row: int) -> int | None:
+        """Position of source ``row`` in the assignment, if matched."""
+        if self._row2hit is None:
+            self._row2hit = {}
+            for k, s in enumerate(self.assignment.src.tolist()):
+                self._row2hit.setdefault(int(s), k)
+        return self._row2hit.get(row)
+
+    def level(self, level_name: str, detail: LevelDetail) -> tuple[dict, dict, dict]:
+        """``(label2positions, item2where, item2matched)`` of one level."""
+        if level_name not in self._levels:
+            lv = detail.level
+            label2positions: dict[str, list[int]] = {}
+            for i, label in enumerate(lv.src.labels):
+                label2positions.setdefault(label, []).append(i)
+            item2where: dict[int, tuple[int, int]] = {}
+            for k, items in enumerate(lv.bucket_src):
+                for i, item in enumerate(items.tolist()):
+                    item2where.setdefault(int(item), (k, i))
+            item2matched: dict[int, int] = {}
+            for m, item in enumerate(detail.src.tolist()):
+                item2matched.setdefault(int(item), m)
+            self._levels[level_name] = (label2positions, item2where, item2matched)
+        return self._levels[level_name]
+
+
+def _explain_one(assignment: Assignment, src_table: TensorTable, index: _ExplainIndex, name: str, top_k: int) -> dict:
     from weight_mapper.errors import MappingError
 
     if name not in src_table.name2row:
@@ -626,18 +707,19 @@ def explain(
     if not src_table.is_canonical[row]:
         row = int(src_table.alias_of[row])
     candidates = [("group", src_table.modules[row]), ("tensor", src_table.names[row])]
-    hit = np.flatnonzero(assignment.src == row)
-    if len(hit) and assignment.level[hit[0]] == "tensor":  # its group went unmatched; the tensor did not
+    hit = index.first_hit(row)
+    if hit is not None and assignment.level[hit] == "tensor":  # its group went unmatched; the tensor did not
         candidates.reverse()
     for level_name, label in candidates:
         detail: LevelDetail | None = assignment.levels.get(level_name)
         if detail is None:
             continue
         lv = detail.level
-        positions = [i for i, lab in enumerate(lv.src.labels) if lab == label]
+        label2positions, item2where, item2matched = index.level(level_name, detail)
+        positions = label2positions.get(label, [])
         if level_name == "tensor":
             positions = [i for i in positions if lv.src.rows[i] == row]
-        where = lv.locate(positions[0]) if positions else None
+        where = item2where.get(positions[0]) if positions else None
         if where is None:
             continue
         k, i = where
@@ -646,8 +728,8 @@ def explain(
         allowed = lv.block(lv.allowed, k)
         scores = {key: lv.block(v, k) for key, v in lv.scores.items()}
         tgt_pos = lv.bucket_tgt[k]
-        matched = np.flatnonzero(detail.src == lv.bucket_src[k][i])
-        chosen = int(np.flatnonzero(tgt_pos == detail.tgt[matched[0]])[0]) if len(matched) else None
+        matched = item2matched.get(int(lv.bucket_src[k][i]))
+        chosen = int(np.flatnonzero(tgt_pos == detail.tgt[matched])[0]) if matched is not None else None
 
         def parts(j: int) -> dict:
             comps = {c: float(scores[c][i, j]) for c in ("shape", "name", "hierarchy")}

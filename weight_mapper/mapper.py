@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -204,9 +204,11 @@ class WeightMapper:
         solver, use_context, min_threshold, withhold, forced = STRATEGIES[strategy]
         weights = validate_weights(forced if forced is not None else weights)
         threshold = max(float(threshold), min_threshold)
+        # Matching runs with every admissible pair (threshold 0); the threshold then filters the
+        # final scores, so that the score shown for a pair never depends on it.
         options = dict(
             weights=weights,
-            threshold=threshold,
+            threshold=0.0,
             solver=solver,
             use_context=use_context,
             tolerance=self.shape_tolerance,
@@ -214,13 +216,13 @@ class WeightMapper:
             max_rounds=max_rounds,
             progress=progress,
         )
-        assignment = assign(self.source_table, self.target_table, **options)
+        every = assign(self.source_table, self.target_table, **options)
         if progress is not None:
             progress("combined matches: looking for concat / stack / split candidates")
         combinations = combine(
             self.source_table,
             self.target_table,
-            assignment,
+            every,
             weights=weights,
             threshold=threshold,
             incompatible_pairs=self.incompatible_pairs,
@@ -228,18 +230,19 @@ class WeightMapper:
         splits = split(
             self.source_table,
             self.target_table,
-            assignment,
+            every,
             weights=weights,
             threshold=threshold,
             incompatible_pairs=self.incompatible_pairs,
             taken=combinations,
         ) if strategy != "shape_only" else []
         if combinations or splits:  # re-match 1:1 without the tensors the combinations and splits take
-            assignment = assign(
+            every = assign(
                 self.source_table, self.target_table, **options,
                 skip_src=np.array([r for c in combinations for r in c.src] + [c.tgt for c in splits], dtype=np.int64),
                 skip_tgt=np.array([c.tgt for c in combinations] + [r for c in splits for r in c.src], dtype=np.int64),
             )
+        assignment = every.above(threshold)
         self._assignment = assignment
         self.plan = build_plan(
             assignment,
@@ -373,7 +376,8 @@ class WeightMapper:
     def export_rules(self, *, max_groups: int | None = None) -> list:
         """Compress the mapping's renames into a short list of regex rename rules.
 
-        The rules reproduce every 1:1 entry of the plan exactly (first matching rule wins);
+        The rules reproduce every 1:1 entry of the plan exactly when the first matching rule
+        wins and, whenever one list can do both, when every rule is applied in turn;
         entries built from several sources (concat / stack) are not renames and are left out,
         as are transforms. Use them as transformers' ``from_pretrained(key_mapping=...)``
         (:func:`~weight_mapper.rules.rules_to_key_mapping`), mmengine's ``revise_keys``
@@ -404,6 +408,41 @@ class WeightMapper:
         from weight_mapper.report import export_report
 
         return export_report(self._require_plan(), output_path)
+
+    def export_review_page(
+        self,
+        path: str | Path,
+        *,
+        explain: Iterable[str] = (),
+        max_breakdowns: int | None = None,
+        title: str | None = None,
+        protected: Iterable[str | Path] = (),
+    ) -> Path:
+        """Write the plan as one self-contained HTML page to review it in (see :mod:`weight_mapper.page`).
+
+        Args:
+            path: The HTML file to write, atomically.
+            explain: Source tensors whose score breakdowns must be in the page.
+            max_breakdowns: Breakdowns (sub-scores, alternatives) embedded besides ``explain``,
+                riskiest entries first; default :data:`weight_mapper.page.MAX_BREAKDOWNS`.
+            title: The page title.
+            protected: Paths the page must never overwrite.
+
+        Raises:
+            MappingError: If a name in ``explain`` is not a source tensor.
+            CheckpointError: If ``path`` is protected or its folder is missing.
+        """
+        from weight_mapper.assign import explain_many
+        from weight_mapper.page import MAX_BREAKDOWNS, breakdown_candidates, export_review_page
+
+        plan = self._require_plan()
+        limit = MAX_BREAKDOWNS if max_breakdowns is None else max_breakdowns
+        names = list(dict.fromkeys([*explain, *breakdown_candidates(plan, limit=limit)]))
+        prefix = plan.source_prefix
+        stripped = [n[len(prefix):] if prefix and n.startswith(prefix) else n for n in names]
+        explanations = dict(zip(names, explain_many(self._assignment, self.source_table, stripped)))
+        return export_review_page(plan, path, source_table=self.source_table, target_table=self.target_table,
+                                  explanations=explanations, title=title, protected=protected)
 
     def visualize_mapping(
         self,

@@ -30,7 +30,7 @@ from rich.tree import Tree
 
 from weight_mapper.assign import AMBIGUITY_MARGIN
 from weight_mapper.plan import MappingPlan, PlanEntry
-from weight_mapper.report import score_style
+from weight_mapper.report import flags_legend, plain, review_marks, risk_key, risk_tier, score_style
 from weight_mapper.score import CONTEXT_WEIGHT, HIERARCHY_WEIGHTS, HIERARCHY_WEIGHTS_EXEC, NAME_WEIGHTS
 from weight_mapper.table import TensorTable
 from weight_mapper.tree import ROOT, ModuleTree
@@ -90,6 +90,7 @@ def _level_badge(level: str) -> Text:
     return Text(badge, style=_BADGE_STYLES.get(badge, "bold"))
 
 
+_SHAPE_WIDTH = 36  # a longer shape (a fused entry's) wraps
 _LISTED_SOURCES = 4  # a combined entry with more sources is abbreviated (256 experts are one line)
 
 
@@ -127,6 +128,23 @@ def _more(n: int) -> str:
     return f"… {n} more" if n > 0 else ""
 
 
+def _share(needs: Sequence[int], budget: int) -> list[int]:
+    """Widths for two columns needing ``needs`` out of ``budget``: a column needing less than half
+    leaves the rest to the other.
+
+    >>> _share([10, 40], 30), _share([20, 20], 30), _share([5, 5], 30)
+    ([10, 20], [15, 15], [5, 5])
+    """
+    half = budget // 2
+    if sum(needs) <= budget:
+        return list(needs)
+    if needs[0] <= half:
+        return [needs[0], budget - needs[0]]
+    if needs[1] <= half:
+        return [budget - needs[1], needs[1]]
+    return [half, budget - half]
+
+
 def _table(title: str | None = None) -> Table:
     """The tables of every view: a rule under the header, no outer edge."""
     return Table(title=Text(title, style="bold") if title else None, box=box.SIMPLE_HEAD, show_edge=False,
@@ -144,8 +162,8 @@ class MappingView:
         source_table, target_table: Where the shapes of unmatched tensors come from; without
             them, unmatched tensors are listed by name only.
         show_unmatched: List the unmatched tensors of both sides.
-        max_matches: Matches listed. When there are more, the lowest-scoring and ambiguous
-            ones are kept (they are the ones to review), still in target order.
+        max_matches: Matches listed, riskiest first (:func:`weight_mapper.report.risk_key`:
+            flagged, repaired, unproved, proved; then the lowest margin, then the lowest score).
         max_unmatched: Unmatched tensors listed per side.
     """
 
@@ -201,6 +219,10 @@ class MappingView:
             (f"{n_ambiguous} ambiguous", "bold yellow" if n_ambiguous else "")))
         grid.add_row("transforms", ", ".join(f"{n} {marker}" for marker, n in sorted(transform2count.items()))
                       or "none")
+        tier2count = Counter(risk_tier(e) for e in plan.entries)
+        grid.add_row("review", Text.assemble(
+            (f"{tier2count['flagged']} flagged", "bold yellow" if tier2count["flagged"] else ""),
+            f", {tier2count['repaired']} repaired, {tier2count['unproved']} unproved, {tier2count['proved']} proved"))
         grid.add_row("unmatched", f"{len(plan.unmatched_source)} source, {len(plan.unmatched_target)} target")
         if plan.ambiguous:
             grid.add_row("withheld", Text(f"{len(plan.ambiguous)} ambiguous matches (strategy {plan.strategy})",
@@ -215,50 +237,59 @@ class MappingView:
         return Panel(grid, title="Mapping review", title_align="left", expand=False)
 
     def _shown_rows(self, entries: Sequence[PlanEntry]) -> list[int]:
-        """Rows of ``entries`` to list: all, or the ones to review first, still in target order."""
-        if len(entries) <= self.max_matches:
-            return list(range(len(entries)))
-        # The ones to review first: ambiguous, then the lowest scores.
-        keep = sorted(range(len(entries)), key=lambda i: (not entries[i].ambiguous, entries[i].score, i))
-        return sorted(keep[: self.max_matches])
+        """Rows of ``entries`` to list, riskiest first."""
+        return sorted(range(len(entries)), key=lambda i: risk_key(entries[i]))[: self.max_matches]
 
     def _matches_table(self, entries: Sequence[PlanEntry], *, title: str, max_width: int) -> Iterator[Any]:
         rows = self._shown_rows(entries)
         shown = [entries[i] for i in rows]
-        with_flags = any(e.ambiguous for e in shown)
-        table = _table(title)
+        marks = [" ".join(review_marks(e)) for e in shown]
+        with_marks = any(marks)
+        table = _table(f"{title}, riskiest first")
         shapes = [_entry_shape(e) for e in shown]
         # Names are what a reviewer reads: they get the width the other columns leave, and fold
         # only when that is not enough (rich would otherwise shrink the widest columns first).
-        other_widths = [5, len("transform"), len("level"), max(map(len, ["shape", *shapes]))] + [8] * with_flags
+        transform_width = max(len(m) for m in ["transform", *map(_transform_marker, shown)])
+        other_widths = [5, 6, transform_width, len("level"), min(max(map(len, ["shape", *shapes])), _SHAPE_WIDTH)]
+        other_widths += [max(map(len, ["review", *marks]))] * with_marks
         n_columns = 2 + len(other_widths)
-        budget = (max_width - sum(other_widths) - 2 * (n_columns - 1)) // 2  # 2: padding and rule
-        for side, names in (("source", [_sources_text(e.source) for e in shown]), ("target", [e.target for e in shown])):
-            longest = max(map(len, names))
-            table.add_column(side, overflow="fold", min_width=min(longest, budget) if budget >= 12 else None)
+        budget = max_width - sum(other_widths) - 2 * (n_columns - 1)  # 2: padding and rule
+        sides = (("source", [_sources_text(e.source) for e in shown]), ("target", [e.target for e in shown]))
+        # A list of sources wraps after its commas: it needs only its longest name in one line.
+        needs = [max(len(part) for name in names for part in name.replace(", ", ",\n").split("\n")) for _, names in sides]
+        for (side, _), width in zip(sides, _share(needs, budget)):
+            fits = budget >= 24
+            table.add_column(side, overflow="fold", min_width=width if fits else None, max_width=width if fits else None)
         table.add_column("score", justify="right")
+        table.add_column("margin", justify="right")
         table.add_column("transform")
         table.add_column("level")
-        table.add_column("shape")
-        if with_flags:
-            table.add_column("margin", no_wrap=True, min_width=8)
-        for e, shape in zip(shown, shapes):
+        table.add_column("shape", min_width=other_widths[4])
+        if with_marks:
+            table.add_column("review", no_wrap=True)
+        for e, shape, mark in zip(shown, shapes, marks):
             marker = _transform_marker(e)
-            cells = [_sources_text(e.source), e.target, _score(e.score),
+            cells = [plain(_sources_text(e.source)), plain(e.target), _score(e.score),
+                     Text(f"{e.margin:.3f}", style="bold yellow" if e.ambiguous else "dim"),
                      Text(marker, style="dim" if marker == "exact" else "bold"), _level_badge(e.level), shape]
-            if with_flags:
-                cells.append(Text(f"⚠ {e.margin:.3f}", style="bold yellow") if e.ambiguous else Text(""))
+            if with_marks:
+                cells.append(Text(mark, style="bold yellow" if e.flagged and e.provenance != "proved" else "green"))
             table.add_row(*cells)
         yield table
         if len(shown) < len(entries):
-            rest = [e.score for e in entries]
-            for i in reversed(rows):
-                del rest[i]
-            yield Text(f"{len(shown)} of {len(entries)} shown: the ambiguous and lowest-scoring ones; "
-                       f"the other {len(rest)} score >= {min(rest):.3f}", style="dim")
-        legend = "score: green > 0.8, yellow 0.6-0.8, red < 0.6"
-        if with_flags:
-            legend += f"\n⚠ ambiguous: margin (score minus the runner-up's) under {AMBIGUITY_MARGIN}"
+            rest = [entries[i] for i in sorted(set(range(len(entries))) - set(rows))]
+            tiers = Counter(risk_tier(e) for e in rest)
+            yield Text(f"{len(shown)} of {len(entries)} shown; the other {len(rest)}: "
+                       + ", ".join(f"{tiers[t]} {t}" for t in ("flagged", "repaired", "unproved", "proved") if tiers[t])
+                       + f", margin >= {min(e.margin for e in rest):.3f}", style="dim")
+        legend = "score: green > 0.8, yellow 0.6-0.8, red < 0.6; margin: score minus the runner-up's"
+        if any(e.ambiguous for e in shown):
+            legend += f"\n⚠ ambiguous: margin under {AMBIGUITY_MARGIN}"
+        flags = flags_legend(shown)
+        if flags:
+            legend += "\n" + flags
+        if any(e.provenance != "matched" for e in shown):
+            legend += "\n✓ proved / ↻ repaired by a layer-wise proof (verify); the others are unproved"
         yield Text(legend, style="dim")
 
     def _shapes_of(self, names: Sequence[str], table: TensorTable | None, prefix: str = "") -> list[str]:
@@ -284,10 +315,10 @@ class MappingView:
         if with_shapes[1]:
             table.add_column("shape")
         for i in range(min(max(len(source), len(target)), n)):
-            cells = [source[i] if i < len(source) else ""]
+            cells = [plain(source[i] if i < len(source) else "")]
             if with_shapes[0]:
                 cells.append(source_shapes[i] if i < len(source) else "")
-            cells.append(target[i] if i < len(target) else "")
+            cells.append(plain(target[i] if i < len(target) else ""))
             if with_shapes[1]:
                 cells.append(target_shapes[i] if i < len(target) else "")
             table.add_row(*cells)
@@ -534,7 +565,11 @@ class ScoreBreakdownView:
                 text.append("Matched as a single tensor")
             text.append(", score ")
             text.append_text(_score(ex["score"]))
-            if ex["target"] is None:
+            if ex["target"] is None and self.threshold is not None and ex["score"] < self.threshold:
+                text.append(f"\nThe assignment chose it, but its score is under the threshold {self.threshold:.2f}: "
+                            "it is not in the plan" + (" (nor is the rest of its module)." if ex["level"] == "group"
+                                                      else "."), style="yellow")
+            elif ex["target"] is None:
                 text.append("\nThe assignment chose it, but it was withheld as ambiguous: it is not in the plan.",
                             style="yellow")
             if alternatives:
@@ -615,7 +650,7 @@ class ScoreBreakdownView:
         for component in (*COMPONENTS, "context"):
             table.add_column(component, justify="right")
         for alt in alternatives:
-            cells: list[Any] = [alt["label"] or "(root)", _score(alt["score"])]
+            cells: list[Any] = [plain(alt["label"] or "(root)"), _score(alt["score"])]
             if ex["score"] is not None:
                 cells.append(f"{alt['score'] - ex['score']:+.3f}")
             cells += [_score(alt["components"].get(c)) for c in (*COMPONENTS, "context")]

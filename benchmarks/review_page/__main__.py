@@ -1,0 +1,5 @@
+"""``python -m benchmarks.review_page``: see :mod:`benchmarks.review_page.run`."""
+
+from benchmarks.review_page.run import main
+
+raise SystemExit(main())

@@ -44,6 +44,7 @@ _UNMATCHED = -1
 AMBIGUITY_MARGIN = 0.02  # a match whose runner-up is closer than this is ambiguous
 MAX_ROUNDS = 10  # bound on hierarchy-context rounds
 _TIE_EPS = 1e-7  # breaks exact ties by relative order, never outweighs a real difference
+_NAME_DISAGREES = 0.05  # an alternative whose name score is this much better flags the match
 _VOTE_FLOOR = 1e-3  # a match's vote for its modules' mapping weighs this plus its margin
 COMPONENTS = ("shape", "name", "hierarchy", "context")
 # Solver of the context-free round that only seeds the first module map (see _solve_level).
@@ -191,8 +192,12 @@ def split_by_indices(
             out.append((key, s, t))
             continue
         for src_ix, tgt_ix, exact in readings:
-            s_keys = _dense_ranks([src_ix[i] for i in s])
-            t_keys = _dense_ranks([tgt_ix[j] for j in t])
+            s_raw, t_raw = [src_ix[i] for i in s], [tgt_ix[j] for j in t]
+            # A candidate without any position is not one of an enumeration: pairing it with the
+            # other side's unnumbered one would pin ``shortcut.0`` to ``conv2`` (a digit each).
+            if exact and not (all(s_raw) and all(t_raw)):
+                continue
+            s_keys, t_keys = _dense_ranks(s_raw), _dense_ranks(t_raw)
             agree = sorted(s_keys) == sorted(t_keys) if exact else set(s_keys) == set(t_keys)
             if len(set(s_keys)) < 2 or not agree:
                 continue
@@ -214,7 +219,8 @@ def _common_prefix_keys(src_pos: list[tuple[int, ...]], tgt_pos: list[tuple[int,
     index in one, ``conv1``..``conv3`` in the other), so the positions are cut to the longest
     length at which both sides hold the same multiset of (dense-ranked) keys.
     """
-    longest = max((len(p) for p in [*src_pos, *tgt_pos]), default=0)
+    # Every candidate must be enumerated that deep: an unrepeated module has no rank to agree on.
+    longest = min((len(p) for p in [*src_pos, *tgt_pos]), default=0)
     for length in range(longest, 0, -1):
         s_keys = _dense_ranks([p[:length] for p in src_pos])
         t_keys = _dense_ranks([p[:length] for p in tgt_pos])
@@ -251,10 +257,16 @@ class Level:
     scores: dict[str, np.ndarray]
     allowed: np.ndarray
     tie: np.ndarray
+    pinned: np.ndarray | None = None
 
     @classmethod
-    def build(cls, src: Items, tgt: Items, buckets, *, weights, tolerance, incompatible_pairs) -> Level:
-        """Score every pair inside every bucket at once."""
+    def build(cls, src: Items, tgt: Items, buckets, *, weights, tolerance, incompatible_pairs,
+              offset: tuple[str, str] = ("", "")) -> Level:
+        """Score every pair inside every bucket at once.
+
+        Pairs whose names are identical (up to ``offset``, a prefix one side adds, see
+        :func:`name_offset`) are *pinned*: nothing else is admissible for either candidate.
+        """
         src_bucket = np.full(len(src), -1, dtype=np.int64)
         tgt_bucket = np.full(len(tgt), -1, dtype=np.int64)
         for k, (_, s, t) in enumerate(buckets):
@@ -271,8 +283,11 @@ class Level:
         allowed = (scores["shape"] > 0) & ~forbidden(src, tgt, si, ti, incompatible_pairs)
         # Exact ties go to the pair closest in relative order within the bucket (deterministic).
         tie = _TIE_EPS * np.nan_to_num(1.0 - np.abs(src.order_rank[si] - tgt.order_rank[ti]), nan=0.5)
+        src_key, tgt_key = _label_ids(src.labels, tgt.labels, offset)
+        pinned = allowed & (src_key[si] == tgt_key[ti])
+        allowed = _pin(allowed, pinned, si, ti, len(src), len(tgt))
         return cls(src, tgt, [k for k, _, _ in buckets], [s for _, s, _ in buckets], [t for _, _, t in buckets],
-                   offsets, si, ti, scores, allowed, tie)
+                   offsets, si, ti, scores, allowed, tie, pinned)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -288,6 +303,82 @@ class Level:
             if len(hit):
                 return k, int(hit[0])
         return None
+
+
+def name_offset(src_names: Sequence[str], tgt_names: Sequence[str]) -> tuple[str, str]:
+    """A prefix one side puts before names the other has bare: ``("", "backbone.body.")``.
+
+    A backbone inside a detector (torchvision's ``fasterrcnn_resnet50_fpn`` holds a ResNet-50
+    under ``backbone.body.``) keeps the backbone's names under a prefix. Up to three leading
+    components are tried on each side; a prefix counts when it turns at least half of the
+    other side's names into names this side has.
+
+    >>> name_offset(["layer1.0.conv1.weight", "fc.weight"], ["backbone.body.layer1.0.conv1.weight", "rpn.w"])
+    ('', 'backbone.body.')
+    """
+    best = ("", ""), 0
+    for flip in (False, True):
+        bare, prefixed = (tgt_names, src_names) if flip else (src_names, tgt_names)
+        bare_set = set(bare)
+        counts: dict[str, int] = {}
+        for name in prefixed:
+            parts = name.split(".")
+            for k in range(1, min(4, len(parts))):
+                if ".".join(parts[k:]) in bare_set:
+                    prefix = ".".join(parts[:k]) + "."
+                    counts[prefix] = counts.get(prefix, 0) + 1
+        if counts:
+            prefix, n = max(counts.items(), key=lambda kv: (kv[1], -len(kv[0])))
+            if n >= max(2, len(bare) / 2) and n > best[1]:
+                best = ((prefix, "") if flip else ("", prefix)), n
+    return best[0]
+
+
+def _label_ids(src_labels: Sequence[str], tgt_labels: Sequence[str], offset: tuple[str, str]):
+    """Integer ids of the labels, equal where the names are (one side's ``offset`` prefix removed)."""
+    vocab: dict[str, int] = {}
+
+    def ids(labels: Sequence[str], prefix: str) -> np.ndarray:
+        keys = (lab[len(prefix):] if prefix and lab.startswith(prefix) else lab for lab in labels)
+        return np.fromiter((vocab.setdefault(k, len(vocab)) for k in keys), dtype=np.int64, count=len(labels))
+
+    return ids(src_labels, offset[0]), ids(tgt_labels, offset[1])
+
+
+def _pin(allowed: np.ndarray, pinned: np.ndarray, si: np.ndarray, ti: np.ndarray, n_src: int, n_tgt: int):
+    """``allowed`` with every other pair of a pinned candidate (either side) removed."""
+    if not pinned.any():
+        return allowed
+    src_pinned = np.zeros(n_src, dtype=bool)
+    tgt_pinned = np.zeros(n_tgt, dtype=bool)
+    src_pinned[si[pinned]] = True
+    tgt_pinned[ti[pinned]] = True
+    return allowed & (pinned | ~(src_pinned[si] | tgt_pinned[ti]))
+
+
+def _leaf_pins(level: Level, module_map: np.ndarray) -> np.ndarray:
+    """Pairs with the same leaf path under parents the module map already pairs.
+
+    A group's leaf path is its module's own name (``q_proj``), a single tensor's its module's
+    name and its leaf (``q_proj.weight``); bare positions (``0``) do not count.
+    """
+    src, tgt = level.src, level.tgt
+    depth = 0 if src.shapes is None else 1  # tensors: ancestors[:, 0] is the owning module itself
+
+    def leaf_paths(labels: Sequence[str]) -> list[str]:
+        parts = [lab.split(".") for lab in labels]
+        return [".".join(p[-1 - depth:]) if len(p) > depth + 1 and not p[-1 - depth].isdecimal() else ""
+                for p in parts]
+
+    vocab: dict[str, int] = {"": -1}
+    s_leaf = np.array([vocab.setdefault(x, len(vocab)) for x in leaf_paths(src.labels)], dtype=np.int64)
+    t_leaf = np.array([vocab.setdefault(x, len(vocab)) for x in leaf_paths(tgt.labels)], dtype=np.int64)
+    if not len(level.si):
+        return np.zeros(len(level.si), dtype=bool)
+    s_parent, t_parent = src.chain[:, 1], tgt.chain[:, 1]  # the module's parent, for groups and tensors
+    si, ti = level.si, level.ti
+    return (level.allowed & (s_leaf[si] >= 0) & (s_leaf[si] == t_leaf[ti])
+            & (module_map[s_parent[si]] == t_parent[ti]) & (module_map[s_parent[si]] >= 0))
 
 
 # ---------------------------------------------------------------------------- rounds
@@ -317,6 +408,7 @@ class _LevelResult:
     rounds: int
     converged: bool
     detail: LevelDetail
+    flags: np.ndarray
 
 
 def _module_map(
@@ -441,15 +533,20 @@ def _solve_level(
         # highest-score-first, whose votes keep each block's locally strongest pairs together,
         # and it is never returned when rounds follow (see _SEED_SOLVER).
         seed = use_context and module_map is None and rounds < max_rounds
-        weight = np.where(level.allowed & (total >= threshold), total + level.tie + _TIE_EPS, 0.0)
+        allowed, pinned = level.allowed, level.pinned
+        if module_map is not None:  # same leaf under paired parents: pinned like identical names
+            leaf = _leaf_pins(level, module_map)
+            pinned = pinned | leaf
+            allowed = _pin(allowed, leaf, level.si, level.ti, len(level.src), len(level.tgt))
+        weight = np.where(allowed & ((total >= threshold) | pinned), total + level.tie + _TIE_EPS, 0.0)
         # Margins count every admissible alternative, also one just under the threshold.
-        margin_weight = np.where(level.allowed, total + _TIE_EPS, 0.0)
+        margin_weight = np.where(allowed, total + _TIE_EPS, 0.0)
         edges, margin = _solve_buckets(level, weight, margin_weight, SOLVERS[_SEED_SOLVER] if seed else solve)
         src, tgt = level.si[edges], level.ti[edges]
         module_map, votes = _module_map(src_items, tgt_items, src, tgt, n_src_modules, prior_votes, margin)
         round_total = float(total[edges].sum())
         if not (seed and solve is not SOLVERS[_SEED_SOLVER]) and (best is None or round_total > best[0]):
-            best = (round_total, edges, margin, total, ctx, src, tgt, votes)
+            best = (round_total, edges, margin, total, ctx, src, tgt, votes, allowed, pinned)
         if previous is not None and np.array_equal(previous, edges):
             converged = True
             break
@@ -458,7 +555,7 @@ def _solve_level(
             converged = True
             break
     if not converged:  # the context kept flipping the assignment: keep the best round seen
-        _, edges, margin, total, ctx, src, tgt, votes = best
+        _, edges, margin, total, ctx, src, tgt, votes, allowed, pinned = best
     components = {c: level.scores[c][edges] for c in ("shape", "name", "hierarchy")}
     components["context"] = ctx[edges] if ctx is not None else np.full(len(edges), np.nan)
     result = _LevelResult(
@@ -466,8 +563,58 @@ def _solve_level(
         bucket_sizes=[(len(s), len(t)) for s, t in zip(level.bucket_src, level.bucket_tgt)],
         rounds=rounds, converged=converged,
         detail=LevelDetail(level, total, ctx, src, tgt),
+        flags=_edge_flags(level, edges, allowed, pinned),
     )
     return result, votes
+
+
+def _edge_flags(level: Level, edges: np.ndarray, allowed: np.ndarray, pinned: np.ndarray) -> np.ndarray:
+    """Reasons to review each chosen pair besides its margin (see ``plan.FLAG_DESCRIPTIONS``).
+
+    ``order_only``: another admissible candidate of its row or column has a name that fits
+    as well, and no data flow was known, so definition order or position decided.
+    ``names_disagree``: another candidate's name fits clearly better (by
+    :data:`_NAME_DISAGREES`); order or context overrode the names. Pinned pairs (identical
+    names) carry neither.
+    """
+    out = np.empty(len(edges), dtype=object)
+    out[:] = [()] * len(edges)
+    if not len(edges):
+        return out
+    name = level.scores["name"]
+    row_best, row_second = _top_two(level.si, name, allowed, len(level.src))
+    col_best, col_second = _top_two(level.ti, name, allowed, len(level.tgt))
+    chosen = name[edges]
+    s, t = level.si[edges], level.ti[edges]
+    # The best other candidate's name: the second best where the chosen pair is the best.
+    row_alt = np.where(np.isclose(row_best[s], chosen), row_second[s], row_best[s])
+    col_alt = np.where(np.isclose(col_best[t], chosen), col_second[t], col_best[t])
+    alt = np.maximum(row_alt, col_alt)
+    free = ~pinned[edges]
+    flow = "exec" in level.scores and not np.isnan(level.scores["exec"][edges]).any()
+    order_only = free & (np.abs(alt - chosen) <= 1e-9) & (not flow)
+    disagree = free & (alt > chosen + _NAME_DISAGREES)
+    for k in np.flatnonzero(order_only | disagree):
+        out[k] = ("order_only",) if order_only[k] else ("names_disagree",)
+    return out
+
+
+def _top_two(keys: np.ndarray, values: np.ndarray, mask: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per key, the best and second-best value among the masked entries (-inf where none)."""
+    best, second = np.full(n, -np.inf), np.full(n, -np.inf)
+    k, v = keys[mask], values[mask]
+    if not len(k):
+        return best, second
+    order = np.lexsort((-v, k))
+    k, v = k[order], v[order]
+    first = np.ones(len(k), dtype=bool)
+    first[1:] = k[1:] != k[:-1]
+    best[k[first]] = v[first]
+    nxt = np.flatnonzero(~first)
+    is_second = np.zeros(len(k), dtype=bool)
+    is_second[nxt[first[nxt - 1]]] = True
+    second[k[is_second]] = v[is_second]
+    return best, second
 
 
 # ---------------------------------------------------------------------------- the stage
@@ -485,6 +632,8 @@ class Assignment:
         converged: Whether both levels stopped because the assignment stopped changing.
         largest_bucket: Size ``(n_src, n_tgt)`` of the largest assignment problem solved.
         levels: ``{"group": LevelDetail, "tensor": LevelDetail}`` for explanations.
+        flags: Per pair, a tuple of flag names (``"order_only"``, ``"names_disagree"``): why
+            it needs a review besides its margin.
     """
 
     src: np.ndarray
@@ -497,6 +646,7 @@ class Assignment:
     converged: bool
     largest_bucket: tuple[int, int] = field(default=(0, 0))
     levels: dict = field(default_factory=dict)
+    flags: np.ndarray | None = None
 
     def above(self, threshold: float) -> Assignment:
         """The matches whose final score reaches ``threshold`` (a group's tensors share its score).
@@ -554,7 +704,8 @@ def assign(
     src_groups = GroupTable.from_table(src_table, src_tree, skip=skip_src)
     tgt_groups = GroupTable.from_table(tgt_table, tgt_tree, skip=skip_tgt)
     g_src, g_tgt = Items.of_groups(src_table, src_tree, src_groups), Items.of_groups(tgt_table, tgt_tree, tgt_groups)
-    options = dict(weights=weights, tolerance=tolerance, incompatible_pairs=incompatible_pairs)
+    options = dict(weights=weights, tolerance=tolerance, incompatible_pairs=incompatible_pairs,
+                   offset=name_offset(src_table.names, tgt_table.names))
     group_buckets = split_by_indices(_buckets_by_key(src_groups.signatures, tgt_groups.signatures), g_src, g_tgt)
     # Every admissible pair competes (threshold 0); the threshold then filters the final scores,
     # the ones shown, so that a pair's score never depends on it (issue 13).
@@ -608,6 +759,7 @@ def assign(
         converged=groups.converged and tensors.converged,
         largest_bucket=max(sizes, key=lambda s: s[0] * s[1], default=(0, 0)),
         levels={"group": groups.detail, "tensor": tensors.detail},
+        flags=np.concatenate([groups.flags[expand_idx], tensors.flags]) if n_group + n_tensor else np.zeros(0, object),
     )
 
 
@@ -737,7 +889,8 @@ def _explain_one(assignment: Assignment, src_table: TensorTable, index: _Explain
             return comps
 
         sub = {} if chosen is None else {
-            key: float(v[i, chosen]) for key, v in scores.items() if key not in ("shape", "name", "hierarchy", "base")
+            key: float(v[i, chosen]) for key, v in scores.items()
+            if key not in ("shape", "name", "hierarchy", "base") and not np.isnan(v[i, chosen])
         }
         order = np.argsort(-np.where(allowed[i], total[i], -np.inf), kind="stable")
         alternatives = [

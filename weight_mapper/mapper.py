@@ -460,7 +460,8 @@ class WeightMapper:
                 ``suggest_mapping`` returned, edited or not; pairs changed by hand show as
                 ``MANUAL``, unscored); default the last plan.
             show_unmatched: List the unmatched tensors of both sides, with their shapes.
-            max_matches: Matches listed (past it, the ambiguous and lowest-scoring ones).
+            max_matches: Matches listed, riskiest first (flagged, repaired, unproved, proved; then the
+                lowest margin), see :func:`weight_mapper.report.risk_key`.
             max_unmatched: Unmatched tensors listed per side.
             console: A ``rich.console.Console``; default a new one on stdout.
 

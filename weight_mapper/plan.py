@@ -35,6 +35,7 @@ FLAG_DESCRIPTIONS = {
     "split_group": "its module moved only in part: other tensors of the source module stayed unmatched "
                    "while the target module still has tensors to fill (a BatchNorm's running statistics "
                    "without its weight and bias); map the rest or none of it",
+    "names_disagree": "another candidate's name fits clearly better: order or context overrode the names",
     "convention:rotary": "one side may keep its rotary q/k rows interleaved (Meta, torchtune) and the other "
                          "half-split (Hugging Face); nothing but a forward pass can tell, so the rows were copied "
                          "as they are: confirm with verify(..., repair=True)",
@@ -352,6 +353,8 @@ def build_plan(
         components = {c: float(v[k]) for c, v in assignment.components.items()}
         entry = _entry(src_table, tgt_table, s, t, float(assignment.score[k]), float(assignment.margin[k]),
                        str(assignment.level[k]), components, source_prefix, votes.get((s, t)))
+        if assignment.flags is not None and assignment.flags[k]:
+            entry = replace(entry, flags=(*entry.flags, *assignment.flags[k]))
         if withhold_ambiguous and entry.flagged:
             withheld.append(entry)
             continue
@@ -477,6 +480,8 @@ def _combined_args(src_table: TensorTable, c: Combination) -> dict:
         n = len(c.src) // c.parts
         return {"dim": 0, "parts": c.parts, "concat_dim": 1, "sizes": [shapes[p * n][0] for p in range(c.parts)],
                 "source_shapes": shapes}
+    if c.transposed:  # [in, out] fused weight: the transpose of the parts' concat
+        return {"dim": 0, "sizes": [s[0] for s in shapes], "source_shapes": shapes, "transposed": True}
     return {"dim": 0, "sizes": [s[0] for s in shapes], "source_shapes": shapes}
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "lcs_score",
     "index_score",
     "leaf_score",
+    "ordinal_score",
     "depth_score",
     "sibling_score",
     "order_score",
@@ -55,7 +56,10 @@ __all__ = [
 # The user-facing component weights (documented defaults of the reference design).
 DEFAULT_WEIGHTS: dict[str, float] = {"shape": 0.5, "name": 0.3, "hierarchy": 0.2}
 # How the name score is made of its sub-scores.
-NAME_WEIGHTS: dict[str, float] = {"tokens": 0.3, "edit": 0.2, "lcs": 0.15, "index": 0.25, "leaf": 0.1}
+NAME_WEIGHTS: dict[str, float] = {"tokens": 0.3, "edit": 0.2, "lcs": 0.15, "index": 0.25, "leaf": 0.1, "ordinal": 0.2}
+# Sub-scores of the name that only some pairs have (both candidates in an ordinal series): a
+# pair without one is scored on the others, their weights rescaled.
+OPTIONAL_NAME_SCORES = ("ordinal",)
 # How the hierarchy score is made; with execution order known on both sides, what runs when
 # says more than where it was defined, so "exec" takes most of "order"'s weight.
 HIERARCHY_WEIGHTS: dict[str, float] = {"depth": 0.15, "sibling": 0.15, "order": 0.7}
@@ -112,6 +116,9 @@ class Items:
             (:attr:`~weight_mapper.tree.ModuleTree.repeat_ranks`).
         order_rank, exec_rank: Rank by definition / execution order within the candidate's
             bucket, in [0, 1] (set by :meth:`with_ranks`; NaN until then or when unknown).
+        ordinal: The owning module's rank in its series of ordinal siblings (``conv_a``..``c``,
+            ``norm1``/``norm2``), in [0, 1]; NaN outside a series
+            (:attr:`~weight_mapper.tree.ModuleTree.ordinal_rank`).
     """
 
     labels: tuple[str, ...]
@@ -132,6 +139,7 @@ class Items:
     positions: tuple[tuple[int, ...], ...] = ()
     order_rank: np.ndarray | None = None
     exec_rank: np.ndarray | None = None
+    ordinal: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -209,6 +217,7 @@ class Items:
             rows=np.arange(len(paths), dtype=np.int64),
             module_types=tuple(table.module_types[r] for r in first),
             positions=tuple(tree.repeat_ranks[m] for m in groups.module_ids),
+            ordinal=tree.ordinal_rank[groups.module_ids] if len(paths) else np.zeros(0),
         )
 
     @classmethod
@@ -233,6 +242,7 @@ class Items:
             rows=rows,
             module_types=tuple(table.module_types[r] for r in rows),
             positions=tuple(tree.repeat_ranks[m] for m in module_ids),
+            ordinal=tree.ordinal_rank[module_ids] if len(rows) else np.zeros(0),
         )
 
 
@@ -388,9 +398,16 @@ def _string_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray, scorer
     if len(ua) == 0:
         return np.zeros(0)
     per_pair = process.cpdist(
-        [src.skeleton_list[i] for i in ua], [tgt.skeleton_list[j] for j in ub], scorer=scorer, dtype=np.float64
+        [_spelled(src.skeleton_list[i]) for i in ua], [_spelled(tgt.skeleton_list[j]) for j in ub],
+        scorer=scorer, dtype=np.float64,
     )
     return np.asarray(per_pair, dtype=float)[inverse]
+
+
+def _spelled(skeleton: str) -> str:
+    """A skeleton as spelled, without its synonym-class tokens (``~qproj``): those are for the
+    token overlap; in an edit distance their length would only add noise."""
+    return ".".join(t for t in skeleton.split(".") if not t.startswith("~")) if "~" in skeleton else skeleton
 
 
 def edit_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray) -> np.ndarray:
@@ -415,6 +432,14 @@ def index_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray) -> np.nd
     equal = ((a == b) & (a >= 0)).sum(-1)
     longer = np.maximum((a >= 0).sum(1), (b >= 0).sum(1))
     return np.where(longer > 0, equal / np.maximum(longer, 1), 1.0)
+
+
+def ordinal_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray) -> np.ndarray:
+    """Closeness of the candidates' ranks in their ordinal series (``conv_b`` ~ ``conv2``,
+    ``layernorm_after`` ~ ``norm2``); NaN where either has none."""
+    if src.ordinal is None or tgt.ordinal is None:
+        return np.full(len(si), np.nan)
+    return _closeness(src.ordinal[si], tgt.ordinal[ti])
 
 
 def leaf_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray) -> np.ndarray:
@@ -608,9 +633,9 @@ def score_edges(
     """
     out: dict[str, np.ndarray] = {"shape": shape_score(src, tgt, si, ti, tolerance=tolerance)}
     for key, scorer in (("tokens", token_score), ("edit", edit_score), ("lcs", lcs_score),
-                        ("index", index_score), ("leaf", leaf_score)):
+                        ("index", index_score), ("leaf", leaf_score), ("ordinal", ordinal_score)):
         out[key] = scorer(src, tgt, si, ti)
-    out["name"] = sum(w * out[k] for k, w in NAME_WEIGHTS.items())
+    out["name"] = _weighted_known(out, NAME_WEIGHTS, len(si))
     optional = {"depth": depth_score(src, tgt, si, ti), "sibling": sibling_score(src, tgt, si, ti),
                 "order": order_score(src, tgt, si, ti), "exec": exec_score(src, tgt, si, ti)}
     out.update({k: v for k, v in optional.items() if v is not None})
@@ -621,6 +646,17 @@ def score_edges(
     out["hierarchy"] = sum(w / total * out[k] for k, w in hier_weights.items())
     out["base"] = weights["shape"] * out["shape"] + weights["name"] * out["name"] + weights["hierarchy"] * out["hierarchy"]
     return out
+
+
+def _weighted_known(scores: Mapping[str, np.ndarray], weights: Mapping[str, float], n: int) -> np.ndarray:
+    """Per edge, the weighted mean of the sub-scores it has (NaN: not available for that pair)."""
+    total, weight = np.zeros(n), np.zeros(n)
+    for key, w in weights.items():
+        value = scores[key]
+        known = ~np.isnan(value)
+        total += np.where(known, w * np.nan_to_num(value), 0.0)
+        weight += np.where(known, w, 0.0)
+    return total / np.maximum(weight, 1e-12)
 
 
 def score_matrices(

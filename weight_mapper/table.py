@@ -20,7 +20,7 @@ from weight_mapper.errors import MappingError
 from weight_mapper.validate import Invalid, check_names
 from weight_mapper.names import name_indices, name_skeleton, name_tokens, natural_key, normalise_leaf, split_name
 
-__all__ = ["TensorTable"]
+__all__ = ["TensorTable", "looks_sorted"]
 
 _CANONICAL = -1  # alias_of value of a tensor that owns its storage
 
@@ -170,6 +170,8 @@ class TensorTable:
         ints) when only names and shapes are known. Other values are skipped with a warning.
         ``natural_order=True`` is for sources whose order means nothing: rows are sorted by
         :func:`~weight_mapper.names.natural_key` and the table is marked ``ordered=False``.
+        A state dict whose keys come sorted by name (as read from a safetensors file, whose
+        header is sorted) is detected and treated the same way (:func:`looks_sorted`).
 
         Raises:
             MappingError: If no entry is a tensor or a shape.
@@ -179,6 +181,7 @@ class TensorTable:
         """
         names, shapes, dtypes, identities, skipped = [], [], [], [], []
         items = state_dict.items()
+        natural_order = natural_order or looks_sorted([str(k) for k in state_dict])
         if natural_order:
             items = sorted(items, key=lambda kv: natural_key(str(kv[0])))
         for name, value in items:
@@ -282,6 +285,27 @@ class TensorTable:
     def n_parameters(self) -> int:
         """Number of scalar values over canonical tensors (tied weights counted once)."""
         return int(self.numel[self.is_canonical].sum())
+
+
+def looks_sorted(names: list[str]) -> bool:
+    """Whether keys come sorted by name rather than in definition order.
+
+    Sorted keys are a sign, not a proof: they count as sorted when the lexicographic order
+    contradicts the order a model defines them in, i.e. a number after a larger one
+    (``layers.10`` before ``layers.2``) or a module's ``bias`` before its ``weight`` (every
+    torch layer registers its weight first).
+
+    >>> looks_sorted(["fc.bias", "fc.weight", "head.bias", "head.weight"])
+    True
+    >>> looks_sorted(["fc.weight", "fc.bias"])
+    False
+    """
+    if len(names) < 3 or any(a > b for a, b in zip(names, names[1:])):
+        return False
+    if sorted(names, key=natural_key) != names:
+        return True
+    present = set(names)
+    return any(n.endswith(".bias") and n[:-4] + "weight" in present for n in names)
 
 
 def _storage_identity(t: torch.Tensor) -> Any:

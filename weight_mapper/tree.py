@@ -15,7 +15,7 @@ import networkx as nx
 import numpy as np
 
 from weight_mapper.errors import MappingError
-from weight_mapper.names import name_skeleton, natural_key
+from weight_mapper.names import component_ordinal, natural_key, repeat_key
 from weight_mapper.table import TensorTable
 
 __all__ = ["ModuleTree", "GroupTable", "ROOT"]
@@ -27,6 +27,16 @@ MAX_TREE_CHARS = 100_000_000
 
 def _parent(path: str) -> str:
     return path.rpartition(".")[0]
+
+
+def _series_key(path: str) -> tuple:
+    """Sort key of a repeated sibling: its ordinal word's rank (``before`` < ``after``), else
+    its digits read as numbers (``layer2`` < ``layer10``)."""
+    last = path.rpartition(".")[2]
+    ordinal = component_ordinal(last)
+    if ordinal is not None and ordinal[1] != 0:
+        return (0, ordinal[2], ())
+    return (1, 0, natural_key(last))
 
 
 class ModuleTree:
@@ -98,14 +108,39 @@ class ModuleTree:
         for node in self.paths:  # parents come before their children
             repeated: dict[str, list[str]] = {}
             for child in self.graph.successors(node):
-                repeated.setdefault(name_skeleton(child.rpartition(".")[2]), []).append(child)
+                repeated.setdefault(repeat_key(child.rpartition(".")[2]), []).append(child)
             for children in repeated.values():
                 if len(children) == 1:
                     ranks[children[0]] = ranks[node]
                     continue
-                for rank, child in enumerate(sorted(children, key=lambda c: natural_key(c.rpartition(".")[2]))):
+                for rank, child in enumerate(sorted(children, key=_series_key)):
                     ranks[child] = (*ranks[node], rank)
         return tuple(ranks[p] for p in self.paths)
+
+    @cached_property
+    def ordinal_rank(self) -> np.ndarray:
+        """Each module's rank among its siblings of one ordinal series, in [0, 1]; NaN if none.
+
+        Siblings whose names share a key and differ in an ordinal (``conv1``..``conv3``,
+        ``conv_a``..``conv_c``, ``layernorm_before``/``_after``, see
+        :func:`~weight_mapper.names.component_ordinal`) form a series; a module's rank in it
+        says "first", "second" whatever the spelling, and needs no definition order (a sorted
+        header keeps it).
+        """
+        out = np.full(len(self.paths), np.nan)
+        for node in self.paths:
+            series: dict[tuple[str, int], list[tuple[int, str]]] = {}
+            for child in self.graph.successors(node):
+                found = component_ordinal(child.rpartition(".")[2])
+                if found is not None:
+                    series.setdefault(found[:2], []).append((found[2], child))
+            for members in series.values():
+                values = sorted({v for v, _ in members})
+                if len(values) < 2:
+                    continue
+                for v, child in members:
+                    out[self.path2id[child]] = values.index(v) / (len(values) - 1)
+        return out
 
     def ancestor_ids(self, module_ids: np.ndarray, levels: int) -> np.ndarray:
         """``[n, levels]`` ids of the module itself (level 0) and its ancestors; root repeats."""

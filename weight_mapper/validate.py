@@ -325,6 +325,20 @@ def _check_transform(op: str, args: Mapping[str, Any], n_src: int, src_shape: li
     dim = args.get("dim", 0)
     if not _is_int(dim):
         raise Invalid(f"args.dim is {short(dim)}: expected an integer")
+    if "transposed" in args:  # concat / slice of a fused [in, out] weight: the sizes run along its transpose
+        if not isinstance(args["transposed"], bool):
+            raise Invalid(f"args.transposed is {short(args['transposed'])}: expected true or false")
+        if args["transposed"]:
+            if op not in ("concat", "slice"):
+                raise Invalid(f"args.transposed applies to concat and slice, not {op!r}")
+            if op == "concat" and tgt_shape is not None:
+                if len(tgt_shape) != 2:
+                    raise Invalid(f"a transposed concat needs a 2-D target_shape, got {tgt_shape}")
+                tgt_shape = tgt_shape[::-1]
+            if op == "slice" and src_shape is not None:
+                if len(src_shape) != 2:
+                    raise Invalid(f"a transposed slice needs a 2-D source_shape, got {src_shape}")
+                src_shape = src_shape[::-1]
     if op == "transpose" and src_shape is not None and len(src_shape) > 2:
         raise Invalid(f"transform 'transpose' needs a tensor of at most 2 dimensions, source_shape is {src_shape}")
     if op == "reshape":

@@ -256,7 +256,8 @@ class MappingView:
         budget = max_width - sum(other_widths) - 2 * (n_columns - 1)  # 2: padding and rule
         sides = (("source", [_sources_text(e.source) for e in shown]), ("target", [e.target for e in shown]))
         # A list of sources wraps after its commas: it needs only its longest name in one line.
-        needs = [max(len(part) for name in names for part in name.replace(", ", ",\n").split("\n")) for _, names in sides]
+        needs = [max(len(side), *(len(part) for name in names for part in name.replace(", ", ",\n").split("\n")))
+                 for side, names in sides]
         for (side, _), width in zip(sides, _share(needs, budget)):
             fits = budget >= 24
             table.add_column(side, overflow="fold", min_width=width if fits else None, max_width=width if fits else None)
@@ -270,7 +271,7 @@ class MappingView:
         for e, shape, mark in zip(shown, shapes, marks):
             marker = _transform_marker(e)
             cells = [plain(_sources_text(e.source)), plain(e.target), _score(e.score),
-                     Text(f"{e.margin:.3f}", style="bold yellow" if e.ambiguous else "dim"),
+                     Text("-" if math.isnan(e.margin) else f"{e.margin:.3f}", style="bold yellow" if e.ambiguous else "dim"),
                      Text(marker, style="dim" if marker == "exact" else "bold"), _level_badge(e.level), shape]
             if with_marks:
                 cells.append(Text(mark, style="bold yellow" if e.flagged and e.provenance != "proved" else "green"))
@@ -281,7 +282,9 @@ class MappingView:
             tiers = Counter(risk_tier(e) for e in rest)
             yield Text(f"{len(shown)} of {len(entries)} shown; the other {len(rest)}: "
                        + ", ".join(f"{tiers[t]} {t}" for t in ("flagged", "repaired", "unproved", "proved") if tiers[t])
-                       + f", margin >= {min(e.margin for e in rest):.3f}", style="dim")
+                       + "".join(f", margin >= {m:.3f}" for m in [min((e.margin for e in rest if not math.isnan(e.margin)),
+                                                                          default=math.nan)] if not math.isnan(m)),
+                       style="dim")
         legend = "score: green > 0.8, yellow 0.6-0.8, red < 0.6; margin: score minus the runner-up's"
         if any(e.ambiguous for e in shown):
             legend += f"\n⚠ ambiguous: margin under {AMBIGUITY_MARGIN}"

@@ -368,6 +368,41 @@ def _tt_gemma2() -> ZooCase:
                    lambda sd: gemma2_hf_to_tune(dict(sd), head_dim=head_dim, **_HEADS), hf)
 
 
+def _tt_clip_text() -> ZooCase:
+    """A whole HF CLIP (text and vision towers, projections) -> torchtune's CLIP text encoder."""
+    import transformers
+    from torchtune.models.clip._component_builders import clip_text_encoder
+    from torchtune.models.clip._convert_weights import clip_text_hf_to_tune
+
+    text = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "max_position_embeddings": 16}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "image_size": 32, "patch_size": 8}
+    cfg = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    torch.manual_seed(0)
+    hf = transformers.CLIPModel(cfg).eval()
+    torch.manual_seed(0)
+    target = clip_text_encoder(embed_dim=32, num_heads=4, num_layers=2, vocab_size=96, max_seq_len=16).eval()
+    return ZooCase(dict(hf.state_dict()), target, lambda sd: clip_text_hf_to_tune(dict(sd)), hf)
+
+
+def _tt_t5_encoder() -> ZooCase:
+    """A whole HF T5 (encoder, decoder, tied embedding) -> torchtune's T5 encoder."""
+    import transformers
+    from torchtune.models.t5._component_builders import t5_encoder
+    from torchtune.models.t5._convert_weights import t5_encoder_hf_to_tune
+
+    cfg = transformers.T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                                feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = transformers.T5ForConditionalGeneration(cfg).eval()
+    torch.manual_seed(0)
+    target = t5_encoder(embed_dim=32, mlp_dim=64, num_heads=4, head_dim=8, num_layers=2, rel_pos_num_buckets=8,
+                        rel_pos_max_dist=16, vocab_size=96, norm_eps=1e-6, max_seq_len=16).eval()
+    return ZooCase(dict(hf.state_dict()), target, lambda sd: t5_encoder_hf_to_tune(dict(sd)), hf)
+
+
 class _ShapesModule(nn.Module):
     """A target given only as names and shapes (a reference layout whose model is not installed).
 
@@ -417,6 +452,12 @@ def zoo_pairs() -> list[ZooPair]:
                 "torchtune.models.phi3._convert_weights.phi3_hf_to_tune (splits)", _tt_phi3, tt),
         ZooPair("tt_gemma2_hf_to_tune", "torchtune", "HF Gemma2ForCausalLM", "torchtune gemma2",
                 "torchtune.models.gemma2._convert_weights.gemma2_hf_to_tune (q/k rotary permutation)", _tt_gemma2, tt),
+        ZooPair("tt_clip_text_hf_to_tune", "torchtune", "HF CLIPModel (text and vision towers, projections)",
+                "torchtune CLIP text encoder (partial source: the vision tower is dropped)",
+                "torchtune.models.clip._convert_weights.clip_text_hf_to_tune", _tt_clip_text, tt),
+        ZooPair("tt_t5_hf_to_tune", "torchtune", "HF T5ForConditionalGeneration (encoder and decoder, gated GELU)",
+                "torchtune T5 encoder (the decoder's blocks have the encoder's names)",
+                "torchtune.models.t5._convert_weights.t5_encoder_hf_to_tune", _tt_t5_encoder, tt),
     ]
     from benchmarks.accuracy.zoo_timm import timm_pairs
 

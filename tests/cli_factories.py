@@ -110,3 +110,37 @@ def shortcut_last():
     from fixture_models import ShortcutLast
 
     return ShortcutLast()
+
+
+class NormNet(nn.Module):
+    """A linear layer and a LayerNorm; its old checkpoints name the norm's tensors gamma / beta."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.norm = nn.Linear(4, 6), nn.LayerNorm(6)
+
+    def forward(self, x):
+        return self.norm(self.fc(x))
+
+
+class RenamedNormNet(nn.Module):
+    """NormNet refactored: the same computation under new module names."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.ln = nn.Linear(4, 6), nn.LayerNorm(6)
+
+    def forward(self, x):
+        return self.ln(self.proj(x))
+
+
+def norm_net() -> NormNet:
+    return NormNet()
+
+
+def renamed_norm_net() -> RenamedNormNet:
+    return RenamedNormNet()
+
+
+def norm_input() -> torch.Tensor:
+    return torch.randn(3, 4)

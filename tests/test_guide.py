@@ -9,6 +9,8 @@ deliberately differ from the guide, README.md's "Differences from the guide" say
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import pytest
 import torch
@@ -23,7 +25,7 @@ from fixture_models import (
 )
 from torch import nn
 
-from weight_mapper import PlanError, WeightMapper, WeightRenamer
+from weight_mapper import MappingPlan, PlanError, WeightMapper, WeightRenamer
 from weight_mapper.checkpoint import load_checkpoint_as_dict
 from weight_mapper.mapping_dict import MappingDict
 
@@ -106,7 +108,8 @@ def test_strategies(strategy):
     mapper = WeightMapper(OldModel(), NewModel())
     mapping = mapper.suggest_mapping(strategy=strategy)
     assert len(mapping) == 8
-    assert all(score >= 0.75 for _, _, score in mapper.get_mapping_with_scores()) or strategy == "shape_only"
+    if strategy == "conservative":  # "only suggests high-confidence matches (threshold >= 0.75)"
+        assert all(score >= 0.75 for _, _, score in mapper.get_mapping_with_scores())
 
 
 def test_custom_weights():
@@ -179,7 +182,7 @@ def test_methods_of_the_api_reference(tmp_path, capsys):
     mapping = mapper.suggest_mapping(threshold=0.6, strategy="best_match", weights=None)
     assert isinstance(mapping, dict)
     mapper.print_analysis(top_n=10, show_unmatched=True)
-    assert "backbone.0.weight" in capsys.readouterr().out
+    assert ("backbone.0.weight", "feature_extractor.0.weight") in _column_cells(capsys.readouterr().out)
     assert mapper.get_unmatched() == {"source": [], "target": []}
     assert mapper.get_mapping_dict() == mapping
     out = mapper.export_mapping_report(output_path=tmp_path / "r.json")
@@ -209,9 +212,9 @@ def test_incompatible_pairs_take_sets_of_alternatives():
     assert WeightMapper(target, source, incompatible_pairs=custom_pairs).suggest_mapping(threshold=0.0) == {}
     mapper = WeightMapper(EncoderDecoderNet(), EncoderDecoderNet(), incompatible_pairs=custom_pairs)
     assert mapper.suggest_mapping()["encoder.weight"] == "encoder.weight"
-    # our pair form keeps its meaning (every chunk of a name must occur)
-    assert WeightMapper(source, target, incompatible_pairs=[("encoder", "decoder")]).suggest_mapping(
-        threshold=0.0) == {"embedding.weight": "decoder.weight"} or True
+    # our pair form keeps its meaning: only encoder <-> decoder is forbidden
+    pair_form = WeightMapper(source, target, incompatible_pairs=[("encoder", "decoder")]).suggest_mapping(threshold=0.0)
+    assert pair_form.get("encoder.weight") != "decoder.weight" and len(pair_form) == 2
 
 
 def test_incompatible_pairs_pair_form_and_mixed_form():
@@ -455,3 +458,333 @@ def test_ties_survive_from_checkpoint(tmp_path, suffix):
     assert by_file.get_unmatched() == by_dict.get_unmatched() == {"source": [], "target": []}
     aliases = [e for e in by_file.get_plan().entries if e.level == "alias"]
     assert [(e.source, e.target) for e in aliases] == [(("head.weight",), "output.weight")]
+
+
+# ---------------------------------------------------------------------------- item 4: one score
+def _entries_at(mapper, threshold, strategy="best_match"):
+    mapper.suggest_mapping(threshold=threshold, strategy=strategy)
+    return {(e.source, e.target): e.score for e in mapper.get_plan().entries}
+
+
+@pytest.mark.parametrize("make", ["ShortcutFirst-ShortcutLast", "NestedLayerScale-FlatLayerScale",
+                                  "BatchNormed-BatchNormedRenamed", "Reordered-InOrder", "OldModel-NewModel"])
+def test_the_threshold_filters_the_score_shown(make):
+    """Item 4: a pair's shown score does not change with the threshold, and a pair shown at
+    score s at a low threshold is kept at every threshold up to s."""
+    import fixture_models
+
+    source, target = (getattr(fixture_models, n)() for n in make.split("-"))
+    mapper = WeightMapper(source, target)
+    thresholds = [0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
+    runs = {t: _entries_at(mapper, t) for t in thresholds}
+    everything = runs[0.0]
+    for t, entries in runs.items():
+        assert all(score >= t for score in entries.values())  # compared with the score shown
+        for pair, score in entries.items():
+            assert score == pytest.approx(everything[pair], abs=1e-12)  # same pair, same score
+        assert set(entries) == {p for p, s in everything.items() if s >= t}  # raising it only removes
+
+
+def test_explain_and_the_tables_show_the_compared_score():
+    mapper = WeightMapper(OldModel(), NewModel())
+    mapper.suggest_mapping(threshold=0.85)
+    plan = mapper.get_plan()
+    for e in plan.entries:
+        assert e.score >= 0.85
+        assert mapper.explain(e.source[0])["score"] == pytest.approx(e.score)
+
+
+# ---------------------------------------------------------------------------- item 5: atomic groups
+def test_a_module_group_under_the_threshold_is_left_out_whole():
+    from fixture_models import BatchNormedRenamed
+
+    source, target = BatchNormed(), BatchNormedRenamed()
+    mapper = WeightMapper(source, target)
+    scores = {}
+    for s, _, score in mapper.get_mapping_with_scores():
+        scores.setdefault(s.rsplit(".", 1)[0], set()).add(round(score, 12))
+    assert all(len(v) == 1 for v in scores.values())  # a group's tensors share its score
+    levels = sorted({next(iter(v)) for v in scores.values()})
+    assert len(levels) > 1
+    cut = levels[len(levels) // 2]
+    mapping = mapper.suggest_mapping(threshold=cut)
+    assert 0 < len(mapping) < len(source.state_dict())
+    for module in scores:
+        members = [n for n in source.state_dict() if n.rsplit(".", 1)[0] == module]
+        assert all(n in mapping for n in members) or not any(n in mapping for n in members)
+
+
+def test_a_split_module_is_flagged_and_conservative_withholds_it_whole():
+    """A BatchNorm whose weight/bias and running statistics land apart: flagged split_group."""
+    from weight_mapper.plan import FLAG_DESCRIPTIONS
+
+    source = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8))
+    target = {"0.kernel": torch.zeros(8, 3, 3, 3), "1.gamma": torch.zeros(8), "1.beta": torch.zeros(8),
+              "1.running_mean": torch.zeros(8), "1.running_var": torch.zeros(8)}
+    mapper = WeightMapper(source, target)
+    scores = {s: score for s, _, score in mapper.get_mapping_with_scores()}
+    assert scores["1.weight"] < scores["1.running_mean"]
+    threshold = (max(scores["1.weight"], scores["1.bias"]) + min(scores["1.running_mean"], scores["1.running_var"])) / 2
+    mapper.suggest_mapping(threshold=threshold)
+    entries = {e.source[0]: e for e in mapper.get_plan().entries}
+    assert "1.weight" not in entries and "1.running_mean" in entries
+    assert "split_group" in entries["1.running_mean"].flags and "split_group" in FLAG_DESCRIPTIONS
+    assert entries["0.weight"].flags == ()  # the whole conv is not flagged
+    conservative = mapper.suggest_mapping(threshold=threshold, strategy="conservative")
+    assert not any(k.startswith("1.") for k in conservative)
+    assert {e.source[0] for e in mapper.get_plan().ambiguous} >= {"1.running_mean", "1.running_var"}
+
+
+# ---------------------------------------------------------------------------- item 9: rules in sequence
+_META2HF = {"embed_tokens": "tok_embeddings", "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+            "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1",
+            "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3",
+            "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def _meta_name(hf_key: str) -> str:
+    if hf_key == "lm_head.weight":
+        return "output.weight"
+    key = hf_key.removeprefix("model.")
+    for hf, meta in _META2HF.items():
+        key = key.replace(hf, meta)
+    return key
+
+
+def _first_match(key_mapping: dict[str, str], keys):
+    """transformers 4.x ``key_mapping``: the first pattern that replaces anything wins."""
+    import re
+
+    out = {}
+    for key in keys:
+        new = key
+        for pattern, replacement in key_mapping.items():
+            new, n = re.subn(pattern, replacement, new)
+            if n:
+                break
+        out[key] = new
+    return out
+
+
+def _revise_keys(revise_keys, state_dict):
+    """mmengine's ``revise_keys``: every pair, in turn, over every key."""
+    import re
+
+    for pattern, replacement in revise_keys:
+        state_dict = {re.sub(pattern, replacement, k): v for k, v in state_dict.items()}
+    return state_dict
+
+
+def test_exported_rules_are_exact_under_first_match_and_in_sequence(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from weight_mapper.rules import check_rules, rules_to_key_mapping, rules_to_revise_keys
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=6,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    hf = transformers.LlamaForCausalLM(config)
+    meta_sd = {_meta_name(k): v.clone() for k, v in hf.state_dict().items()}
+    truth = {_meta_name(k): k for k in hf.state_dict()}
+    assert len(truth) == 57
+    mapper = WeightMapper(meta_sd, hf)
+    mapping = mapper.suggest_mapping()
+    assert dict(mapping) == truth
+    rules = mapper.export_rules()
+    assert rules and all(r.pattern != "^" for r in rules)  # no root rule that fires again on every key
+    assert check_rules(rules, truth) == [] and check_rules(rules, truth, chained=True) == []
+    # transformers-style first match and mmengine-style sequential application, reimplemented
+    renamed = _first_match(rules_to_key_mapping(rules, truth), meta_sd)
+    assert renamed == truth
+    revised = _revise_keys(rules_to_revise_keys(rules, truth), meta_sd)
+    assert set(revised) == set(hf.state_dict())
+    hf.load_state_dict(revised, strict=True)
+    assert all(torch.equal(hf.state_dict()[truth[k]], v) for k, v in meta_sd.items())
+    single = mapper.export_rules(max_groups=1)
+    assert _revise_keys(rules_to_key_mapping(single, truth, transformers5=True).items(), meta_sd).keys() == \
+        hf.state_dict().keys()
+
+
+def test_a_form_that_would_be_wrong_is_refused():
+    from weight_mapper import MappingError
+    from weight_mapper.rules import RenameRule, infer_rules, rules_to_key_mapping, rules_to_revise_keys
+
+    swap = {**{f"a.{i}.w": f"b.{i}.w" for i in range(3)}, **{f"b.{i}.w": f"a.{i}.w" for i in range(3)}}
+    rules = infer_rules(swap)
+    assert _first_match(rules_to_key_mapping(rules, swap), swap) == swap  # first match: exact
+    with pytest.raises(MappingError, match="refusing to write revise_keys: .*'a.0.w'"):
+        rules_to_revise_keys(rules, swap)  # in sequence a swap cannot be written
+    with pytest.raises(MappingError, match="refusing to write key_mapping for transformers 5"):
+        rules_to_key_mapping(rules, swap, transformers5=True)
+    with pytest.raises(MappingError, match="refusing to write key_mapping: "):
+        rules_to_key_mapping([RenameRule(r"^a\.", "c.")], swap)
+
+
+def test_cli_rules_writes_only_the_forms_that_are_exact(tmp_path, capsys):
+    from weight_mapper.cli import _write_rules
+    from weight_mapper.plan import PlanEntry
+
+    swap = {**{f"a.{i}.w": f"b.{i}.w" for i in range(3)}, **{f"b.{i}.w": f"a.{i}.w" for i in range(3)}}
+    mapper = WeightMapper({k: torch.zeros(2) for k in swap}, {k: torch.zeros(2) for k in swap})
+    mapper.plan = MappingPlan(tuple(PlanEntry((s,), t, None, 1.0, 1.0, "tensor", (2,), (2,)) for s, t in swap.items()))
+    data = json.loads(_write_rules(mapper, mapper.plan, tmp_path / "rules.json").read_text())
+    assert data["key_mapping"] and data["revise_keys"] is None and data["key_mapping_transformers5"] is None
+    assert "revise_keys" in data["refused"] and "revise_keys not written" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- item 10: smaller things
+def test_demo_workdir_is_created(tmp_path, capsys):
+    from weight_mapper.cli import main
+
+    folder = tmp_path / "new" / "demo_files"
+    assert main(["demo", "--workdir", str(folder)]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["new_model.safetensors", "old_model.pth"]
+    (tmp_path / "a_file").write_text("")
+    assert main(["demo", "--workdir", str(tmp_path / "a_file")]) == 1
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_sharded_output_folders_follow_the_umask(tmp_path):
+    import os
+
+    renamer = WeightRenamer(OldModel().state_dict())
+    renamer.rename_keys(WeightMapper(OldModel(), NewModel()).suggest_mapping())
+    old = os.umask(0o022)
+    try:
+        out = renamer.save(tmp_path / "sharded")
+    finally:
+        os.umask(old)
+    assert (out.stat().st_mode & 0o777) == 0o755
+    assert all((p.stat().st_mode & 0o777) == 0o644 for p in out.iterdir())
+
+
+def test_a_factory_that_needs_arguments_gets_one_clear_error(tmp_path, monkeypatch, capsys):
+    import warnings
+
+    from weight_mapper import MappingError
+    from weight_mapper.cli import _build_model
+
+    calls = []
+    module = type(sys)("needs_args_factories")
+
+    def make(num_classes):
+        calls.append(num_classes)
+        return nn.Linear(2, num_classes)
+
+    module.make = make
+    monkeypatch.setitem(sys.modules, "needs_args_factories", module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no misleading meta-device warning
+        with pytest.raises(MappingError, match=r"needs arguments \(num_classes\) but is called with none"):
+            _build_model("needs_args_factories:make")
+    assert calls == []  # never called, let alone twice
+
+
+def test_a_class_pickled_from_the_current_folder_loads_under_trust_pickle(tmp_path, monkeypatch, capsys):
+    from weight_mapper.cli import main
+
+    (tmp_path / "my_config.py").write_text("class Config:\n    def __init__(self):\n        self.width = 3\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_config
+
+    torch.save({"state_dict": OldModel().state_dict(), "config": my_config.Config()}, tmp_path / "pickled.pt")
+    monkeypatch.delitem(sys.modules, "my_config")
+    # as the console script runs: neither "" nor the current folder on sys.path
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path), os.getcwd())])
+    assert main(["inspect", "pickled.pt", "--trust-pickle", "--json"]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["n_tensors"] == 8
+
+
+def test_an_input_failure_is_reported_as_the_input(tmp_path, monkeypatch, capsys):
+    from weight_mapper.cli import main
+
+    module = type(sys)("guide_inputs")
+    module.old_model, module.new_model = OldModel, NewModel
+
+    def broken():
+        raise ValueError("no data here")
+
+    module.broken = broken
+    module.wrong_shape = lambda: torch.randn(2, 5)
+    monkeypatch.setitem(sys.modules, "guide_inputs", module)
+    torch.save(OldModel().state_dict(), tmp_path / "old.pt")
+    plan = WeightMapper(OldModel(), NewModel()).get_plan()
+    plan.to_json(tmp_path / "plan.json")
+    common = ["apply", str(tmp_path / "old.pt"), str(tmp_path / "plan.json"), "--validate", "guide_inputs:new_model",
+              "--verify", "guide_inputs:old_model"]
+    assert main([*common, "-o", str(tmp_path / "a.safetensors"), "--input", "guide_inputs:broken"]) == 1
+    err = capsys.readouterr().err
+    assert "--input 'guide_inputs:broken' raised ValueError: no data here" in err and "dummy_input" not in err
+    assert main([*common, "-o", str(tmp_path / "b.safetensors"), "--input", "guide_inputs:wrong_shape"]) == 1
+    err = capsys.readouterr().err
+    assert "--input guide_inputs:wrong_shape()" in err and "dummy_input" not in err
+    assert main([*common, "-o", str(tmp_path / "c.safetensors"), "--input", "guide_inputs:nothing"]) == 1
+    assert "--input factory 'guide_inputs:nothing'" in capsys.readouterr().err
+
+
+def test_at_80_columns_the_analysis_wraps_names_so_a_swap_shows():
+    import io
+
+    from rich.console import Console
+
+    class Swapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.feature_extractor_stage = nn.ModuleDict({
+                "attention_projection_query": nn.Linear(4, 4), "attention_projection_value": nn.Linear(4, 4)})
+
+    mapper = WeightMapper(Swapped(), Swapped())
+    plan = mapper.get_plan()
+    swapped = [(e.source[0], e.target) for e in plan.entries]
+    console = Console(width=80, file=io.StringIO(), color_system=None, record=True)
+    mapper.print_analysis(console=console)
+    text = console.export_text()
+    assert "…" not in text
+    cells = _column_cells(text)
+    for source, target in swapped:
+        assert (source, target) in cells
+
+
+def _column_cells(text: str) -> set[tuple[str, str]]:
+    """(source, target) of every row of a box table whose cells may wrap onto several lines."""
+    rows, current = set(), None
+    for line in text.splitlines():
+        if not line.startswith("│"):
+            if current:
+                rows.add(current)
+            current = None
+            continue
+        cells = [c.strip() for c in line.strip("│").split("│")]
+        if len(cells) < 6:  # the summary panel
+            continue
+        if cells[2]:  # the score column starts a row
+            if current:
+                rows.add(current)
+            current = (cells[0], cells[1])
+        elif current:
+            current = (current[0] + cells[0], current[1] + cells[1])
+    if current:
+        rows.add(current)
+    return rows
+
+
+def test_a_square_transposed_pair_moved_by_hand_keeps_its_transpose():
+    """Shapes cannot show that a square Conv1D weight needs a transpose; its matched entry can."""
+    from fixture_models import Conv1D
+
+    class Square(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = Conv1D(4, 4), Conv1D(4, 4)
+
+    class SquareLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    source = Square()
+    mapper = WeightMapper(source, SquareLinear())
+    mapping = mapper.get_mapping_dict()
+    assert {e.target: e.transform for e in mapper.get_plan().entries}["a.weight"] == "transpose"
+    mapping["a.weight"], mapping["b.weight"] = "b.weight", "a.weight"  # swapped by hand
+    out = WeightRenamer(source.state_dict()).rename_keys(mapping)
+    assert torch.equal(out["b.weight"], source.a.weight.T) and torch.equal(out["a.weight"], source.b.weight.T)

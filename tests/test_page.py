@@ -73,7 +73,7 @@ def test_rows_carry_every_entry_withheld_and_unmatched_tensor_with_its_status():
     assert data["withheld"] == [6]
     assert data["meta"]["flags"] == ["order_only"] and data["flags"] == {4: [0]}
     assert data["meta"]["flag_descriptions"]["order_only"].startswith("decided by order alone")
-    assert rows["score"][0] == 900 and rows["margin"][2] == 1 and rows["components"][:4] == [1000, 500, 800, -1]
+    assert rows["score"][0] == 900 and rows["margin"][2] == 1 and rows["components"][:4] == [1000, 500, 800, None]
 
 
 def test_risk_rank_puts_flagged_then_unmatched_then_repaired_unproved_proved():
@@ -165,9 +165,9 @@ def test_mapper_page_embeds_the_explained_tensors_and_names_a_wrong_one(tmp_path
 def norms_and_strays() -> WeightMapper:
     """Two norms only their names tell apart (flagged), a sure match, and a stray tensor on each side."""
     source = TensorTable.from_state_dict(
-        {"layers.0.in_norm.weight": (8,), "layers.0.post_norm.weight": (8,), "layers.0.attn.weight": (8, 8),
+        {"layers.0.in_norm.weight": (8,), "layers.0.post_norm.weight": (8,), "layers.0.attn.weight": (8, 16),
          "layers.0.extra.bias": (3,)}, natural_order=True, label="hf.safetensors")
-    target = {"layers.0.sa_norm.weight": (8,), "layers.0.mlp_norm.weight": (8,), "layers.0.attention.weight": (8, 8),
+    target = {"layers.0.sa_norm.weight": (8,), "layers.0.mlp_norm.weight": (8,), "layers.0.attention.weight": (8, 16),
               "head.weight": (5, 8)}
     mapper = WeightMapper(source, target)
     mapper.suggest_mapping()
@@ -197,11 +197,14 @@ def test_page_sorts_filters_searches_and_explains_in_a_browser(browser, tmp_path
     statuses = [r["status"] for r in risk]
     assert statuses == sorted(statuses, key=PAGE_STATUSES.index)
     browser.evaluate(f"{page}.sort('score')")
-    scores = [r["score"] for r in rows() if r["score"] >= 0]
+    scores = [r["score"] for r in rows() if r["score"] is not None]
     assert scores == sorted(scores) and scores
     browser.evaluate(f"{page}.sort('margin', true)")
-    margins = [r["margin"] for r in rows() if r["margin"] >= 0]
-    assert margins == sorted(margins, reverse=True)
+    margins = [r["margin"] for r in rows()]
+    n_entries = len(plan.entries) + len(plan.ambiguous)
+    assert margins[:n_entries] == sorted(margins[:n_entries], reverse=True)  # negative margins too
+    assert margins[n_entries:] == [None] * (n - n_entries)  # the unmatched last, either way
+    assert min(margins[:n_entries]) < 0
     browser.evaluate(f"{page}.sort('target')")
     targets = [r["target"] for r in rows() if r["target"]]
     assert targets == sorted(targets)

@@ -34,6 +34,7 @@ def test_report_summary():
     assert summary == {
         "source_model": "OldModel", "target_model": "PartiallyCompatible", "n_source": 8, "n_target": 9,
         "n_matched": 7, "n_ambiguous": 0, "n_unmatched_source": 1, "n_unmatched_target": 2, "coverage": 0.777778,
+        "n_flagged": 0, "provenance": {"matched": 7, "repaired": 0, "proved": 0},
     }
 
 
@@ -77,8 +78,23 @@ def test_print_analysis_lists_the_riskiest_first_with_flags_and_provenance():
 
     print_analysis(plan, top_n=4, console=console)
     text = console.export_text()
-    rows = [line.split("│")[2].strip() for line in text.splitlines() if line.startswith("│ src.")]
+    rows = [line.split()[1] for line in text.splitlines() if line.startswith(" src.")]
     assert rows == ["ambiguous", "order", "repaired", "low_margin"]
     assert "order_only: decided by order alone" in text
     assert "↻ repaired" in text and "layer-wise proof: 2 proved, 1 repaired, 5 unproved" in text
-    assert "1 matches carry a flag" in text
+    assert "1 entries flagged order_only: decided by order alone" in text
+
+
+def test_an_unscored_entry_set_by_hand_sorts_after_the_scored_ones_of_its_tier():
+    import math
+
+    manual = PlanEntry(("src.manual",), "manual", None, math.nan, math.nan, "manual", (4,), (4,))
+    order = sorted([manual, *RISKY[::-1]], key=risk_key)
+    assert [e.target for e in order].index("manual") == [e.target for e in RISKY].index("proved_ambiguous")
+    console = Console(color_system=None, width=140, record=True)
+    from weight_mapper.report import print_analysis
+
+    print_analysis(MappingPlan((manual,)), console=console)
+    import re
+
+    assert re.search(r"src\.manual +manual +- +\[4\]", console.export_text())

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from weight_mapper import ConversionError, MappingPlan, PlanEntry, WeightMapper, apply_plan
+from weight_mapper import ConversionError, MappingPlan, PlanEntry, WeightMapper
 from weight_mapper.verify import verify_conversion
 
 _TESTS = Path(__file__).parent
@@ -321,3 +321,53 @@ def test_apply_verify_strict_failure_writes_nothing(tmp_path, monkeypatch, capsy
     assert data["output"] is None and data["verification"]["ok"] is False and not out.exists()
     assert data["verification"]["first_divergence"]["target"] == "stem.norm"
     assert main(argv) == 0 and out.is_file()  # without --strict the file is written and the verdict printed
+
+
+def test_the_analysis_and_the_json_report_show_provenance_and_flags():
+    from rich.console import Console
+
+    from weight_mapper.report import analysis_renderable, report_dict
+
+    src, x = Branches(), torch.randn(3, 4)
+    mapper = WeightMapper(src, FlippedBranches(), dummy_input=x)
+    mapper.suggest_mapping()
+    console = Console(color_system=None, width=200, record=True)
+    console.print(analysis_renderable(mapper.get_plan()))
+    text = console.export_text()
+    assert "layer-wise proof: 0 proved, 4 repaired, 0 unproved" in text and "repaired" in text
+    assert report_dict(mapper.get_plan())["summary"]["provenance"] == {"matched": 0, "repaired": 4, "proved": 0}
+    flagged = replace(mapper.get_plan().entries[0], flags=("convention:rotary",))
+    console = Console(color_system=None, width=200, record=True)
+    console.print(analysis_renderable(replace(mapper.get_plan(), entries=(flagged,))))
+    assert "1 entries flagged convention:rotary: one side may keep its rotary" in console.export_text()
+
+
+def test_apply_verify_loads_a_checkpoint_whose_names_the_source_model_does_not_use(tmp_path, monkeypatch, capsys):
+    from cli_factories import NormNet
+    from weight_mapper.cli import main
+
+    monkeypatch.syspath_prepend(str(_TESTS))
+    net = NormNet()
+    with torch.no_grad():
+        net.norm.weight.uniform_(0.5, 1.5)
+        net.norm.bias.uniform_(-1, 1)
+    ckpt = tmp_path / "legacy.pt"
+    torch.save({"fc.weight": net.fc.weight.detach(), "fc.bias": net.fc.bias.detach(),
+                "norm.gamma": net.norm.weight.detach(), "norm.beta": net.norm.bias.detach()}, ckpt)
+    plan = tmp_path / "plan.json"
+    assert main(["map", str(ckpt), "cli_factories:renamed_norm_net", "-o", str(plan), "--json"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "new.safetensors"
+    assert main(["apply", str(ckpt), str(plan), "-o", str(out), "--validate", "cli_factories:renamed_norm_net",
+                 "--verify", "cli_factories:norm_net", "--input", "cli_factories:norm_input", "--strict"]) == 0
+    text = capsys.readouterr().out
+    assert "conversion verified" in text and "mapped onto them by weight_mapper" in text and out.is_file()
+
+
+def test_repair_gives_an_entry_the_tensor_its_siblings_source_module_holds():
+    # the weights of a and b exchanged, their biases not: no module pair forms, the whole output differs
+    swap = {"a.weight": lambda e: replace(e, source=("middle.weight",)),
+            "b.weight": lambda e: replace(e, source=("first.weight",))}
+    report = verify_conversion(_chain_plan(**swap), Chain(), RenamedChain(), torch.randn(3, 4), repair=True)
+    assert report.ok and report.n_forward == 4, report.message()  # source, target, a transpose, the exchange
+    assert report.repairs == ("(root): a.weight <- first.weight and b.weight <- middle.weight (exchanged)",)

@@ -199,14 +199,38 @@ WHY_BN1_RUNNING_MEAN = """\
 
 WHY_UNDER_THRESHOLD = """\
 ╭─ Why is bn1.weight not in the plan? ─────────────────────────────────────────────────────────────╮
-│ bn1.weight stayed unmatched: its best candidate stem.norm scores 0.784, under the threshold      │
-│ 0.90.                                                                                            │
+│ Matched as part of module bn1 -> stem.norm, score 0.827                                          │
+│ The assignment chose it, but its score is under the threshold 0.90: it is not in the plan (nor   │
+│ is the rest of its module).                                                                      │
+│ It beats the runner-up block.norm by 0.087                                                       │
 │                                                                                                  │
-│ Best candidates                                                                                  │
-│ candidate   score  shape   name  hierarchy  context                                              │
-│ ───────────────────────────────────────────────────                                              │
-│ stem.norm   0.784  1.000  0.406      0.812    0.500                                              │
-│ block.norm  0.675  1.000  0.390      0.291    0.500                                              │
+│ score component       weight  score                          adds                                │
+│ ─────────────────────────────────────────────────────────────────                                │
+│ shape                   0.50  1.000  ████████████████████   0.500                                │
+│ name                    0.30  0.406  ████████░░░░░░░░░░░░   0.122                                │
+│   token overlap         0.30  0.500  ██████████░░░░░░░░░░   0.045                                │
+│   edit distance         0.20  0.444  █████████░░░░░░░░░░░   0.027                                │
+│   common subsequence    0.15  0.444  █████████░░░░░░░░░░░   0.020                                │
+│   numeric indices       0.25  0.000  ░░░░░░░░░░░░░░░░░░░░   0.000                                │
+│   leaf type             0.10  1.000  ████████████████████   0.030                                │
+│ hierarchy               0.20  0.812  ████████████████░░░░   0.163                                │
+│   depth                 0.15  0.500  ██████████░░░░░░░░░░   0.015                                │
+│   sibling position      0.15  0.250  █████░░░░░░░░░░░░░░░   0.007                                │
+│   definition order      0.20  1.000  ████████████████████   0.040                                │
+│   execution order       0.50  1.000  ████████████████████   0.100                                │
+│                                                                                                  │
+│ base                          0.784  ████████████████░░░░   0.784                                │
+│ context                 0.20  1.000  ████████████████████  +0.043                                │
+│                                                                                                  │
+│ score                         0.827  █████████████████░░░   0.827                                │
+│ weight of a sub-score: its share of the component                                                │
+│ adds: its part of the score                                                                      │
+│ score = 0.80 × base + 0.20 × max(base, context)                                                  │
+│                                                                                                  │
+│ Alternatives (best first)                                                                        │
+│ candidate   score  vs chosen  shape   name  hierarchy  context                                   │
+│ ──────────────────────────────────────────────────────────────                                   │
+│ block.norm  0.740     -0.087  1.000  0.390      0.291    1.000                                   │
 ╰──────────────────────────────────────────────────────────────────────────────────────────────────╯
 """
 
@@ -539,10 +563,13 @@ def test_html_opens_in_headless_chromium(tmp_path):
     assert "Why bn1.weight -> stem.norm.weight?" in text
 
 
-def test_breakdown_of_a_tensor_matched_alone_after_its_group_was_not():
-    """At 0.85 the BatchNorm group scores under the threshold, but its weight, matched alone, clears it."""
-    text = render(batchnormed(threshold=0.85).visualize_score_breakdown, "bn1.weight")
-    assert text.startswith("╭─ Why bn1.weight -> stem.norm.weight?") and "Matched as a single tensor" in text
+def test_breakdown_of_a_tensor_whose_group_is_under_the_threshold():
+    """At 0.85 the BatchNorm group scores under the threshold: its tensors are left out together,
+    not matched one by one (issue 13: groups move together), and the breakdown says so."""
+    mapper = batchnormed(threshold=0.85)
+    text = render(mapper.visualize_score_breakdown, "bn1.weight")
+    assert text.startswith("╭─ Why is bn1.weight not in the plan?") and "under the threshold 0.85" in text
+    assert not any(k.startswith("bn1.") for k in mapper.get_mapping_dict())
 
 
 def test_a_combined_entry_with_many_sources_is_one_short_line():

@@ -85,3 +85,18 @@ def test_score_way_counts_exact_wrong_flagged_missed_and_false_alarms():
     assert s["n_truth"] == 6 and s["n_predicted"] == 4
     # key F1: o, q and norm have the truth's source keys; the head entry does not
     assert abs(s["precision"] - 3 / 4) < 1e-9 and abs(s["recall"] - 3 / 6) < 1e-9
+
+
+def test_tied_source_tensors_share_tracer_values_and_count_as_one_key():
+    w = torch.zeros(4, 3)
+    src = {"embed": w, "head": w, "norm": torch.zeros(3)}
+    tracer = tracer_state_dict(src)
+    assert tracer["head"] is tracer["embed"]
+    out = {"tok.weight": tracer["embed"].clone(), "norm.weight": tracer["norm"].clone()}
+    truth = read_truth(tracer, out, list(out))
+    assert truth["tok.weight"].sources == ("embed",)
+    # a plan that reads the tied twin converts the same values: exact, and right for the key F1
+    plan = MappingPlan((_entry(["head"], "tok.weight", shape=(4, 3)), _entry(["norm"], "norm.weight", shape=(3,))))
+    s = score_way(plan, truth, out, tracer, {"head": "embed"})
+    assert (s["exact"], s["wrong"], s["f1"]) == (2, 0, 1.0)
+    assert score_way(plan, truth, out, tracer)["f1"] < 1.0  # without the tie the key differs

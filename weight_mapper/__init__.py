@@ -19,6 +19,7 @@ from weight_mapper.mapper import STRATEGIES, WeightMapper
 from weight_mapper.plan import MappingPlan, PlanEntry
 from weight_mapper.renamer import WeightRenamer
 from weight_mapper.table import TensorTable
+from weight_mapper.training_state import TrainingStateReport, convert_training_state
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,8 @@ __all__ = [
     "apply_plan",
     "validate_state_dict",
     "ValidationReport",
+    "convert_training_state",
+    "TrainingStateReport",
     "WeightMapperError",
     "CheckpointError",
     "UnsafeCheckpointError",

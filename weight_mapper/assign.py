@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -648,6 +648,18 @@ class Assignment:
     levels: dict = field(default_factory=dict)
     flags: np.ndarray | None = None
 
+    def above(self, threshold: float) -> Assignment:
+        """The matches whose final score reaches ``threshold`` (a group's tensors share its score).
+
+        ``assign(..., threshold=t)`` equals ``assign(..., threshold=0).above(t)``.
+        """
+        keep = self.score >= threshold
+        if keep.all():
+            return self
+        return replace(self, src=self.src[keep], tgt=self.tgt[keep], score=self.score[keep],
+                       margin=self.margin[keep], level=self.level[keep],
+                       components={c: v[keep] for c, v in self.components.items()})
+
 
 def assign(
     src_table: TensorTable,
@@ -669,7 +681,10 @@ def assign(
     Args:
         src_table, tgt_table: The two sides.
         weights: Validated component weights.
-        threshold: Pairs scoring below it are never assigned.
+        threshold: Pairs whose final score (with the hierarchy context, the score shown) is
+            below it are left out. It filters the assignment of every admissible pair, so a
+            pair's score never depends on it and raising it only removes pairs; a module group
+            below it is left out whole, not matched tensor by tensor.
         solver: ``"optimal"`` or ``"greedy"``.
         use_context: Re-solve with the hierarchy context until the assignment is stable.
         tolerance: ``shape_tolerance``.
@@ -692,13 +707,16 @@ def assign(
     options = dict(weights=weights, tolerance=tolerance, incompatible_pairs=incompatible_pairs,
                    offset=name_offset(src_table.names, tgt_table.names))
     group_buckets = split_by_indices(_buckets_by_key(src_groups.signatures, tgt_groups.signatures), g_src, g_tgt)
-    level_options = dict(solver=solver, threshold=threshold, use_context=use_context, max_rounds=max_rounds,
+    # Every admissible pair competes (threshold 0); the threshold then filters the final scores,
+    # the ones shown, so that a pair's score never depends on it (issue 13).
+    level_options = dict(solver=solver, threshold=0.0, use_context=use_context, max_rounds=max_rounds,
                          n_src_modules=len(src_tree))
     _report(progress, f"module groups: scoring {len(group_buckets)} buckets")
     groups, votes = _solve_level(Level.build(g_src, g_tgt, group_buckets, **options), **level_options,
                                  progress=progress, name="module groups")
 
     # Expand matched groups into member tensor pairs: equal signatures align sorted members.
+    # A group scoring under the threshold is left out whole (its tensors are not split up).
     src_rows, tgt_rows, expand = [], [], []
     for k, (gs, gt) in enumerate(zip(groups.src, groups.tgt)):
         ms = _sorted_members(src_table, src_groups.members[gs])
@@ -710,9 +728,12 @@ def assign(
     g_src_rows = np.concatenate(src_rows) if src_rows else np.zeros(0, np.int64)
     g_tgt_rows = np.concatenate(tgt_rows) if tgt_rows else np.zeros(0, np.int64)
 
-    # Fallback: tensors of unmatched groups, bucketed by size (shapes that can possibly match).
+    # Fallback: tensors of groups without a partner group, bucketed by size (shapes that can
+    # possibly match).
     left_src = np.setdiff1d(np.concatenate(src_groups.members or [np.zeros(0, np.int64)]), g_src_rows)
     left_tgt = np.setdiff1d(np.concatenate(tgt_groups.members or [np.zeros(0, np.int64)]), g_tgt_rows)
+    passed = groups.score[expand_idx] >= threshold
+    expand_idx, g_src_rows, g_tgt_rows = expand_idx[passed], g_src_rows[passed], g_tgt_rows[passed]
     t_src, t_tgt = Items.of_tensors(src_table, src_tree, left_src), Items.of_tensors(tgt_table, tgt_tree, left_tgt)
     tensor_buckets = split_by_indices(_buckets_by_key(
         [_tensor_bucket_key(src_table.shapes[r], tolerance) for r in left_src],
@@ -721,6 +742,7 @@ def assign(
     _report(progress, f"single tensors: scoring {len(tensor_buckets)} buckets")
     tensors, _ = _solve_level(Level.build(t_src, t_tgt, tensor_buckets, **options), prior_votes=votes, **level_options,
                               progress=progress, name="single tensors")
+    tensors = _above(tensors, threshold)
 
     n_group, n_tensor = len(g_src_rows), len(tensors.src)
     sizes = groups.bucket_sizes + tensors.bucket_sizes
@@ -739,6 +761,15 @@ def assign(
         levels={"group": groups.detail, "tensor": tensors.detail},
         flags=np.concatenate([groups.flags[expand_idx], tensors.flags]) if n_group + n_tensor else np.zeros(0, object),
     )
+
+
+def _above(result: _LevelResult, threshold: float) -> _LevelResult:
+    """The matches of a level whose final score reaches ``threshold``."""
+    keep = result.score >= threshold
+    if keep.all():
+        return result
+    return replace(result, src=result.src[keep], tgt=result.tgt[keep], score=result.score[keep],
+                   margin=result.margin[keep], components={c: v[keep] for c, v in result.components.items()})
 
 
 def _report(progress: Callable[[str], None] | None, message: str) -> None:

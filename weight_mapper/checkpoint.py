@@ -86,6 +86,7 @@ _SAFETENSORS_DTYPES = {
 # Unsigned 16/32/64-bit dtypes only exist from torch 2.3 on.
 _SAFETENSORS_DTYPES.update({k: getattr(torch, n) for k, n in
                             {"U16": "uint16", "U32": "uint32", "U64": "uint64"}.items() if hasattr(torch, n)})
+_WRITABLE_DTYPES = frozenset(_SAFETENSORS_DTYPES.values())
 _ITEMSIZES = {name: dtype.itemsize for name, dtype in _SAFETENSORS_DTYPES.items()}
 _MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 _ALIASES_KEY = "weight_mapper.aliases"  # safetensors metadata: {"dropped name": "kept name"}
@@ -468,6 +469,17 @@ def save_checkpoint(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike
                           f"{_preview(envelope)} are not stored; save to a .pt/.ckpt path to keep them",
                           stacklevel=2)
         metadata = _check_metadata(metadata, path)
+        unstorable = [(n, t.dtype) for n, t in tensors.items() if t.dtype not in _WRITABLE_DTYPES]
+        if unstorable:
+            name, dtype = unstorable[0]
+            raise CheckpointError(f"Cannot save {path}: tensor {validate.short(name)} is {dtype}, which safetensors "
+                                  f"files (as weight_mapper reads them) cannot hold; save to a .pt path, or convert "
+                                  f"it (e.g. .dequantize() or .float()) first")
+        unencodable = [n for n in [*tensors, *metadata.keys(), *metadata.values()] if not _utf8(n)]
+        if unencodable:
+            raise CheckpointError(f"Cannot save {path}: safetensors stores names as UTF-8, and "
+                                  f"{validate.short(unencodable[0])} is not valid Unicode (a lone surrogate); "
+                                  f"rename it, or save to a .pt path")
         _atomic_write(path, lambda tmp: _write_safetensors(tensors, tmp, metadata))
         return path
     if metadata:
@@ -626,6 +638,10 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, _Spec], dict[str, st
     except validate.Invalid as e:
         raise corrupt(f"header is {e}") from None
     for name, info in header.items() if isinstance(header, dict) else ():
+        try:
+            validate.check_name(name, "tensor name")
+        except validate.Invalid as e:
+            raise CheckpointError(f"Checkpoint {path} holds a {e}; names beyond these bounds are refused") from None
         dtype_name = info.get("dtype") if isinstance(info, dict) and name != "__metadata__" else None
         if isinstance(dtype_name, str) and dtype_name not in _SAFETENSORS_DTYPES:
             raise CheckpointError(f"Checkpoint {path}: tensor {validate.short(name)} has dtype {dtype_name[:40]}, "
@@ -693,7 +709,9 @@ def _weights_only_refusal(message: str) -> str | None:
     for pattern in _REFUSAL_PATTERNS:
         match = pattern.search(message)
         if match:
-            return match.group(1).strip().rstrip(".")
+            offender = match.group(1).strip().rstrip(".")
+            # A damaged stream can run a global's name into junk bytes: that is corruption.
+            return offender if offender.isprintable() else None
     return None
 
 
@@ -875,6 +893,14 @@ def _check_metadata(metadata: Mapping[str, str] | None, path: Path) -> dict[str,
     return metadata
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _tied_names(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """``{alias: first name}`` for names holding the same view of the same storage (tied weights)."""
     first: dict[tuple, str] = {}
@@ -922,15 +948,18 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], tmp: Path, metadata: di
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename over ``path``.
+    """Write into a temporary folder next to ``path``, fsync, then rename the file over ``path``.
 
-    The temporary file is named by :func:`temporary_path_for`; stale ones that a killed run
+    The temporary folder is named by :func:`temporary_path_for`; stale ones that a killed run
     left in the folder are removed first.
     """
     clean_stale_temporaries(path.parent)
-    tmp = temporary_path_for(path)
+    # A private folder, not a file: writers that use temporaries of their own (safetensors'
+    # save_file does) leave them inside it, where the next run recognises them too.
+    tmp_dir = temporary_path_for(path)
+    tmp = tmp_dir / path.name
     try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        tmp_dir.mkdir(mode=0o700)
         write(tmp)
         _fsync(tmp)
         # The temporary file is private (0o600); give the output the mode a plain open() would.
@@ -938,8 +967,9 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
         with contextlib.suppress(OSError):  # not every platform can fsync a folder
             _fsync(path.parent)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     except BaseException as e:  # including KeyboardInterrupt: never leave a partial file behind
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
         if isinstance(e, OSError):
             raise CheckpointError(f"Could not write {path}: {e}; check free space and permissions") from e
         if isinstance(e, RecursionError):

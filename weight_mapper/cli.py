@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import difflib
 import importlib
+import inspect
 import json
 import os
 import shlex
@@ -42,6 +43,7 @@ from weight_mapper.plan import MappingPlan
 from weight_mapper.renamer import WeightRenamer
 from weight_mapper.report import report_dict
 from weight_mapper.table import TensorTable
+from weight_mapper.training_state import describe_training_state, has_training_state
 from weight_mapper.tree import ROOT, ModuleTree
 from weight_mapper.views import HierarchyView, ScoreBreakdownView
 
@@ -95,6 +97,7 @@ def _inspect_summary(ckpt: Checkpoint, path: Path, *, depth: int) -> dict[str, A
         "n_shards": len(ckpt.tensors.shards()),
         "skipped": list(ckpt.skipped),
         "metadata": dict(ckpt.metadata),
+        "training_state": describe_training_state(ckpt.envelope),
         # The depth counts below the wrapper prefix: "model." alone would fill a level.
         "modules": _module_rows(table, depth=depth + prefix.count(".")),
     }
@@ -166,6 +169,14 @@ def _inspect_renderable(summary: Mapping[str, Any], envelope: Mapping, *, depth:
     if summary["skipped"]:
         facts.add_row("skipped", Text(f"{len(summary['skipped'])} non-tensor entries: "
                                       + ", ".join(summary["skipped"][:5])))
+    training = summary["training_state"]
+    for optimizer in training["optimizers"]:
+        facts.add_row("optimizer", Text(
+            f"{optimizer['location']}: {optimizer['kind']}, {optimizer['n_params']} parameters in "
+            f"{optimizer['n_groups']} group(s), {optimizer['n_states']} with state"
+            + (f" ({', '.join(optimizer['state_keys'])})" if optimizer["state_keys"] else "")))
+    if training["schedulers"]:
+        facts.add_row("LR schedulers", Text(f"{training['n_schedulers']} in {', '.join(training['schedulers'])}"))
     if summary["metadata"]:
         facts.add_row("metadata", Text(", ".join(f"{k}={v}" for k, v in summary["metadata"].items())))
     title = Text(summary["path"], style="bold")
@@ -292,19 +303,38 @@ def _cmd_map(args: argparse.Namespace) -> int:
 
 
 def _write_rules(mapper: WeightMapper, plan: MappingPlan, path: Path) -> Path:
-    """--rules: the plan's renames as regex rules, in the forms transformers, mmengine and torchtune take."""
+    """--rules: the plan's renames as regex rules, in the forms transformers, mmengine and torchtune take.
+
+    Each form is checked against the mapping under the way its tool applies it; a form that
+    would rename a key wrongly is written as null, with the reason under ``"refused"``.
+    """
     from weight_mapper.rules import rules_to_key_mapping, rules_to_revise_keys
 
     rules = mapper.export_rules()
     single_group = mapper.export_rules(max_groups=1)
+    mapping = {e.source[0]: e.target for e in plan.entries if len(e.source) == 1}
+    refused: dict[str, str] = {}
+
+    def checked(form: str, write):
+        try:
+            return write()
+        except MappingError as exc:
+            refused[form] = str(exc)
+            return None
+
     data = {
         "rules": [{"pattern": r.pattern, "replacement": r.replacement} for r in rules],
-        "key_mapping": rules_to_key_mapping(rules),
-        "key_mapping_transformers5": rules_to_key_mapping(single_group),
-        "revise_keys": [list(pair) for pair in rules_to_revise_keys(rules)],
+        "key_mapping": checked("key_mapping", lambda: rules_to_key_mapping(rules, mapping)),
+        "key_mapping_transformers5": checked(
+            "key_mapping_transformers5", lambda: rules_to_key_mapping(single_group, mapping, transformers5=True)),
+        "revise_keys": checked("revise_keys", lambda: [list(p) for p in rules_to_revise_keys(rules, mapping)]),
         "not_renames": [{"target": e.target, "source": list(e.source), "transform": e.transform}
                         for e in plan.entries if len(e.source) > 1 or e.transform],
     }
+    if refused:
+        data["refused"] = refused
+        for form, why in refused.items():
+            print(f"warning: --rules: {form} not written: {why}", file=sys.stderr)
     return write_text_atomic(path, json.dumps(data, indent=2))
 
 
@@ -345,6 +375,7 @@ def _build_model(spec: str, *, meta: bool = True) -> nn.Module:
         MappingError: naming ``spec`` and the expected form, whatever step failed.
     """
     factory = _load_factory(spec)
+    _require_no_arguments(factory, spec)
     model = None
     if meta:
         try:
@@ -363,7 +394,30 @@ def _build_model(spec: str, *, meta: bool = True) -> nn.Module:
     return model
 
 
-def _load_factory(spec: str) -> Any:
+def _require_no_arguments(factory: Any, spec: str, what: str = "model factory") -> None:
+    """Refuse, before any call, a factory that cannot be called without arguments."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # builtins and C extensions: nothing to check up front
+        return
+    try:
+        signature.bind()
+    except TypeError:
+        needed = [p.name for p in signature.parameters.values()
+                  if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        raise _factory_error(spec, f"needs arguments ({', '.join(needed)}) but is called with none; write a "
+                                   "function without arguments that builds it, e.g. "
+                                   "`def new_model(): return NewModel(num_classes=10)`", what) from None
+
+
+def _importable_from_cwd() -> None:
+    """Put the current folder on ``sys.path``, as ``python -m`` does and the console script does not:
+    factories and the classes of a trusted pickle are found there alike."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
+def _load_factory(spec: str, what: str = "model factory") -> Any:
     """Import ``package.module:callable`` and return the callable.
 
     Raises:
@@ -371,32 +425,31 @@ def _load_factory(spec: str) -> Any:
     """
     module_name, _, attr_path = spec.partition(":")
     if not module_name or not attr_path:
-        raise _factory_error(spec, "is not of the form package.module:callable")
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # as `python -m` does; the console script does not
+        raise _factory_error(spec, "is not of the form package.module:callable", what)
+    _importable_from_cwd()
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
             raise _factory_error(spec, f"names module {module_name!r}, which cannot be imported "
-                                       f"(no module named {e.name!r})") from None
-        raise _factory_error(spec, f"cannot be imported: importing {module_name!r} failed ({e})") from None
+                                       f"(no module named {e.name!r})", what) from None
+        raise _factory_error(spec, f"cannot be imported: importing {module_name!r} failed ({e})", what) from None
     except Exception as e:  # noqa: BLE001 - the user's module failed while importing
         raise _factory_error(spec, f"cannot be imported: importing {module_name!r} raised "
-                                   f"{type(e).__name__}: {e}") from None
+                                   f"{type(e).__name__}: {e}", what) from None
     factory: Any = module
     for attr in attr_path.split("."):
         if not hasattr(factory, attr):
             raise _factory_error(spec, f"names {attr_path!r}, but module {module_name!r} has no "
-                                       f"attribute {attr_path!r}")
+                                       f"attribute {attr_path!r}", what)
         factory = getattr(factory, attr)
     if not callable(factory):
-        raise _factory_error(spec, f"names {attr_path!r}, which is not callable (a {type(factory).__name__})")
+        raise _factory_error(spec, f"names {attr_path!r}, which is not callable (a {type(factory).__name__})", what)
     return factory
 
 
-def _factory_error(spec: str, why: str) -> MappingError:
-    return MappingError(f"model factory {spec!r} {why}; expected {_FACTORY_HELP}")
+def _factory_error(spec: str, why: str, what: str = "model factory") -> MappingError:
+    return MappingError(f"{what} {spec!r} {why}; expected {_FACTORY_HELP}")
 
 
 # ------------------------------------------------------------------------------------ apply
@@ -411,9 +464,10 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     _refuse_overwrite(output, [(p, "the source checkpoint") for p in source_files if p is not None]
                       + [(plan_path, "the plan")])
     model = _build_model(args.validate) if args.validate else None  # a bad factory fails before any read
+    source_model = _build_model(args.source_model) if args.source_model else None
     if args.verify:  # fail on a bad factory or input before any conversion
-        _load_factory(args.verify)
-        _load_factory(args.input)
+        _require_no_arguments(_load_factory(args.verify), args.verify)
+        _require_no_arguments(_load_factory(args.input, "--input factory"), args.input, "--input factory")
 
     console = Console()
     show_progress = not args.json and console.is_terminal and (
@@ -435,7 +489,13 @@ def _cmd_apply(args: argparse.Namespace) -> int:
                 return 1
             console.print(Text(verification.message(), style="red"))
             raise ConversionError(f"the conversion was not verified; nothing was written to {output} (--strict)")
-        output = renamer.save(output, keep_envelope=True)  # a torch output keeps the envelope (README)
+        training = None
+        if not args.weights_only and output.suffix not in ("", _SAFETENSORS_SUFFIX) \
+                and has_training_state(renamer.envelope):
+            # A torch file keeps the envelope: its optimizer state follows the plan, or is left out.
+            training = renamer.convert_training_state(model, source_model=source_model)
+        output = renamer.save(output, keep_envelope=True,  # a torch output keeps the envelope (README)
+                              training_state="drop" if args.weights_only else "convert")
 
     fmt = ("sharded-safetensors" if output.is_dir() else
            "safetensors" if output.suffix == _SAFETENSORS_SUFFIX else "torch")
@@ -445,6 +505,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             "source": args.source, "plan": str(plan_path),
             "n_unmatched_source": len(plan.unmatched_source), "n_unmatched_target": len(plan.unmatched_target),
             "validation": None if report is None else _validation_dict(report),
+            "training_state": None if training is None else training.to_dict(),
             "verification": None if verification is None else verification.to_dict(),
         })
         return 1 if verification is not None and not verification.ok and args.strict else 0
@@ -456,6 +517,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     if plan.unmatched_target:
         console.print(Text(f"{len(plan.unmatched_target)} target tensors are not filled by the plan",
                            style="yellow"))
+    if training is not None and training.ok:  # a refusal was a warning on stderr already
+        console.print(Text("Optimizer state: " + training.message(), style="green"))
     console.print(Text.assemble(("Converted ", "green"), f"{len(renamer.renamed or {})} tensors: ",
                                 args.source, " -> ", (str(output), "bold green"), f" ({fmt})"))
     if verification is not None:
@@ -480,9 +543,23 @@ def _verify(args: argparse.Namespace, renamer: WeightRenamer, plan: MappingPlan)
         raise ConversionError(f"--verify {args.verify}: {e}; pass the factory of the model {args.source} was "
                               "saved from") from None
     target = _build_model(args.validate, meta=False)
-    dummy_input = _load_factory(args.input)()
-    report = verify_conversion(plan, source, target, dummy_input, source_tensors=renamer.tensors)
-    return replace(report, source_weights=f"{args.source} {how}")
+    dummy_input = _call_input(args.input)
+    try:
+        report = verify_conversion(plan, source, target, dummy_input, source_tensors=renamer.tensors)
+    except ConversionError as exc:  # the input has a name here: say which
+        raise ConversionError(str(exc).replace("dummy_input", f"--input {args.input}()")) from None
+    return replace(report, source_weights=how)
+
+
+def _call_input(spec: str) -> Any:
+    """The input --verify runs the models on: ``INPUT()``, errors naming --input."""
+    factory = _load_factory(spec, "--input factory")
+    _require_no_arguments(factory, spec, "--input factory")
+    try:
+        return factory()
+    except Exception as e:  # noqa: BLE001 - user code
+        raise MappingError(f"--input {spec!r} raised {type(e).__name__}: {e} when called with no arguments; "
+                           "it must return the models' input (a tensor, a tuple or a dict)") from None
 
 
 def _validation_dict(report: ValidationReport) -> dict[str, Any]:
@@ -658,6 +735,8 @@ def _check_apply(args: argparse.Namespace) -> None:
     if args.verify and not (args.validate and args.input):
         args.parser.error("--verify SOURCE_MODEL needs --validate TARGET (the target model) and --input INPUT "
                           "(what to run both models on)")
+    if args.weights_only and args.source_model:
+        args.parser.error("--source-model only serves to convert the optimizer state, which --weights-only leaves out")
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -773,11 +852,15 @@ for a command's options and examples.""",
                     "stack-and-concatenate them where it says so), and save "
                     "them atomically to OUT: safetensors for *.safetensors, a folder of safetensors shards for a "
                     "path without suffix, a torch file otherwise (which keeps the envelope, e.g. Lightning's "
-                    "epoch). SOURCE is never overwritten.",
+                    "epoch, and converts its optimizer state with the same plan: moments re-keyed to TARGET's "
+                    "parameter order and transformed as the weights; LR schedulers pass through; state whose "
+                    "parameter order is not certain is left out with a warning). SOURCE is never overwritten.",
         epilog=f"""examples:
   {_PROG} apply old.ckpt plan.json -o new.safetensors
   {_PROG} apply old.ckpt plan.json -o new.ckpt --validate mypkg.models:new_model --strict
   {_PROG} apply llama/ plan.json -o converted/        (sharded in, sharded out)
+  {_PROG} apply last.ckpt plan.json -o resumable.ckpt --validate mypkg.models:new_model   (optimizer state too)
+  {_PROG} apply last.ckpt plan.json -o weights.ckpt --weights-only
   {_PROG} apply old.pt plan.json -o new.pt --validate pkg.models:new_model \\
       --verify pkg.models:old_model --input pkg.models:sample_batch --strict""",
     )
@@ -795,6 +878,14 @@ for a command's options and examples.""",
                        help=f"prove the conversion: build the source model ({_FACTORY_HELP}) and the --validate "
                             "model on the CPU, load SOURCE into the first and the converted weights into the "
                             "second, run both on --input and report the max abs output difference")
+    apply.add_argument("--weights-only", action="store_true",
+                       help="leave the training state (optimizer, LR scheduler, AMP scaler) out of a torch OUT; "
+                            "by default optimizer state follows the plan (needs --validate TARGET for the target's "
+                            "parameter order) and LR schedulers pass through")
+    apply.add_argument("--source-model", metavar="FACTORY", default=None,
+                       help="the architecture SOURCE was saved from, as package.module:callable (built on the meta "
+                            "device): its parameters() order says which optimizer state belongs to which tensor; "
+                            "without it the order is read from SOURCE, without its buffers")
     apply.add_argument("--input", metavar="INPUT", default=None,
                        help="with --verify: package.module:callable returning the input (a tensor, a tuple of "
                             "arguments or a dict of keyword arguments)")
@@ -831,6 +922,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a name that cannot be encoded is printed escaped, never a crash
         with contextlib.suppress(AttributeError, ValueError, OSError):
             stream.reconfigure(errors="backslashreplace")
+    if getattr(args, "trust_pickle", False):
+        _importable_from_cwd()  # a trusted pickle's classes are found where factories are
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning  # one line on stderr, not Python's file:line form
         try:

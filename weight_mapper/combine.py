@@ -21,7 +21,15 @@ import numpy as np
 
 from weight_mapper.assign import Assignment, _module_map, pair_margins, solve_optimal
 from weight_mapper.names import name_indices, name_skeleton, name_tokens, split_name
-from weight_mapper.score import Items, context_score, forbidden, score_edges, with_context
+from weight_mapper.score import (
+    LINEAR_TYPES,
+    TRANSPOSED_TYPES,
+    Items,
+    context_score,
+    forbidden,
+    score_edges,
+    with_context,
+)
 from weight_mapper.table import TensorTable
 from weight_mapper.tree import ModuleTree
 
@@ -40,6 +48,8 @@ class Combination:
         score, margin: As for 1:1 matches.
         components: ``shape``, ``name``, ``hierarchy``, ``context`` of the representative.
         parts: Number of parts of a ``stack_concat`` (1 otherwise).
+        transposed: The single side is stored ``[in, out]`` (``Conv1D``) and the set are
+            ``nn.Linear`` weights: the concat is transposed (a split slices the transpose).
     """
 
     src: tuple[int, ...]
@@ -49,6 +59,7 @@ class Combination:
     margin: float
     components: Mapping[str, float]
     parts: int = 1
+    transposed: bool = False
 
 
 def _concat_runs(table: TensorTable, rows: np.ndarray) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -73,6 +84,9 @@ def _concat_runs(table: TensorTable, rows: np.ndarray) -> list[tuple[tuple[int, 
                 out.append((tuple(members[i:j + 1]), (total, *trailing)))
     return out
 
+
+# Module types storing 2-D weights [in, out] against nn.Linear's [out, in].
+IN_OUT_TYPES = frozenset(a for a, b in TRANSPOSED_TYPES if b in LINEAR_TYPES and a not in LINEAR_TYPES)
 
 # The parts fused tensors are made of, by the words their modules are named with: family and
 # rank in the order the field fuses them (q, k, v; gate, up). A fused tensor is concatenated in
@@ -131,15 +145,20 @@ def _fits_roles(table: TensorTable, rows: Sequence[int], fused_module: str) -> b
 
     A fused name that spells its parts (``qkv_proj``, ``gate_up_proj``, ``kv``) takes exactly
     those parts; one that does not (``in_proj``, ``c_attn``) never takes an output or down
-    projection. Parts that do not all name a role are not judged here.
+    projection, and parts that name a role never fuse with parts that do not (``k, v, proj``).
+    Parts none of which names a role are not judged here.
 
-    >>> t = TensorTable.from_state_dict({f"a.{p}.weight": (2, 2) for p in ("q", "k", "v", "o")})
+    >>> t = TensorTable.from_state_dict({f"a.{p}.weight": (2, 2) for p in ("q", "k", "v", "o", "proj")})
     >>> _fits_roles(t, [0, 1, 2], "a.qkv"), _fits_roles(t, [1, 2, 3], "a.qkv"), _fits_roles(t, [1, 2, 3], "a.in_proj")
     (True, False, False)
+    >>> _fits_roles(t, [1, 2, 4], "a.c_attn")
+    False
     """
     roles = [part_role(table.modules[r]) for r in rows]
-    if None in roles:
+    if all(r is None for r in roles):
         return True
+    if None in roles:  # named parts (q, k) never fuse with unnamed ones (proj)
+        return False
     spelled = spelled_roles(fused_module)
     if spelled:
         return set(roles) == set(spelled)
@@ -326,12 +345,23 @@ def _propose(
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for k, (_, shape, _, _) in enumerate(candidates):
         by_shape.setdefault(tuple(shape), []).append(k)
-    tgt_by_shape: dict[tuple[int, ...], list[int]] = {}
-    for j, t in enumerate(left_tgt):
-        tgt_by_shape.setdefault(tuple(tgt_table.shapes[t]), []).append(j)
+    # A fused weight stored [in, out] (Conv1D) is the transpose of its nn.Linear parts' concat.
+    in_out = np.array([len(tgt_table.shapes[t]) == 2 and tgt_table.module_types[t] in IN_OUT_TYPES
+                       for t in left_tgt], dtype=bool)
+    lookup_shape = [tuple(tgt_table.shapes[t])[::-1] if in_out[j] else tuple(tgt_table.shapes[t])
+                    for j, t in enumerate(left_tgt)]
+    tgt_by_shape: dict[tuple, list[int]] = {}
+    for j in range(len(left_tgt)):
+        tgt_by_shape.setdefault((lookup_shape[j], bool(in_out[j])), []).append(j)
     # Every candidate against every unfilled target of its shape, one block per shape.
-    blocks = [(np.tile(by_shape[shape], len(js)), np.repeat(js, len(by_shape[shape])))
-              for shape, js in tgt_by_shape.items() if shape in by_shape]
+    blocks = []
+    for (shape, flipped), js in tgt_by_shape.items():
+        ks = by_shape.get(shape, [])
+        if flipped:  # only concats of nn.Linear parts
+            ks = [k for k in ks if candidates[k][2] == "concat" and src_table.module_types[candidates[k][0][0]]
+                  in LINEAR_TYPES]
+        if ks:
+            blocks.append((np.tile(ks, len(js)), np.repeat(js, len(ks))))
     if not blocks:
         return []
     pair_c = np.concatenate([c for c, _ in blocks]).astype(np.int64)
@@ -346,8 +376,7 @@ def _propose(
     # and then the k-th candidate's rank says nothing about which target it is: no rank.
     shape_id = {shape: i for i, shape in enumerate(by_shape)}
     s_bucket = np.array([shape_id[tuple(shape)] for _, shape, _, _ in candidates], dtype=np.int64)
-    t_bucket = np.array([shape_id.get(tuple(tgt_table.shapes[t]), -1 - j) for j, t in enumerate(left_tgt)],
-                        dtype=np.int64)
+    t_bucket = np.array([shape_id.get(lookup_shape[j], -1 - j) for j in range(len(left_tgt))], dtype=np.int64)
     unbalanced = np.bincount(s_bucket, minlength=len(shape_id)) != np.bincount(t_bucket[t_bucket >= 0],
                                                                             minlength=len(shape_id))
     s_items = _named_as_sets(Items.of_tensors(src_table, src_tree, reps), src_table, candidates)
@@ -391,5 +420,6 @@ def _propose(
             components={"shape": 1.0, "name": float(scores["name"][e]),
                         "hierarchy": float(scores["hierarchy"][e]), "context": float(ctx[e])},
             parts=parts,
+            transposed=bool(in_out[j]),
         ))
     return sorted(out, key=lambda c: c.tgt)

@@ -63,11 +63,15 @@ def run_demo(workdir: str | Path | None = None, *, console=None) -> bool:
     """Run the example end to end; return True when the converted model matches.
 
     Args:
-        workdir: Folder for the checkpoint files (a temporary one by default).
+        workdir: Folder for the checkpoint files, created if missing (a temporary one by default).
+
+    Raises:
+        CheckpointError: If ``workdir`` is a file.
         console: A rich Console to print to.
     """
     from rich.console import Console
 
+    from weight_mapper.errors import CheckpointError
     from weight_mapper.mapper import WeightMapper
     from weight_mapper.renamer import WeightRenamer
 
@@ -79,6 +83,9 @@ def run_demo(workdir: str | Path | None = None, *, console=None) -> bool:
     old.eval()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(workdir) if workdir is not None else Path(tmp)
+        if folder.exists() and not folder.is_dir():
+            raise CheckpointError(f"--workdir {folder} is a file; name a folder (it is created if missing)")
+        folder.mkdir(parents=True, exist_ok=True)
         src = folder / "old_model.pth"
         torch.save(old.state_dict(), src)
         console.print(f"[bold]1.[/] saved the old model's checkpoint to {src}")

@@ -204,9 +204,11 @@ class WeightMapper:
         solver, use_context, min_threshold, withhold, forced = STRATEGIES[strategy]
         weights = validate_weights(forced if forced is not None else weights)
         threshold = max(float(threshold), min_threshold)
+        # Matching runs with every admissible pair (threshold 0); the threshold then filters the
+        # final scores, so that the score shown for a pair never depends on it.
         options = dict(
             weights=weights,
-            threshold=threshold,
+            threshold=0.0,
             solver=solver,
             use_context=use_context,
             tolerance=self.shape_tolerance,
@@ -214,13 +216,13 @@ class WeightMapper:
             max_rounds=max_rounds,
             progress=progress,
         )
-        assignment = assign(self.source_table, self.target_table, **options)
+        every = assign(self.source_table, self.target_table, **options)
         if progress is not None:
             progress("combined matches: looking for concat / stack / split candidates")
         combinations = combine(
             self.source_table,
             self.target_table,
-            assignment,
+            every,
             weights=weights,
             threshold=threshold,
             incompatible_pairs=self.incompatible_pairs,
@@ -228,18 +230,19 @@ class WeightMapper:
         splits = split(
             self.source_table,
             self.target_table,
-            assignment,
+            every,
             weights=weights,
             threshold=threshold,
             incompatible_pairs=self.incompatible_pairs,
             taken=combinations,
         ) if strategy != "shape_only" else []
         if combinations or splits:  # re-match 1:1 without the tensors the combinations and splits take
-            assignment = assign(
+            every = assign(
                 self.source_table, self.target_table, **options,
                 skip_src=np.array([r for c in combinations for r in c.src] + [c.tgt for c in splits], dtype=np.int64),
                 skip_tgt=np.array([c.tgt for c in combinations] + [r for c in splits for r in c.src], dtype=np.int64),
             )
+        assignment = every.above(threshold)
         self._assignment = assignment
         self.plan = build_plan(
             assignment,
@@ -373,7 +376,8 @@ class WeightMapper:
     def export_rules(self, *, max_groups: int | None = None) -> list:
         """Compress the mapping's renames into a short list of regex rename rules.
 
-        The rules reproduce every 1:1 entry of the plan exactly (first matching rule wins);
+        The rules reproduce every 1:1 entry of the plan exactly when the first matching rule
+        wins and, whenever one list can do both, when every rule is applied in turn;
         entries built from several sources (concat / stack) are not renames and are left out,
         as are transforms. Use them as transformers' ``from_pretrained(key_mapping=...)``
         (:func:`~weight_mapper.rules.rules_to_key_mapping`), mmengine's ``revise_keys``
@@ -456,7 +460,8 @@ class WeightMapper:
                 ``suggest_mapping`` returned, edited or not; pairs changed by hand show as
                 ``MANUAL``, unscored); default the last plan.
             show_unmatched: List the unmatched tensors of both sides, with their shapes.
-            max_matches: Matches listed (past it, the ambiguous and lowest-scoring ones).
+            max_matches: Matches listed, riskiest first (flagged, repaired, unproved, proved; then the
+                lowest margin), see :func:`weight_mapper.report.risk_key`.
             max_unmatched: Unmatched tensors listed per side.
             console: A ``rich.console.Console``; default a new one on stdout.
 

@@ -88,10 +88,13 @@ def plan_from_mapping(
             and the fix.
     """
     by_pair: dict[tuple[str, str], PlanEntry] = {}
+    by_source: dict[str, PlanEntry] = {}  # a source's own 1:1 entry: how its tensor is laid out
     if plan is not None:
         for e in plan.entries:
             for s in e.source:
                 by_pair.setdefault((s, e.target), e)
+            if len(e.source) == 1 and e.level != MANUAL:
+                by_source.setdefault(e.source[0], e)
     target2sources: dict[str, list[str]] = {}
     for src, tgt in mapping.items():
         if not isinstance(src, str) or not isinstance(tgt, str):
@@ -120,7 +123,7 @@ def plan_from_mapping(
                 f"{'both' if len(sources) == 2 else 'all'} mapped to {tgt!r}; a target key can be filled once. If these are "
                 f"fused sources (q/k/v into one qkv), a plain dict cannot say how to join them: {_FIX}"
             )
-        entries.append(_manual_entry(sources[0], tgt, source_shapes, target_shapes))
+        entries.append(_manual_entry(sources[0], tgt, source_shapes, target_shapes, by_source.get(sources[0])))
     return MappingPlan(
         tuple(entries),
         unmatched_source=tuple(s for s in source_shapes if s not in mapping),
@@ -134,10 +137,15 @@ def plan_from_mapping(
     )
 
 
-def _manual_entry(src: str, tgt: str, source_shapes, target_shapes) -> PlanEntry:
+def _manual_entry(src: str, tgt: str, source_shapes, target_shapes, matched: PlanEntry | None) -> PlanEntry:
     s_shape = tuple(source_shapes[src])
     t_shape = tuple(target_shapes[tgt]) if target_shapes is not None and tgt in target_shapes else None
-    transform, args = (None, {}) if t_shape is None else transform_for(s_shape, t_shape)
+    if matched is not None and t_shape is not None and tuple(matched.target_shape) == t_shape:
+        # Moved to a target shaped like its matched one: keep that entry's transform. Only it
+        # knows that a square Conv1D weight must still be transposed into an nn.Linear.
+        transform, args = matched.transform, dict(matched.args)
+    else:
+        transform, args = (None, {}) if t_shape is None else transform_for(s_shape, t_shape)
     if t_shape is not None and transform is None and s_shape != t_shape:
         raise PlanError(
             f"{src!r} {list(s_shape)} cannot fill {tgt!r} {list(t_shape)}: the shapes differ and no "

@@ -42,11 +42,12 @@ MAX_BREAKDOWNS = 2000
 COMPONENTS = ("shape", "name", "hierarchy", "context")
 SUB_SCORES = ("tokens", "edit", "lcs", "index", "leaf", "depth", "sibling", "order", "exec")
 _SCALE = 1000  # scores travel as integers in thousandths: "812" is shorter than "0.8123"
-_NONE = -1  # no value (NaN, not used, no score)
+_NONE = None  # no value (NaN, not used, no score): null, which no value in thousandths can be
+_NO_ID = -1  # no tensor (an unmatched tensor's other side), no level or transform code
 _TEMPLATE = "review_page.html"
 
 
-def _milli(x: float | None) -> int:
+def _milli(x: float | None) -> int | None:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return _NONE
     return round(float(x) * _SCALE)
@@ -162,7 +163,8 @@ def review_data(
 
     Returns:
         ``{"meta", "source", "target", "rows", "breakdowns"}``. ``rows`` holds one column per
-        field (``src``, ``tgt``: tensor ids, -1 for none; ``score``, ``margin``: thousandths;
+        field (``src``, ``tgt``: tensor ids, -1 for none; ``score``, ``margin``: thousandths,
+        None for none;
         ``status``: index in :data:`PAGE_STATUSES`; ``risk``: rank in review order ...).
     """
     explanations = explanations or {}
@@ -202,12 +204,12 @@ def review_data(
     unmatched = [(name, None) for name in plan.unmatched_source] + [(None, name) for name in plan.unmatched_target]
     for name_src, name_tgt in unmatched:
         row = len(rows["src"])
-        rows["src"].append(source.add(name_src) if name_src is not None else _NONE)
-        rows["tgt"].append(target.add(name_tgt) if name_tgt is not None else _NONE)
+        rows["src"].append(source.add(name_src) if name_src is not None else _NO_ID)
+        rows["tgt"].append(target.add(name_tgt) if name_tgt is not None else _NO_ID)
         rows["score"].append(_NONE)
         rows["margin"].append(_NONE)
-        rows["level"].append(_NONE)
-        rows["transform"].append(_NONE)
+        rows["level"].append(_NO_ID)
+        rows["transform"].append(_NO_ID)
         rows["status"].append(PAGE_STATUSES.index("unmatched"))
         rows["components"].extend([_NONE] * len(COMPONENTS))
         ex = explanations.get(name_src) if name_src is not None else None

@@ -32,6 +32,9 @@ PLAN_FORMAT_VERSION = 1
 #: What each entry flag means (shown in reports and views).
 FLAG_DESCRIPTIONS = {
     "order_only": "decided by order alone: names and shapes could not tell the candidates apart",
+    "split_group": "its module moved only in part: other tensors of the source module stayed unmatched "
+                   "while the target module still has tensors to fill (a BatchNorm's running statistics "
+                   "without its weight and bias); map the rest or none of it",
     "names_disagree": "another candidate's name fits clearly better: order or context overrode the names",
     "convention:rotary": "one side may keep its rotary q/k rows interleaved (Meta, torchtune) and the other "
                          "half-split (Hugging Face); nothing but a forward pass can tell, so the rows were copied "
@@ -394,6 +397,13 @@ def build_plan(
         entries.extend(pieces)
         used_src.add(c.tgt)
         filled_tgt.update(c.src)
+    entries = _flag_split_groups(entries, src_table, tgt_table, used_src, filled_tgt, source_prefix)
+    if withhold_ambiguous:  # a split module is withheld whole
+        withheld += [e for e in entries if "split_group" in e.flags]
+        entries = [e for e in entries if "split_group" not in e.flags]
+        kept_src = {src_table.name2row[s[len(source_prefix):]] for e in entries for s in e.source}
+        used_src = {r for r in used_src if r in kept_src or int(src_table.alias_of[r]) in kept_src}
+        filled_tgt = {tgt_table.name2row[e.target] for e in entries}
     entries.sort(key=lambda e: tgt_table.name2row[e.target])
     unmatched_src = tuple(source_prefix + n for r, n in enumerate(src_table.names) if r not in used_src and src_table.is_canonical[r])
     unmatched_tgt = tuple(n for r, n in enumerate(tgt_table.names) if r not in filled_tgt)
@@ -412,6 +422,29 @@ def build_plan(
         source_prefix=source_prefix,
         flow_sources=tuple(flow_sources),
     )
+
+
+def _flag_split_groups(entries: list[PlanEntry], src_table: TensorTable, tgt_table: TensorTable,
+                       used_src: set[int], filled_tgt: set[int], prefix: str) -> list[PlanEntry]:
+    """Flag ``split_group`` on 1:1 entries whose source module left tensors behind that its
+    target module still lacks. Scalars (``num_batches_tracked``) do not count."""
+    def open_modules(table: TensorTable, done: set[int]) -> set[str]:
+        return {table.modules[r] for r in range(len(table))
+                if r not in done and table.is_canonical[r] and len(table.shapes[r]) > 0}
+
+    src_open, tgt_open = open_modules(src_table, used_src), open_modules(tgt_table, filled_tgt)
+    if not src_open or not tgt_open:
+        return entries
+    out = []
+    for e in entries:
+        if len(e.source) == 1 and e.level in ("group", "tensor"):
+            s_row = src_table.name2row.get(e.source[0][len(prefix):])
+            t_row = tgt_table.name2row[e.target]
+            if (s_row is not None and src_table.modules[s_row] in src_open
+                    and tgt_table.modules[t_row] in tgt_open and "split_group" not in e.flags):
+                e = replace(e, flags=(*e.flags, "split_group"))
+        out.append(e)
+    return out
 
 
 def _split_entries(src_table: TensorTable, tgt_table: TensorTable, c: Combination, prefix: str) -> list[PlanEntry]:
@@ -447,6 +480,8 @@ def _combined_args(src_table: TensorTable, c: Combination) -> dict:
         n = len(c.src) // c.parts
         return {"dim": 0, "parts": c.parts, "concat_dim": 1, "sizes": [shapes[p * n][0] for p in range(c.parts)],
                 "source_shapes": shapes}
+    if c.transposed:  # [in, out] fused weight: the transpose of the parts' concat
+        return {"dim": 0, "sizes": [s[0] for s in shapes], "source_shapes": shapes, "transposed": True}
     return {"dim": 0, "sizes": [s[0] for s in shapes], "source_shapes": shapes}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +19,8 @@ from weight_mapper.checkpoint import (clean_stale_temporaries, load_checkpoint, 
                                      unwrap_state_dict)
 from weight_mapper.errors import CheckpointError, ConversionError, PlanError
 from weight_mapper.plan import MappingPlan, PlanEntry
+from weight_mapper.training_state import (TrainingStateReport, drop_training_state, has_training_state,
+                                           refuse_training_state, training_state_for)
 
 __all__ = ["WeightRenamer"]
 
@@ -47,14 +50,18 @@ class WeightRenamer:
             self.tensors: Mapping[str, torch.Tensor] = ckpt.tensors
             self.state_key, self.envelope, self.metadata = ckpt.state_key, dict(ckpt.envelope), dict(ckpt.metadata)
             self.source_name = str(checkpoint)
+            self._source_ordered = ckpt.format not in ("safetensors", "sharded-safetensors")  # sorted headers
         else:
             tensors, state_key, envelope, _ = unwrap_state_dict(checkpoint, key=key)
             self.source_path = None
             self.source_files = ()
             self.tensors, self.state_key, self.envelope, self.metadata = tensors, state_key, dict(envelope), {}
             self.source_name = "state_dict"
+            self._source_ordered = True
         self.renamed: ConvertedTensors | None = None
         self.plan: MappingPlan | None = None
+        self.training_report: TrainingStateReport | None = None
+        self._training_envelope: dict | None = None
 
     def rename_keys(
         self, mapping: Mapping[str, str] | MappingPlan, *, keep_unmapped: bool = False,
@@ -110,6 +117,7 @@ class WeightRenamer:
             plan = replace(plan, entries=plan.entries + tuple(extra))
         self.plan = plan
         self.renamed = ConvertedTensors(plan, self.tensors, source=self.source_name)
+        self.training_report, self._training_envelope = None, None  # converted with the previous plan
         return self.renamed
 
     def _plan_from_dict(self, mapping: Mapping[str, str], target: Any = None) -> MappingPlan:
@@ -135,7 +143,60 @@ class WeightRenamer:
         shards = getattr(self.tensors, "shards", None)
         return shards() if shards is not None else [(None, list(self.tensors))]
 
-    def save(self, path: str | Path, *, keep_envelope: bool = False, progress: Any = None) -> Path:
+    def convert_training_state(
+        self,
+        target_model: nn.Module | None = None,
+        *,
+        source_model: nn.Module | None = None,
+        source_param_order: Any = None,
+        target_param_order: Any = None,
+    ) -> TrainingStateReport:
+        """Convert the checkpoint's optimizer state with the plan of :meth:`rename_keys`.
+
+        Per-parameter state (``exp_avg``, ``momentum_buffer``, ...) is re-keyed to
+        ``target_model``'s parameter order and transformed as its weight was; see
+        :mod:`weight_mapper.training_state`. :meth:`save` writes the result into a torch file's
+        envelope. State that cannot be converted with certainty is left out, and the returned
+        report says why.
+
+        Args:
+            target_model: The model the converted checkpoint is for (meta device is fine).
+            source_model: The model the checkpoint was saved from; else its parameter order is
+                read from the checkpoint's own order, without buffers.
+            source_param_order, target_param_order: Explicit parameter names in optimizer index
+                order (one list, or one per optimizer), for optimizers not built from
+                ``model.parameters()``.
+
+        Raises:
+            ConversionError: If :meth:`rename_keys` was not called.
+        """
+        plan = self._require_renamed().plan
+        self._training_envelope, self.training_report = training_state_for(
+            self.envelope, plan, self.tensors, ordered=self._source_ordered, target_model=target_model,
+            source_model=source_model, source_param_order=source_param_order, target_param_order=target_param_order)
+        return self.training_report
+
+    def _output_envelope(self, path: Path, training_state: str) -> dict:
+        """The envelope written around the tensors: training state converted, dropped or refused."""
+        if training_state not in ("convert", "drop"):
+            raise ConversionError(f"training_state={training_state!r}; expected 'convert' or 'drop'")
+        if training_state == "drop":
+            return drop_training_state(self.envelope)
+        if path.suffix == ".safetensors" or not has_training_state(self.envelope):
+            return self.envelope
+        if self._training_envelope is None and self.renamed is None:  # tensors converted by the caller
+            return refuse_training_state(self.envelope, "no plan was applied with rename_keys")[0]
+        if self._training_envelope is None:
+            self.convert_training_state()
+        report = self.training_report
+        if report is not None and not report.ok:
+            refused = "; ".join(o.message() for o in report.optimizers if not o.converted)
+            warnings.warn(f"{path}: the optimizer state was not converted and is left out: {refused}",
+                          stacklevel=4)
+        return dict(self._training_envelope or {})
+
+    def save(self, path: str | Path, *, keep_envelope: bool = False, progress: Any = None,
+             training_state: str = "convert") -> Path:
         """Save the converted tensors atomically.
 
         - A path ending in ``.safetensors`` writes one safetensors file; any other suffix
@@ -147,12 +208,18 @@ class WeightRenamer:
         - A path without a suffix writes a sharded safetensors folder, one output shard per
           source shard plus ``model.safetensors.index.json``, converting shard by shard so
           that memory is bounded by the largest shard, not the model.
+        - In a kept envelope, optimizer state follows the mapping (see
+          :meth:`convert_training_state`, called without models if it was not called): state
+          whose parameter order is not certain is left out with a warning rather than passed on
+          unchanged.
 
         Args:
             path: Output file or folder; never the source.
             keep_envelope: Write a torch file in the source's envelope (a safetensors output
                 holds tensors only, and warns that the envelope is dropped).
             progress: Optional callable ``progress(done, total)`` called after each shard.
+            training_state: With ``keep_envelope``: ``"convert"`` (default) or ``"drop"`` (leave
+                optimizer, LR scheduler and AMP scaler state out: weights only).
 
         Raises:
             ConversionError: If :meth:`rename_keys` was not called.
@@ -166,7 +233,7 @@ class WeightRenamer:
             return self._save_sharded(path, converted, progress)
         tensors = apply_plan(converted.plan, self.tensors, source=self.source_name)
         if keep_envelope:  # a safetensors output warns that it cannot hold the envelope
-            out = self.save_with_envelope(tensors, path, protected=protected)
+            out = self.save_with_envelope(tensors, path, protected=protected, training_state=training_state)
         else:
             out = save_checkpoint(tensors, path, metadata=self.metadata or None, protected=protected)
         if progress is not None:
@@ -174,16 +241,20 @@ class WeightRenamer:
         return out
 
     def save_with_envelope(self, tensors: Mapping[str, torch.Tensor], path: str | Path, *,
-                           protected: Any = ()) -> Path:
+                           protected: Any = (), training_state: str = "convert") -> Path:
         """Write ``tensors`` as a torch file inside the source's envelope, under its state key.
 
         The envelope is the rest of what the source file held (Lightning's ``epoch``,
-        ``hyper_parameters``, ...); a source without one gives the plain state dict.
+        ``hyper_parameters``, ...); a source without one gives the plain state dict. Its
+        optimizer state is converted with the plan (``training_state="convert"``, see
+        :meth:`convert_training_state`) or left out (``"drop"``).
 
         Raises:
             CheckpointError: If ``path`` is protected or cannot be written.
+            ConversionError: If ``training_state`` is neither.
         """
-        return save_checkpoint(tensors, path, envelope=self.envelope, state_key=self.state_key,
+        envelope = self._output_envelope(Path(path), training_state)
+        return save_checkpoint(tensors, path, envelope=envelope, state_key=self.state_key,
                                metadata=self.metadata or None, protected=protected)
 
     def _save_sharded(self, folder: Path, converted: ConvertedTensors, progress: Any) -> Path:

@@ -5,15 +5,18 @@ This and the CLI are the only modules that import rich.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from weight_mapper.plan import FLAG_DESCRIPTIONS, MappingPlan, PlanEntry
+from weight_mapper.plan import FLAG_DESCRIPTIONS, PROVENANCES, MappingPlan, PlanEntry
 
 __all__ = ["analysis_renderable", "print_analysis", "report_dict", "export_report", "score_style", "risk_key",
            "risk_tier", "review_marks", "RISK_TIERS"]
@@ -48,7 +51,12 @@ def risk_key(entry: PlanEntry) -> tuple:
 
     Ties keep their order (a stable sort keeps the plan's target order).
     """
-    return RISK_TIERS.index(risk_tier(entry)), entry.margin, entry.score
+    return RISK_TIERS.index(risk_tier(entry)), _or_inf(entry.margin), _or_inf(entry.score)
+
+
+def _or_inf(x: float) -> float:
+    """An unscored value (NaN: a pair set by hand) sorts after every scored one."""
+    return math.inf if math.isnan(x) else x
 
 
 def review_marks(entry: PlanEntry) -> list[str]:
@@ -78,27 +86,30 @@ def plain(text: str) -> Text:
 
 def _entry_row(e: PlanEntry) -> tuple:
     marks = [e.transform] if e.transform else []
-    marks += (["ambiguous"] if e.ambiguous else []) + list(e.flags)
+    marks += ([f"ambiguous (margin {e.margin:.3f})"] if e.ambiguous else []) + list(e.flags)
     if e.provenance in PROVENANCE2MARK:
         marks.append(PROVENANCE2MARK[e.provenance])
     return (
         plain(", ".join(e.source)),
         plain(e.target),
-        Text(f"{e.score:.3f}", style=score_style(e.score)),
-        Text(f"{e.margin:.3f}", style="bold yellow" if e.ambiguous else ""),
+        Text("-", style="dim") if math.isnan(e.score) else Text(f"{e.score:.3f}", style=score_style(e.score)),
         _shape(e.source_shape) + ("" if e.source_shape == e.target_shape else " -> " + _shape(e.target_shape)),
         e.level,
         " ".join(marks),
     )
 
 
-def _entries_table(title: str) -> Table:
+_NAME_MIN_WIDTH = 20  # a name column keeps this many characters before it wraps
+
+
+def _entries_table(title: str, entries: Sequence[PlanEntry]) -> Table:
     # Names wrap instead of being cut: two names that differ only in their last characters (a
-    # swap to review) must stay visibly different at 80 columns.
-    table = Table(title=title)
-    table.add_column("source", overflow="fold")
-    table.add_column("target", overflow="fold")
-    for col in ("score", "margin", "shape", "level", "note"):
+    # swap to review) must stay visibly different at 80 columns. They keep their full width up
+    # to _NAME_MIN_WIDTH characters; the short columns give way first.
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
+    for col, names in (("source", [", ".join(e.source) for e in entries]), ("target", [e.target for e in entries])):
+        table.add_column(col, overflow="fold", min_width=min(_NAME_MIN_WIDTH, max(map(len, names), default=1)))
+    for col in ("score", "shape", "level", "note"):
         table.add_column(col, overflow="fold")
     return table
 
@@ -121,9 +132,6 @@ def analysis_renderable(plan: MappingPlan, *, top_n: int = 10, show_unmatched: b
     n_ambiguous = sum(e.ambiguous for e in plan.entries)
     if n_ambiguous:
         summary.append(f"\n{n_ambiguous} matches are ambiguous (runner-up within the margin): review them", style="yellow")
-    n_flagged = sum(bool(e.flags) for e in plan.entries)
-    if n_flagged:
-        summary.append(f"\n{n_flagged} matches carry a flag: review them", style="yellow")
     n_repaired = sum(e.provenance == "repaired" for e in plan.entries)
     n_proved = sum(e.provenance == "proved" for e in plan.entries)
     if n_repaired or n_proved:
@@ -131,15 +139,23 @@ def analysis_renderable(plan: MappingPlan, *, top_n: int = 10, show_unmatched: b
                        f"{n_matched - n_proved - n_repaired} unproved")
     if plan.ambiguous:
         summary.append(f"\n{len(plan.ambiguous)} ambiguous matches withheld", style="yellow")
+    flags: dict[str, int] = {}
+    for e in plan.entries:
+        for f in e.flags:
+            flags[f] = flags.get(f, 0) + 1
+    for f, n in flags.items():
+        summary.append(f"\n{n} entries flagged {f}: {FLAG_DESCRIPTIONS.get(f, 'review them')}", style="yellow")
     parts: list[Any] = [Panel(summary, title="weight_mapper analysis", expand=False)]
     if top_n > 0 and plan.entries:
-        table = _entries_table(f"Matches, riskiest first ({min(top_n, n_matched)} of {n_matched})")
-        for e in sorted(plan.entries, key=risk_key)[:top_n]:
+        shown = sorted(plan.entries, key=risk_key)[:top_n]
+        table = _entries_table(f"Matches, riskiest first ({min(top_n, n_matched)} of {n_matched})", shown)
+        for e in shown:
             table.add_row(*_entry_row(e))
         parts.append(table)
     if plan.ambiguous:
-        table = _entries_table("Withheld as ambiguous")
-        for e in sorted(plan.ambiguous, key=risk_key)[:top_n]:
+        shown = sorted(plan.ambiguous, key=risk_key)[:top_n]
+        table = _entries_table("Withheld as ambiguous", shown)
+        for e in shown:
             table.add_row(*_entry_row(e))
         parts.append(table)
     legend = flags_legend([*plan.entries, *plan.ambiguous])
@@ -180,6 +196,8 @@ def report_dict(plan: MappingPlan) -> dict[str, Any]:
         "n_unmatched_source": len(plan.unmatched_source),
         "n_unmatched_target": len(plan.unmatched_target),
         "coverage": round(plan.coverage, 6),
+        "n_flagged": sum(bool(e.flags) for e in plan.entries),
+        "provenance": {p: sum(e.provenance == p for e in plan.entries) for p in PROVENANCES},
     }
     return out
 

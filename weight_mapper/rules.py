@@ -47,6 +47,8 @@ __all__ = [
 
 # Repair rounds before the remaining wrong keys get literal rules outright.
 _MAX_REPAIR_ROUNDS = 20
+# Attempts at a list that is exact under chained application too (see _Inference.run).
+_MAX_BAN_ROUNDS = 8
 
 _DIGIT_RUNS = re.compile(r"\d+|\D+")
 
@@ -147,7 +149,8 @@ def check_rules(rules: Sequence[RenameRule], mapping: Mapping[str, str], *, chai
 
 
 # ---------------------------------------------------------------------------- exporting
-def rules_to_key_mapping(rules: Sequence[RenameRule]) -> dict[str, str]:
+def rules_to_key_mapping(rules: Sequence[RenameRule], mapping: Mapping[str, str] | None = None, *,
+                         transformers5: bool = False) -> dict[str, str]:
     r"""The rules as transformers' ``from_pretrained(key_mapping=...)``: ``{pattern: replacement}``.
 
     Transformers 4.x applies it exactly like :func:`apply_rules` (first match wins). A pattern
@@ -155,25 +158,69 @@ def rules_to_key_mapping(rules: Sequence[RenameRule]) -> dict[str, str]:
     Transformers 5 reads the dict differently (every matching entry fires in turn, and only
     ``\1`` is substituted): see ``docs/rules.md`` before using rules with two groups there.
 
+    Args:
+        rules: Rules in priority order.
+        mapping: When given, the dict is written only if it reproduces ``mapping`` exactly:
+            first match wins, and with ``transformers5=True`` also applied in turn with at
+            most one group per rule.
+        transformers5: Check for transformers 5's reading too.
+
+    Raises:
+        MappingError: If ``mapping`` is given and the dict would rename a key wrongly.
+
     >>> rules_to_key_mapping([RenameRule(r"^backbone\.", "encoder.")])
     {'^backbone\\.': 'encoder.'}
     """
+    if mapping is not None:
+        _refuse_if_wrong(rules, mapping, chained=False, form="key_mapping")
+        if transformers5:
+            _refuse_if_wrong(rules, mapping, chained=True, form="key_mapping for transformers 5")
+            grouped = [r for r in rules if _compile(r.pattern).groups > 1]
+            if grouped:
+                raise MappingError(
+                    f"refusing to write key_mapping for transformers 5: rule {grouped[0]} has "
+                    f"{_compile(grouped[0].pattern).groups} groups and transformers 5 fills only \\1; "
+                    "infer the rules with max_groups=1"
+                )
     out: dict[str, str] = {}
     for rule in rules:
         out.setdefault(rule.pattern, rule.replacement)
     return out
 
 
-def rules_to_revise_keys(rules: Sequence[RenameRule]) -> list[tuple[str, str]]:
+def rules_to_revise_keys(rules: Sequence[RenameRule], mapping: Mapping[str, str] | None = None
+                         ) -> list[tuple[str, str]]:
     r"""The rules as mmengine's ``load_checkpoint(revise_keys=[(pattern, replacement), ...])``.
 
     mmengine applies *every* pair in turn (``re.sub`` over all keys, pair after pair), so the
     list is exact there only if ``check_rules(rules, mapping, chained=True)`` is empty.
 
+    Args:
+        rules: Rules in order.
+        mapping: When given, the list is written only if applying every rule in turn
+            reproduces ``mapping`` exactly.
+
+    Raises:
+        MappingError: If ``mapping`` is given and the list would rename a key wrongly.
+
     >>> rules_to_revise_keys([RenameRule(r"^module\.", "")])
     [('^module\\.', '')]
     """
+    if mapping is not None:
+        _refuse_if_wrong(rules, mapping, chained=True, form="revise_keys")
     return [(rule.pattern, rule.replacement) for rule in rules]
+
+
+def _refuse_if_wrong(rules: Sequence[RenameRule], mapping: Mapping[str, str], *, chained: bool, form: str) -> None:
+    wrong = check_rules(rules, mapping, chained=chained)
+    if wrong:
+        got = (_apply_chained if chained else apply_rules)(rules, wrong[0])
+        raise MappingError(
+            f"refusing to write {form}: applied {'every rule in turn' if chained else 'first match wins'}, "
+            f"the rules rename {wrong[0]!r} to {got!r}, not {mapping[wrong[0]]!r} ({len(wrong)} of "
+            f"{len(mapping)} keys wrong). infer_rules(mapping) makes the rules exact for both readings "
+            "whenever the mapping allows it; otherwise use the mapping (or the plan) itself"
+        )
 
 
 def rules_to_torchtune_table(rules: Sequence[RenameRule], mapping: Mapping[str, str]) -> dict[str, str]:
@@ -525,6 +572,7 @@ class _Inference:
         self.classes = list(classes.values())
         self.renamed = [cls for cls in self.classes if not cls.identity]
         self.identities = [p for p in self.pairs if p.identity]
+        self.banned: set[tuple] = set()  # patterns not to use (they fire again on renamed keys)
 
     # ------------------------------------------------------------------ candidates
     def _candidate(self, S, T, d: int, values: tuple[str, ...] | None) -> _Candidate:
@@ -622,17 +670,19 @@ class _Inference:
     def _initial(self, avoid_identities: bool) -> dict[tuple, _Candidate]:
         """Each renamed key's most general winning candidate (optionally: touching no identity key)."""
 
-        def acceptable(cand: _Candidate) -> bool:
+        def acceptable(cand: _Candidate, pair: _Pair) -> bool:
+            if cand.pid in self.banned and cand is not self._chain(pair)[-1]:
+                return False
             return self.winners.get(cand.pid) is cand and not (avoid_identities and cand.pid in self.dirty)
 
         chosen: dict[tuple, _Candidate] = {}
         for cls in self.renamed:
-            if id(cls) not in self.contested:
+            if id(cls) not in self.contested and cls.tchain[0].pid not in self.banned:
                 chosen[cls.tchain[0].pid] = cls.tchain[0]
                 continue
             for pair in cls.pairs:
                 # The key's own full literal rule is last in its chain and always acceptable.
-                cand = next(c for c in self._chain(pair) if acceptable(c))
+                cand = next(c for c in self._chain(pair) if acceptable(c, pair))
                 chosen[cand.pid] = cand
         return chosen
 
@@ -659,7 +709,8 @@ class _Inference:
             proposals: dict[tuple, Counter] = defaultdict(Counter)
             for pair, claimer in wrong:
                 for cand in self._chain(pair):
-                    if (claimer is None or cand.order < claimer.order) and cand.pid not in chosen:
+                    if ((claimer is None or cand.order < claimer.order) and cand.pid not in chosen
+                            and cand.pid not in self.banned):
                         proposals[cand.pid][cand] += 1
                         break
             for pid, votes in proposals.items():
@@ -703,12 +754,17 @@ class _Inference:
                 claimed[r] = []
         return [c for r, c in enumerate(ranked) if r not in removed]
 
-    def _order(self, ranked: list[_Candidate]) -> tuple[list[_Candidate], bool]:
-        """Reorder so that applying every rule in turn equals first-match-wins, if possible.
+    def _order(self, ranked: list[_Candidate]) -> tuple[list[_Candidate], bool, set[tuple]]:
+        r"""Reorder so that applying every rule in turn equals first-match-wins, if possible.
 
         First match needs each key's claimer before the other rules matching the key;
         chained application also needs every rule matching the renamed key before the
         claimer (so that none fires again on the result). Ties keep the specificity order.
+
+        Returns ``(rules, chain_safe, culprits)``: when no order works, ``culprits`` are the
+        patterns of the most general rules in the conflict that fire again on keys other
+        rules renamed (``^`` -> ``model.`` fires on every key); banning them lets the next
+        attempt use more specific rules (``^norm\.`` -> ``model.norm.``).
         """
         index = _Index(ranked)
         first: set[tuple[int, int]] = set()
@@ -722,29 +778,59 @@ class _Inference:
             chained.update((r, claimer) for r in index.matches(pair.tcomps, pair.tskel) if r != claimer)
         order = _toposort(len(ranked), first | chained)
         if order is None:
-            return ranked, False
-        return [ranked[r] for r in order], True
+            stuck = _cyclic_nodes(len(ranked), first | chained)
+            refiring = {a for a, b in chained if a in stuck and b in stuck}
+            if not refiring:
+                return ranked, False, set()
+            widest = min(len(ranked[r].pcomps) for r in refiring)
+            return ranked, False, {ranked[r].pid for r in refiring if len(ranked[r].pcomps) == widest
+                                   and not ranked[r].full}
+        return [ranked[r] for r in order], True, set()
 
-    def _decision_list(self, avoid_identities: bool) -> tuple[list[_Candidate], bool]:
+    def _decision_list(self, avoid_identities: bool) -> tuple[list[_Candidate], bool, set[tuple]]:
         rules = self._prune(self._repair(self._initial(avoid_identities)))
-        rules, chain_safe = self._order(rules)
+        rules, chain_safe, culprits = self._order(rules)
         wrong = self._claims(rules)
         if wrong:  # cannot happen; never return inexact rules if it does
             literal = {self._chain(p)[-1].pid: self._chain(p)[-1] for p, _ in wrong}
             rules, chain_safe = sorted(literal.values(), key=lambda c: c.order) + rules, False
-        return rules, chain_safe
+        return rules, chain_safe, culprits
 
     def run(self) -> list[RenameRule]:
         self._vote()
         best: tuple | None = None
         # Two strategies when some keys stay unchanged: general rules plus shields for those
-        # keys, or only rules that never touch them. Keep the shorter list.
+        # keys, or only rules that never touch them. A list exact under both first-match and
+        # chained application wins (issue 13), then the shorter one. A list that cannot be
+        # ordered for chained application is tried again without the general rules that
+        # fire again on renamed keys.
         for avoid_identities in (False, True) if self.identities else (False,):
-            rules, chain_safe = self._decision_list(avoid_identities)
-            score = (len(rules), not chain_safe)
-            if best is None or score < best[0]:
-                best = (score, rules)
+            self.banned = set()
+            for _ in range(_MAX_BAN_ROUNDS):
+                rules, chain_safe, culprits = self._decision_list(avoid_identities)
+                score = (not chain_safe, len(rules))
+                if best is None or score < best[0]:
+                    best = (score, rules)
+                if chain_safe or not culprits or culprits <= self.banned:
+                    break
+                self.banned |= culprits
+        self.banned = set()
         return [c.rule() for c in best[1]]
+
+
+def _cyclic_nodes(n: int, edges: set[tuple[int, int]]) -> set[int]:
+    """Nodes on a cycle: those left after repeatedly removing nodes without predecessors or
+    without successors."""
+    alive = set(range(n))
+    live_edges = set(edges)
+    while True:
+        has_in = {b for _, b in live_edges}
+        has_out = {a for a, _ in live_edges}
+        keep = alive & has_in & has_out
+        if keep == alive:
+            return alive
+        alive = keep
+        live_edges = {(a, b) for a, b in live_edges if a in alive and b in alive}
 
 
 def _toposort(n: int, edges: set[tuple[int, int]]) -> list[int] | None:

@@ -81,6 +81,11 @@ def infer_storage(table: TensorTable, other: TensorTable) -> TensorTable:
     return replace(table, module_types=types)
 
 
+# A vote is split when its minority holds more than this share: one [in, out] projection among
+# dozens of [out, in] layers (CLIP's visual.proj) does not make the convention doubtful.
+SPLIT_SHARE = 0.25
+
+
 @dataclass(frozen=True)
 class TransposeVote:
     """How a square 2-D match is stored, as its kind's non-square matches vote.
@@ -100,10 +105,11 @@ class TransposeVote:
 
     @property
     def flag(self) -> str | None:
-        """``transpose_unknown`` without evidence, ``transpose_split`` when the votes disagree."""
+        """``transpose_unknown`` without evidence, ``transpose_split`` when the minority holds more
+        than :data:`SPLIT_SHARE` of the votes."""
         if not self.scope:
             return "transpose_unknown"
-        if self.n_transposed and self.n_copied:
+        if min(self.n_transposed, self.n_copied) > SPLIT_SHARE * (self.n_transposed + self.n_copied):
             return "transpose_split"
         return None
 

@@ -9,8 +9,8 @@ reversed (:func:`invert_entries`). Applying a transform never scores anything.
 | ``None`` / identity | 1 | | identity |
 | ``transpose`` | 1 (2-D) | | transpose |
 | ``reshape`` | 1 | ``shape`` | reshape |
-| ``concat`` | n | ``dim``, ``sizes`` | one ``slice`` per source |
-| ``slice`` | 1 | ``dim``, ``start``, ``length`` | ``concat`` of the slices |
+| ``concat`` | n | ``dim``, ``sizes`` (``transposed``: transpose the result) | one ``slice`` per source |
+| ``slice`` | 1 | ``dim``, ``start``, ``length`` (``transposed``: of the source's transpose) | ``concat`` of the slices |
 | ``stack`` | n | ``dim`` | one ``index`` per source |
 | ``index`` | 1 | ``dim``, ``index`` | ``stack`` of the indices |
 | ``stack_concat`` | parts x n | ``dim``, ``parts``, ``concat_dim``, ``sizes`` | one ``slice_index`` per source |
@@ -75,9 +75,10 @@ TRANSFORMS: dict[str, Transform] = {
         Transform("identity", lambda ts, a: ts[0], "identity"),
         Transform("transpose", lambda ts, a: ts[0].t().contiguous(), "transpose"),
         Transform("reshape", lambda ts, a: ts[0].reshape(tuple(a["shape"])).contiguous(), "reshape"),
-        Transform("concat", lambda ts, a: torch.cat(list(ts), dim=a.get("dim", 0)), "slice", True),
+        Transform("concat", lambda ts, a: _maybe_t(torch.cat(list(ts), dim=a.get("dim", 0)), a), "slice", True),
         Transform(
-            "slice", lambda ts, a: ts[0].narrow(a.get("dim", 0), a["start"], a["length"]).contiguous(), "concat"
+            "slice", lambda ts, a: _maybe_t(ts[0], a).narrow(a.get("dim", 0), a["start"], a["length"]).contiguous(),
+            "concat",
         ),
         Transform("stack", lambda ts, a: torch.stack(list(ts), dim=a.get("dim", 0)), "index", True),
         Transform("index", lambda ts, a: ts[0].select(a.get("dim", 0), a["index"]).contiguous(), "stack"),
@@ -104,6 +105,12 @@ def _rotary(tensor: torch.Tensor, args: Mapping[str, Any], *, to_half: bool) -> 
     rest = tuple(tensor.shape[1:])
     split = (n_heads, half, 2, *rest) if to_half else (n_heads, 2, half, *rest)
     return tensor.reshape(split).transpose(1, 2).reshape(tensor.shape).contiguous()
+
+
+def _maybe_t(t: torch.Tensor, args: Mapping[str, Any]) -> torch.Tensor:
+    """``t`` transposed when ``args["transposed"]``: a fused ``[in, out]`` (Conv1D) weight is the
+    transpose of its ``nn.Linear`` parts' concat, and a part the slice of its transpose."""
+    return t.t().contiguous() if args.get("transposed") else t
 
 
 def _stack_concat(tensors: Sequence[torch.Tensor], args: Mapping[str, Any]) -> torch.Tensor:
@@ -166,7 +173,8 @@ def _invert_entries(entries: Sequence[PlanEntry]) -> list[PlanEntry]:
             if op == "concat":
                 sizes = list(e.args["sizes"])
                 starts = [sum(sizes[:i]) for i in range(len(sizes))]
-                parts = [({"dim": dim, "start": s, "length": n}, "slice") for s, n in zip(starts, sizes)]
+                flag = {"transposed": True} if e.args.get("transposed") else {}
+                parts = [({"dim": dim, "start": s, "length": n, **flag}, "slice") for s, n in zip(starts, sizes)]
             else:
                 parts = [({"dim": dim, "index": i}, "index") for i in range(len(e.source))]
             shapes = e.args.get("source_shapes") or [e.source_shape] * len(e.source)
@@ -191,10 +199,15 @@ def _invert_entries(entries: Sequence[PlanEntry]) -> list[PlanEntry]:
         group = sorted(group, key=lambda e: e.args[key])
         dim = group[0].args.get("dim", 0)
         if op == "slice":
+            transposed = bool(group[0].args.get("transposed"))
+            whole = tuple(group[0].source_shape)[::-1] if transposed else tuple(group[0].source_shape)
             ends = [g.args["start"] + g.args["length"] for g in group]
-            if [g.args["start"] for g in group] != [0, *ends[:-1]] or ends[-1] != group[0].source_shape[dim]:
+            if ([g.args["start"] for g in group] != [0, *ends[:-1]] or ends[-1] != whole[dim]
+                    or any(bool(g.args.get("transposed")) != transposed for g in group)):
                 raise PlanError(f"the slices of {src!r} do not cover it exactly; the plan has no inverse")
             args = {"dim": dim, "sizes": [g.args["length"] for g in group]}
+            if transposed:
+                args["transposed"] = True
         else:
             if [g.args["index"] for g in group] != list(range(group[0].source_shape[dim])):
                 raise PlanError(f"the indices of {src!r} do not cover it exactly; the plan has no inverse")

@@ -109,11 +109,21 @@ def json_depth(text: str) -> int:
     return deepest
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise Invalid(f"key {short(twice)} appears twice in one object (the later would silently win)")
+    return out
+
+
 def loads_json(data: str | bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """``json.loads`` that refuses nesting deeper than ``max_depth`` before parsing it.
+    """``json.loads`` that refuses nesting deeper than ``max_depth`` before parsing it, and
+    duplicate keys (``json.loads`` keeps the last one: a tensor or an entry field would be dropped).
 
     Raises:
-        Invalid: the text is not UTF-8, not JSON, or nested too deep.
+        Invalid: the text is not UTF-8, not JSON, nested too deep, or repeats a key.
     """
     if isinstance(data, bytes):
         try:
@@ -124,7 +134,7 @@ def loads_json(data: str | bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     if depth > max_depth:
         raise Invalid(f"JSON nested {depth} levels deep (more than {max_depth})")
     try:
-        return json.loads(data)
+        return json.loads(data, object_pairs_hook=_unique_keys)
     except RecursionError:  # only if the scan above missed something
         raise Invalid(f"JSON nested more than {max_depth} levels deep") from None
     except ValueError as e:
@@ -315,6 +325,20 @@ def _check_transform(op: str, args: Mapping[str, Any], n_src: int, src_shape: li
     dim = args.get("dim", 0)
     if not _is_int(dim):
         raise Invalid(f"args.dim is {short(dim)}: expected an integer")
+    if "transposed" in args:  # concat / slice of a fused [in, out] weight: the sizes run along its transpose
+        if not isinstance(args["transposed"], bool):
+            raise Invalid(f"args.transposed is {short(args['transposed'])}: expected true or false")
+        if args["transposed"]:
+            if op not in ("concat", "slice"):
+                raise Invalid(f"args.transposed applies to concat and slice, not {op!r}")
+            if op == "concat" and tgt_shape is not None:
+                if len(tgt_shape) != 2:
+                    raise Invalid(f"a transposed concat needs a 2-D target_shape, got {tgt_shape}")
+                tgt_shape = tgt_shape[::-1]
+            if op == "slice" and src_shape is not None:
+                if len(src_shape) != 2:
+                    raise Invalid(f"a transposed slice needs a 2-D source_shape, got {src_shape}")
+                src_shape = src_shape[::-1]
     if op == "transpose" and src_shape is not None and len(src_shape) > 2:
         raise Invalid(f"transform 'transpose' needs a tensor of at most 2 dimensions, source_shape is {src_shape}")
     if op == "reshape":
@@ -353,10 +377,11 @@ def _check_transform(op: str, args: Mapping[str, Any], n_src: int, src_shape: li
     elif op in ("slice", "index", "slice_index") and src_shape is not None:
         if op in ("slice", "slice_index"):
             along = "concat_dim" if op == "slice_index" else "dim"
-            d = _axis(args[along], len(src_shape), along)
+            axis = args.get(along, 0)
+            d = _axis(axis, len(src_shape), along)
             if args["start"] + args["length"] > src_shape[d]:
                 raise Invalid(f"args.start + args.length = {args['start'] + args['length']} is beyond the "
-                              f"{src_shape[d]} rows of source_shape {src_shape} along {along} {args[along]}")
+                              f"{src_shape[d]} rows of source_shape {src_shape} along {along} {axis}")
         if op in ("index", "slice_index"):
             d = _axis(dim, len(src_shape), "dim")
             if args["index"] >= src_shape[d]:

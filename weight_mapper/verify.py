@@ -47,6 +47,7 @@ ENTRY_STATUSES = ("proved", "diverges", "not reached")
 _RTOL = 1e-4  # module outputs agree when max |diff| <= atol + _RTOL * max |source output|
 _MAX_TRIALS = 400  # repair: forward passes of the target at most, over all divergences
 _MAX_SWAPS = 64  # repair: exchanges tried per divergence
+_MAX_PARTNERS = 8  # repair: exchanges tried per suspect entry
 
 
 @dataclass(frozen=True)
@@ -230,11 +231,16 @@ def _record(model: nn.Module, dummy_input: Any, modules: list[str], *, label: st
         for m in modules:
             if m in named:
                 handles.append(named[m].register_forward_hook(hook(m), with_kwargs=True))
+        # nn.TransformerEncoderLayer's fused fast path skips its submodules, and their hooks
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
         try:
             outputs = _run(model, dummy_input)
         except Exception as exc:  # noqa: BLE001 - user code: report it with context
             raise ConversionError(f"running {label} {type(model).__name__} on dummy_input failed: "
                                   f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
     finally:
         for h in handles:
             h.remove()
@@ -343,7 +349,7 @@ def load_source_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], *
     own = model.state_dict()
     if all(k in tensors for k in own if _is_weight(own[k])):
         state = {k: tensors[k] for k in own if k in tensors}
-        how = "loaded by name into the source model"
+        how = f"{label} loaded by name into the source model"
     else:
         from weight_mapper.mapper import WeightMapper
 
@@ -459,13 +465,11 @@ class _Proof:
         _check_shapes(converted, self.own, f"{type(self.source).__name__} -> {type(self.target).__name__}")
         self._load(converted)
 
-    def run(self) -> tuple[_Record, list[ModuleCheck], dict[int, str]]:
+    def run(self) -> tuple[_Record, list[ModuleCheck]]:
+        """Run the target once; check every pair, in the order the target completed them."""
         rec = _record(self.target, self.dummy_input, self.tgt_modules, label="target")
         self.n_forward += 1
-        checks = []
-        for p in sorted(self.pairs, key=lambda p: rec.order.get(p.target, 1 << 30)):
-            checks.append(self._check(p, rec))
-        return rec, checks, {}
+        return rec, [self._check(p, rec) for p in sorted(self.pairs, key=lambda p: rec.order.get(p.target, 1 << 30))]
 
     def _check(self, p: _Pair, rec: _Record) -> ModuleCheck:
         keys = tuple(self.entries[i].target for i in p.entries)
@@ -489,17 +493,41 @@ def _enclosing(target: str) -> list[str]:
     return [*_ancestors(_owner(target)), ""] if target else []
 
 
-def _first_divergence(checks: list[ModuleCheck]) -> ModuleCheck | None:
+def _first_divergence(checks: list[ModuleCheck], proof: _Proof | None = None,
+                      rec: _Record | None = None) -> ModuleCheck | None:
+    """The first pair that differs on its own account (see the module docstring).
+
+    The earliest pair whose input agrees and output differs, unless an earlier one differs
+    because it was paired with the wrong source module (its input is another source module's
+    input: layer 0 given layer 3's weights); a pair whose input differs for any other reason
+    (a convention inside its parent) is passed over.
+    """
     matched = {c.target for c in checks if c.status == "match"}
 
     def covered(c: ModuleCheck) -> bool:
         return any(a in matched for a in _enclosing(c.target))
 
-    for status in ("diverges", "inherits"):
-        hit = next((c for c in checks if c.status == status and not covered(c)), None)
-        if hit is not None:
-            return hit
-    return None
+    for c in checks:
+        if c.status not in ("diverges", "inherits") or covered(c):
+            continue
+        if c.status == "diverges" or (proof is not None and rec is not None and _realigned(proof, rec, c)):
+            return c
+    return next((c for c in checks if c.status == "inherits" and not covered(c)), None)
+
+
+def _realigned(proof: _Proof, rec: _Record, c: ModuleCheck) -> list[_Pair]:
+    """Other pairs whose source module got the input ``c``'s target module got."""
+    got = rec.inputs.get(c.target) or [None]
+    if got[0] is None:
+        return []
+    out = []
+    for p in proof.pairs:
+        if p.source == c.source or not p.source:
+            continue
+        seen = proof.src.inputs.get(p.source) or [None]
+        if seen[0] is not None and _close(_compare([seen[0]], [got[0]]), proof.atol):
+            out.append(p)
+    return out
 
 
 def _statuses(entries, checks, first, rec: _Record, outputs_agree: bool) -> dict[str, str]:
@@ -598,7 +626,7 @@ def verify_conversion(
     else:
         how = "the given checkpoint tensors"
     proof = _Proof(plan, source, target, dummy_input, source_tensors, atol)
-    rec, checks, _ = proof.run()
+    rec, checks = proof.run()
     outputs = _output_diff(proof.src.outputs, rec.outputs)
     if outputs is None:
         raise ConversionError(
@@ -611,7 +639,7 @@ def verify_conversion(
         rec, checks, outputs = _repair(proof, rec, checks, outputs, repairs, changed)
     diff = outputs[0]
     agree = diff <= atol
-    first = None if agree else _first_divergence(checks)
+    first = None if agree else _first_divergence(checks, proof, rec)
     statuses = _statuses(proof.entries, checks, first, rec, agree)
     idle = _idle_untouched(proof, proof.untouched, rec.outputs) if proof.untouched else ()
     n_outputs = outputs[1]
@@ -633,11 +661,11 @@ def _repair(proof: _Proof, rec, checks, outputs, repairs: list[str], changed: se
     """Fix divergences one at a time with the known alternatives; see the module docstring."""
     trials = 0
     while outputs[0] > proof.atol and trials < _MAX_TRIALS:
-        first = _first_divergence(checks)
+        first = _first_divergence(checks, proof, rec)
         if first is None:
             break
         fixed = False
-        for label, change in _candidates(proof, first, checks):
+        for label, change in _candidates(proof, first, checks, rec):
             if trials >= _MAX_TRIALS:
                 break
             old = {i: proof.entries[i] for i in change}
@@ -647,7 +675,7 @@ def _repair(proof: _Proof, rec, checks, outputs, repairs: list[str], changed: se
                 proof.set_entries(old)
                 continue
             trials += 1
-            new_rec, new_checks, _ = proof.run()
+            new_rec, new_checks = proof.run()
             new_outputs = _output_diff(proof.src.outputs, new_rec.outputs)
             if new_outputs is not None and (new_outputs[0] <= proof.atol or _agrees(new_checks, first.target)):
                 rec, checks, outputs = new_rec, new_checks, new_outputs
@@ -667,7 +695,7 @@ def _agrees(checks: list[ModuleCheck], target: str) -> bool:
     return any(a in matched for a in [target, *_enclosing(target)])
 
 
-def _candidates(proof: _Proof, first: ModuleCheck, checks: list[ModuleCheck]):
+def _candidates(proof: _Proof, first: ModuleCheck, checks: list[ModuleCheck], rec: _Record):
     """Alternatives for the entries feeding ``first``, most specific first: ``(label, {index: entry})``."""
     from weight_mapper.conventions import (ROTARY_FLAG, _head_counts, convention_candidates, rotary_entry,
                                            rotary_heads_fit)
@@ -677,6 +705,20 @@ def _candidates(proof: _Proof, first: ModuleCheck, checks: list[ModuleCheck]):
     proved = {k for c in checks if c.status == "match" for k in c.entries}
     below = [target2index[k] for k in first.entries if k in target2index]
     suspects = [i for i in below if entries[i].target not in proved]
+
+    # 0. the pair got another source module's input: give it that module's tensors
+    for p in _realigned(proof, rec, first) if first.status == "inherits" else []:
+        mine = {entries[i].target[len(first.target):]: i for i in below}
+        theirs = {entries[j].target[len(p.target):]: j for j in p.entries}
+        if mine.keys() != theirs.keys() or any(
+                entries[i].source_shape != entries[theirs[k]].source_shape for k, i in mine.items()):
+            continue
+        change = {}
+        for k, i in mine.items():
+            j = theirs[k]
+            change[i] = replace(entries[i], source=entries[j].source)
+            change[j] = replace(entries[j], source=entries[i].source)
+        yield f"{first.target} <-> {p.target} (sources exchanged: {p.source} sees {first.target}'s input)", change
 
     # 1. the convention catalogue: the rotary q/k rows, all q/k entries below the module together
     # (with the q/k entries downstream that nothing proved yet: layers share their layout)
@@ -699,51 +741,90 @@ def _candidates(proof: _Proof, first: ModuleCheck, checks: list[ModuleCheck]):
             change = {i: rotary_entry(entries[i], transform, n_heads, n_kv) for i in rotary}
             yield f"rotary q/k rows {transform or 'copied as they are'} ({ROTARY_FLAG})", change
 
-    # 2. a transpose of a square weight
-    for i in suspects:
-        e = entries[i]
-        if len(e.source) == 1 and len(e.target_shape) == 2 and e.target_shape[0] == e.target_shape[1] \
-                and e.transform in (None, "transpose"):
-            yield (f"{e.target} transposed" if e.transform is None else f"{e.target} not transposed",
-                   {i: replace(e, transform=None if e.transform else "transpose", args={})})
+    # 4. per suspect, in the order the target computes them (the culprit runs just before the
+    #    first pair that differs): a transpose of a square weight, then an exchange of sources
+    #    with an equally shaped entry (below the module, then flagged ones, then the nearest in
+    #    plan order: layer 0 given layer 3's tensor). Last, two entries below it that each agree
+    #    alone (modules matched the wrong way round each reproduce their source module).
+    def rank(i: int) -> int:
+        return next((rec.order[a] for a in [*_ancestors(_owner(entries[i].target)), ""] if a in rec.order),
+                    len(rec.order))
 
-    # 3. the order of a concatenation's parts (a module's weight and bias concatenated alike)
+    # Between the last pair that agrees and the first that does not is where it went wrong.
+    ranks = {c.target: rec.order.get(c.target, len(rec.order)) for c in checks if c.target}
+    bad = [ranks[c.target] for c in checks if c.target and c.status in ("diverges", "inherits")]
+    first_bad = min(bad, default=len(rec.order))
+    last_good = max((ranks[c.target] for c in checks if c.target and c.status == "match" and ranks[c.target] < first_bad),
+                    default=-1)
+    unranked = len(rec.order)  # a module used without being called (F.embedding(x, m.weight)) runs anywhere
+    suspects = sorted(suspects, key=lambda i: (0 if last_good < rank(i) <= first_bad else 1 if rank(i) == unranked
+                                               else 2, rank(i)))
+    below_set, suspect_set = set(below), set(suspects)
+
+    def exchangeable(a: PlanEntry, b: PlanEntry) -> bool:
+        return (len(a.source) == 1 and len(b.source) == 1 and a.source != b.source and a.transform == b.transform
+                and a.source_shape == b.source_shape and a.target_shape == b.target_shape)
+
+    by_owner: dict[str, list[int]] = {}
+    source2index: dict[str, int] = {}
+    for k, e in enumerate(entries):
+        by_owner.setdefault(_owner(e.target), []).append(k)
+        if len(e.source) == 1:
+            source2index.setdefault(e.source[0], k)
+
+    def sibling(i: int) -> list[int]:
+        """The entry holding the tensor the siblings' source module has under this entry's leaf."""
+        mods = [_owner(entries[k].source[0]) for k in by_owner[_owner(entries[i].target)]
+                if k != i and len(entries[k].source) == 1]
+        if not mods or len(entries[i].source) != 1:
+            return []
+        module = max(set(mods), key=mods.count)
+        j = source2index.get(f"{module}.{entries[i].source[0].rpartition('.')[2]}")
+        return [] if j is None or j == i else [j]
+
+    def partners(i: int) -> list[int]:
+        inside = [j for j in below if j != i and j not in suspect_set]
+        outside = sorted((j for j in range(len(entries)) if j not in below_set),
+                         key=lambda j: (not entries[j].flagged, abs(j - i)))
+        return sibling(i) + [j for j in suspects if j != i] + inside + outside
+
+    tried: set[frozenset] = set()
+    n = 0
+
+    def exchange(i: int, j: int):
+        a, b = entries[i], entries[j]
+        tried.add(frozenset((i, j)))
+        return (f"{a.target} <- {b.source[0]} and {b.target} <- {a.source[0]} (exchanged)",
+                {i: replace(a, source=b.source), j: replace(b, source=a.source)})
+
     concats: dict[tuple[str, int], list[int]] = {}
     for i in suspects:
         if entries[i].transform == "concat" and 2 <= len(entries[i].source) <= 4:
             concats.setdefault((_owner(entries[i].target), len(entries[i].source)), []).append(i)
-    for (module, n_parts), group in concats.items():
-        for perm in itertools.permutations(range(n_parts)):
-            if list(perm) == list(range(n_parts)):
-                continue
-            change = {}
-            for i in group:
-                e = entries[i]
-                shapes = e.args.get("source_shapes") or [list(e.source_shape)] * n_parts
-                args = {**e.args, "sizes": [e.args["sizes"][p] for p in perm], "source_shapes": [shapes[p] for p in perm]}
-                change[i] = replace(e, source=tuple(e.source[p] for p in perm), args=args)
-            yield f"{module or '(root)'}: concat order {list(perm)}", change
-
-    # 4. runner-up assignments: exchange the sources of two equally shaped entries: the unproved
-    #    ones below the module first, then the flagged ones, then the rest below it (two modules
-    #    matched the wrong way round each reproduce their source module; only their parent differs)
-    flagged = [i for i in below if i not in set(suspects) and entries[i].flagged]
-    rest = [i for i in below if i not in set(suspects) and i not in set(flagged)]
-    order = suspects + flagged + rest
-    n = 0
-    for x, i in enumerate(order):
-        for j in order[x + 1:]:
-            a, b = entries[i], entries[j]
-            if len(a.source) != 1 or len(b.source) != 1 or a.source == b.source or a.source_shape != b.source_shape \
-                    or a.target_shape != b.target_shape or a.transform != b.transform:
-                continue
-            n += 1
-            if n > _MAX_SWAPS:
+    for i in suspects:
+        e = entries[i]
+        group = concats.pop((_owner(e.target), len(e.source)), None) if e.transform == "concat" else None
+        if group:  # the order of a concatenation's parts (a module's weight and bias alike)
+            yield from _concat_orders(entries, group)
+        if len(e.source) == 1 and len(e.target_shape) == 2 and e.target_shape[0] == e.target_shape[1] \
+                and e.transform in (None, "transpose"):
+            yield (f"{e.target} transposed" if e.transform is None else f"{e.target} not transposed",
+                   {i: replace(e, transform=None if e.transform else "transpose", args={})})
+        mine = 0
+        for j in partners(i):
+            if n >= _MAX_SWAPS or mine >= _MAX_PARTNERS:
                 break
-            yield (f"{a.target} <- {b.source[0]} and {b.target} <- {a.source[0]} (exchanged)",
-                   {i: replace(a, source=b.source), j: replace(b, source=a.source)})
-        if n > _MAX_SWAPS:
-            break
+            if frozenset((i, j)) not in tried and exchangeable(e, entries[j]):
+                n, mine = n + 1, mine + 1
+                yield exchange(i, j)
+    rest = [i for i in below if i not in suspect_set]
+    for x, i in enumerate(rest):
+        for j in rest[x + 1:]:
+            if n >= 2 * _MAX_SWAPS:
+                break
+            if frozenset((i, j)) not in tried and exchangeable(entries[i], entries[j]):
+                n += 1
+                yield exchange(i, j)
 
     # 5. exchange whole modules built alike below the diverging one (layers, heads, branches)
     inside = first.target + "." if first.target else ""
@@ -769,6 +850,21 @@ def _candidates(proof: _Proof, first: ModuleCheck, checks: list[ModuleCheck]):
                 change[i] = replace(entries[i], source=entries[j].source)
                 change[j] = replace(entries[j], source=entries[i].source)
             yield f"{m} <-> {other} (sources exchanged)", change
+
+
+def _concat_orders(entries: list[PlanEntry], group: list[int]):
+    """Every other order of the parts of the concatenations in ``group``, all alike."""
+    n_parts = len(entries[group[0]].source)
+    for perm in itertools.permutations(range(n_parts)):
+        if list(perm) == list(range(n_parts)):
+            continue
+        change = {}
+        for i in group:
+            e = entries[i]
+            shapes = e.args.get("source_shapes") or [list(e.source_shape)] * n_parts
+            args = {**e.args, "sizes": [e.args["sizes"][p] for p in perm], "source_shapes": [shapes[p] for p in perm]}
+            change[i] = replace(e, source=tuple(e.source[p] for p in perm), args=args)
+        yield f"{_owner(entries[group[0]].target) or '(root)'}: concat order {list(perm)}", change
 
 
 def _role_of(e: PlanEntry) -> str | None:

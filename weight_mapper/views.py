@@ -30,7 +30,7 @@ from rich.tree import Tree
 
 from weight_mapper.assign import AMBIGUITY_MARGIN
 from weight_mapper.plan import MappingPlan, PlanEntry
-from weight_mapper.report import flags_legend, review_marks, risk_key, risk_tier, score_style
+from weight_mapper.report import flags_legend, plain, review_marks, risk_key, risk_tier, score_style
 from weight_mapper.score import CONTEXT_WEIGHT, HIERARCHY_WEIGHTS, HIERARCHY_WEIGHTS_EXEC, NAME_WEIGHTS
 from weight_mapper.table import TensorTable
 from weight_mapper.tree import ROOT, ModuleTree
@@ -256,7 +256,8 @@ class MappingView:
         budget = max_width - sum(other_widths) - 2 * (n_columns - 1)  # 2: padding and rule
         sides = (("source", [_sources_text(e.source) for e in shown]), ("target", [e.target for e in shown]))
         # A list of sources wraps after its commas: it needs only its longest name in one line.
-        needs = [max(len(part) for name in names for part in name.replace(", ", ",\n").split("\n")) for _, names in sides]
+        needs = [max(len(side), *(len(part) for name in names for part in name.replace(", ", ",\n").split("\n")))
+                 for side, names in sides]
         for (side, _), width in zip(sides, _share(needs, budget)):
             fits = budget >= 24
             table.add_column(side, overflow="fold", min_width=width if fits else None, max_width=width if fits else None)
@@ -269,8 +270,8 @@ class MappingView:
             table.add_column("review", no_wrap=True)
         for e, shape, mark in zip(shown, shapes, marks):
             marker = _transform_marker(e)
-            cells = [_sources_text(e.source), e.target, _score(e.score),
-                     Text(f"{e.margin:.3f}", style="bold yellow" if e.ambiguous else "dim"),
+            cells = [plain(_sources_text(e.source)), plain(e.target), _score(e.score),
+                     Text("-" if math.isnan(e.margin) else f"{e.margin:.3f}", style="bold yellow" if e.ambiguous else "dim"),
                      Text(marker, style="dim" if marker == "exact" else "bold"), _level_badge(e.level), shape]
             if with_marks:
                 cells.append(Text(mark, style="bold yellow" if e.flagged and e.provenance != "proved" else "green"))
@@ -281,7 +282,9 @@ class MappingView:
             tiers = Counter(risk_tier(e) for e in rest)
             yield Text(f"{len(shown)} of {len(entries)} shown; the other {len(rest)}: "
                        + ", ".join(f"{tiers[t]} {t}" for t in ("flagged", "repaired", "unproved", "proved") if tiers[t])
-                       + f", margin >= {min(e.margin for e in rest):.3f}", style="dim")
+                       + "".join(f", margin >= {m:.3f}" for m in [min((e.margin for e in rest if not math.isnan(e.margin)),
+                                                                          default=math.nan)] if not math.isnan(m)),
+                       style="dim")
         legend = "score: green > 0.8, yellow 0.6-0.8, red < 0.6; margin: score minus the runner-up's"
         if any(e.ambiguous for e in shown):
             legend += f"\n⚠ ambiguous: margin under {AMBIGUITY_MARGIN}"
@@ -315,10 +318,10 @@ class MappingView:
         if with_shapes[1]:
             table.add_column("shape")
         for i in range(min(max(len(source), len(target)), n)):
-            cells = [source[i] if i < len(source) else ""]
+            cells = [plain(source[i] if i < len(source) else "")]
             if with_shapes[0]:
                 cells.append(source_shapes[i] if i < len(source) else "")
-            cells.append(target[i] if i < len(target) else "")
+            cells.append(plain(target[i] if i < len(target) else ""))
             if with_shapes[1]:
                 cells.append(target_shapes[i] if i < len(target) else "")
             table.add_row(*cells)
@@ -565,7 +568,11 @@ class ScoreBreakdownView:
                 text.append("Matched as a single tensor")
             text.append(", score ")
             text.append_text(_score(ex["score"]))
-            if ex["target"] is None:
+            if ex["target"] is None and self.threshold is not None and ex["score"] < self.threshold:
+                text.append(f"\nThe assignment chose it, but its score is under the threshold {self.threshold:.2f}: "
+                            "it is not in the plan" + (" (nor is the rest of its module)." if ex["level"] == "group"
+                                                      else "."), style="yellow")
+            elif ex["target"] is None:
                 text.append("\nThe assignment chose it, but it was withheld as ambiguous: it is not in the plan.",
                             style="yellow")
             if alternatives:
@@ -646,7 +653,7 @@ class ScoreBreakdownView:
         for component in (*COMPONENTS, "context"):
             table.add_column(component, justify="right")
         for alt in alternatives:
-            cells: list[Any] = [alt["label"] or "(root)", _score(alt["score"])]
+            cells: list[Any] = [plain(alt["label"] or "(root)"), _score(alt["score"])]
             if ex["score"] is not None:
                 cells.append(f"{alt['score'] - ex['score']:+.3f}")
             cells += [_score(alt["components"].get(c)) for c in (*COMPONENTS, "context")]

@@ -41,8 +41,31 @@ SOURCE_KINDS = (
 )
 
 
+def aliases(state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """``{key: first key}`` for every key whose tensor is the same memory as an earlier key's (tied weights).
+
+    >>> w = torch.zeros(2, 3)
+    >>> aliases({"embed": w, "head": w, "other": torch.zeros(2, 3)})
+    {'head': 'embed'}
+    """
+    seen: dict[tuple, str] = {}
+    out: dict[str, str] = {}
+    for key, value in state_dict.items():
+        if value.numel() == 0:
+            continue
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride())
+        if ident in seen:
+            out[key] = seen[ident]
+        else:
+            seen[ident] = key
+    return out
+
+
 def tracer_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The same keys and shapes, every element globally unique: float64 (or int64 for integer tensors).
+
+    Tied tensors (:func:`aliases`) stay tied: a later key gets the very tensor of the first, so a
+    converter that reads either reads the same values, as it would from the real checkpoint.
 
     >>> sd = tracer_state_dict({"a": torch.zeros(2), "b": torch.zeros(1, 2, dtype=torch.long)})
     >>> sd["a"].tolist(), sd["b"].tolist(), sd["b"].dtype
@@ -59,6 +82,8 @@ def tracer_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch
             t = torch.arange(offset, offset + n, dtype=torch.int64)
         out[key] = t.reshape(value.shape)
         offset += n
+    for key, first in aliases(state_dict).items():
+        out[key] = out[first]
     if offset + 1 >= 2**52:
         raise ValueError(f"{offset - base} source elements: too many for exact float64 tracer values")
     return out

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from benchmarks.accuracy.run import _interpreter, _machine, _versions
-from benchmarks.accuracy.tracer import Origin, read_truth, tracer_state_dict
+from benchmarks.accuracy.tracer import Origin, aliases, read_truth, tracer_state_dict
 from benchmarks.accuracy.zoo_pairs import ZOO, ZooCase, ZooPair
 from benchmarks.runinfo import REPO_ROOT, git_state, replace_between
 
@@ -99,12 +99,18 @@ def ground_truth(case: ZooCase) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- scoring
 def score_way(plan: Any, truth: Mapping[str, Origin], converted: Mapping[str, torch.Tensor],
-              tracer: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+              tracer: Mapping[str, torch.Tensor], tied: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Score one plan: key F1, exact tensors, wrong entries flagged or not, missed targets, false alarms.
 
     ``converted`` is the maintainers' output on ``tracer``; the plan is applied to ``tracer`` with
     :class:`weight_mapper.WeightRenamer` and each target tensor compared by ``torch.equal``.
+    ``tied`` (``{key: first key}`` of tied source tensors) makes tied keys one key for the F1.
     """
+    tied = tied or {}
+
+    def keys(sources) -> set[str]:
+        return {tied.get(k, k) for k in sources}
+
     from weight_mapper import WeightRenamer
 
     filled = {t for t, o in truth.items() if o.kind != "target_only"}
@@ -116,7 +122,7 @@ def score_way(plan: Any, truth: Mapping[str, Origin], converted: Mapping[str, to
     false_alarms = 0
     for t, e in entries.items():
         origin = truth.get(t)
-        if origin is not None and t in filled and set(e.source) == set(origin.sources):
+        if origin is not None and t in filled and keys(e.source) == keys(origin.sources):
             key_right += 1
         equal, error = False, None
         if t in filled:
@@ -179,6 +185,7 @@ def run_zoo_pair(pair: ZooPair, ways: Sequence[str], *, seed: int = 0, strategy:
         record["total_s"] = time.perf_counter() - t0
         return record
     truth: dict[str, Origin] = gt["truth"]
+    tied = aliases(case.source_sd)
     kinds: dict[str, int] = {}
     for o in truth.values():
         kinds[o.kind] = kinds.get(o.kind, 0) + 1
@@ -192,7 +199,7 @@ def run_zoo_pair(pair: ZooPair, ways: Sequence[str], *, seed: int = 0, strategy:
         "n_filled": sum(o.kind != "target_only" for o in truth.values()), "truth_kinds": kinds,
         "n_same_name": sum(o.sources == (t,) for t, o in truth.items()),
         "converter_extra_keys": gt["extra"][:20], "n_converter_extra": len(gt["extra"]),
-        "converter_bad_shapes": gt["bad_shape"][:20],
+        "converter_bad_shapes": gt["bad_shape"][:20], "tied_source_keys": tied,
         "source_order": "rebuilt from the target" if ordered else "source model's",
         "truth": {t: o.to_list() for t, o in truth.items()},
         "build_s": time.perf_counter() - t0,
@@ -221,7 +228,7 @@ def run_zoo_pair(pair: ZooPair, ways: Sequence[str], *, seed: int = 0, strategy:
                     mapper.suggest_mapping(strategy=name)
                     plan = mapper.get_plan()
                     suggest_s = time.perf_counter() - start
-                    row[label] = score_way(plan, truth, gt["converted"], gt["tracer"])
+                    row[label] = score_way(plan, truth, gt["converted"], gt["tracer"], tied)
                     row[label]["s"] = setup_s + suggest_s
                 except Exception as exc:  # noqa: BLE001
                     row[label] = {"crash": _crash(exc), "traceback": traceback.format_exc(limit=-6),
@@ -380,7 +387,8 @@ def render(report: dict) -> str:
     strategy = m.get("strategy", STRATEGY)
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
     return "\n".join([
-        f"Measured on commit {m['git']} ({m['date']}; {m['machine']}; {versions}); {m['total_s']:.0f} s in all.",
+        f"Measured on commit {m['git']} ({m['date']}; {m['machine']}; {versions}); {m['total_s']:.0f} s in all"
+        + (f", peak RSS {m['peak_rss_mib']:.0f} MiB." if "peak_rss_mib" in m else "."),
         f"Command: `{m['command']}`",
         "",
         "Pairs and their ground truth (read from the converter's output on tracer values):",
@@ -395,6 +403,12 @@ def render(report: dict) -> str:
         "",
         results_table(report["pairs"]),
     ])
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _zoo_versions() -> dict[str, str]:
@@ -438,6 +452,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             replace_between(README, _BEGIN, _END, text)
             print(f"updated {README}")
         return 0
+    for path in (args.compare, args.render):
+        if path is not None and not path.is_file():
+            parser.error(f"{path}: no such file (a JSON written by --json)")
     ways = [w.strip() for w in args.ways.split(",") if w.strip()]
     unknown = [w for w in ways if w not in WAYS]
     if unknown:
@@ -454,7 +471,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         print(f"[{pair.name}] running ...", file=sys.stderr, flush=True)
         records.append(run_zoo_pair(pair, ways, seed=args.seed, strategy=args.strategy))
-        print(f"[{pair.name}] done in {records[-1]['total_s']:.1f} s", file=sys.stderr, flush=True)
+        records[-1]["peak_rss_mib"] = _peak_rss_mib()
+        print(f"[{pair.name}] done in {records[-1]['total_s']:.1f} s (peak RSS so far {records[-1]['peak_rss_mib']:.0f} MiB)",
+              file=sys.stderr, flush=True)
         gc.collect()
 
     argv_shown = " ".join(sys.argv[1:]) if argv is None else " ".join(argv)
@@ -464,18 +483,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": _machine(), "versions": _zoo_versions(), "git": git_state(),
             "command": f"{_interpreter()} -m benchmarks.accuracy.zoo {argv_shown}".strip(),
             "ways": ways, "strategy": args.strategy, "baseline": BASELINE, "seed": args.seed,
-            "total_s": time.perf_counter() - start,
+            "total_s": time.perf_counter() - start, "peak_rss_mib": _peak_rss_mib(),
         },
         "pairs": records,
     }
     text = render(report)
     print(text)
     print("\nCrashes and unflagged wrong entries (first few per pair and way):\n" + failures(records))
-    if args.compare is not None:
-        print("\nChanges against " + str(args.compare) + ":\n" + compare(json.loads(args.compare.read_text()), report))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
     print(f"\nwrote {args.json}")
+    if args.compare is not None:
+        print("\nChanges against " + str(args.compare) + ":\n" + compare(json.loads(args.compare.read_text()), report))
     if args.update_readme:
         replace_between(README, _BEGIN, _END, text)
         print(f"updated {README}")

@@ -113,7 +113,7 @@ def test_meta_checkpoint_alone_converts_to_hf_and_back(tmp_path):
     plan = mapper.get_plan()
     assert {e.transform for e in plan.entries if "_proj" in e.target and e.target.endswith(("q_proj.weight",
                                                                                             "k_proj.weight"))} == {"rotary_half"}
-    assert not any(e.flags for e in plan.entries)
+    assert not any(ROTARY_FLAG in e.flags for e in plan.entries)  # detected, so applied, not flagged
     hf.load_state_dict(apply_plan(plan, meta.state_dict()), strict=True)
     assert torch.allclose(_logits(hf, ids), _logits(meta, ids), atol=1e-5)
     back = apply_plan(plan.inverse(), hf.state_dict())  # and back: the inverse keeps the head counts

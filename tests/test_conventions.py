@@ -159,3 +159,30 @@ def test_apply_conventions_leaves_unrelated_plans_alone():
     e = PlanEntry(("a.q_proj.weight",), "b.q_proj.weight", None, 1.0, 1.0, "tensor", (4, 4), (4, 4))
     plan = MappingPlan((e,))
     assert apply_conventions(plan) == (plan, [])
+
+
+def test_head_counts_look_past_a_holder_without_the_key_value_count():
+    """torchtune's decoder names ``num_heads``; only its attention modules name ``num_kv_heads``.
+    The key/value count must come from them (or from the k shapes), never be assumed equal."""
+    from torch import nn
+
+    from weight_mapper.conventions import _head_counts
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_heads, self.num_kv_heads = 4, 2
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_heads = 4
+            self.attn = Attention()
+
+    class NoKv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_heads = 4
+
+    assert _head_counts(Decoder()) == (4, 2)
+    assert _head_counts(NoKv()) == (4, None)  # then kv_heads_from_shapes decides, or the entries are flagged

@@ -135,14 +135,20 @@ def _head_counts(module: nn.Module | None) -> tuple[int | None, int | None]:
     """Head counts from a config (transformers) or the attention modules' attributes."""
     if module is None:
         return None, None
+    # The first holder that names a head count gives it; the key/value head count may live
+    # elsewhere (torchtune's decoder has ``num_heads``, its attention modules ``num_kv_heads``).
+    # Without one, the caller reads it from the k shapes rather than assuming n_heads.
+    heads = kv = None
     for holder in (getattr(module, "config", None), *(m for _, m in module.named_modules())):
         if holder is None:
             continue
-        heads = next((getattr(holder, a) for a in _HEAD_ATTRS if isinstance(getattr(holder, a, None), int)), None)
-        if heads:
-            kv = next((getattr(holder, a) for a in _KV_HEAD_ATTRS if isinstance(getattr(holder, a, None), int)), None)
-            return int(heads), int(kv or heads)
-    return None, None
+        heads = heads or next((getattr(holder, a) for a in _HEAD_ATTRS if isinstance(getattr(holder, a, None), int)),
+                              None)
+        kv = kv or next((getattr(holder, a) for a in _KV_HEAD_ATTRS if isinstance(getattr(holder, a, None), int)),
+                        None)
+        if heads and kv:
+            break
+    return (int(heads) if heads else None), (int(kv) if kv else None)
 
 
 #: The catalogue. A new convention is one entry (and its transforms in ``transforms.TRANSFORMS``).
@@ -183,6 +189,30 @@ def rotary_entry(entry: PlanEntry, transform: str | None, n_heads: int | None, n
     return replace(entry, transform=transform, args={**entry.args, "n_heads": int(heads)})
 
 
+def kv_heads_from_shapes(entries: list[PlanEntry], n_heads: int | None) -> int | None:
+    """The key/value head count the q and k shapes imply when no config says it.
+
+    The head size is a q projection's rows over ``n_heads``; a k projection has that many rows
+    per key/value head (fewer heads than q under grouped-query attention). None when the shapes
+    disagree or do not divide: the entries are then flagged rather than permuted with a guess.
+
+    >>> e = lambda t, rows: PlanEntry(("s",), t, None, 1.0, 1.0, "tensor", (rows, 8), (rows, 8))
+    >>> kv_heads_from_shapes([e("l.0.q_proj.weight", 64), e("l.0.k_proj.weight", 32)], 4)
+    2
+    """
+    if not n_heads:
+        return None
+    q_rows = {e.target_shape[0] for e in entries if e.target_shape and _role(e.target) == "q"}
+    k_rows = {e.target_shape[0] for e in entries if e.target_shape and _role(e.target) == "k"}
+    if len(q_rows) != 1 or len(k_rows) > 1 or next(iter(q_rows)) % n_heads:
+        return None
+    head_dim = next(iter(q_rows)) // n_heads
+    if not k_rows:
+        return n_heads
+    k = next(iter(k_rows))
+    return k // head_dim if k % head_dim == 0 and n_heads % (k // head_dim or 1) == 0 else None
+
+
 def rotary_heads_fit(entry: PlanEntry, n_heads: int | None, n_kv_heads: int | None) -> bool:
     heads = n_heads if _role(entry.target) == "q" else n_kv_heads
     rows = entry.target_shape[0] if entry.target_shape else 0
@@ -219,7 +249,7 @@ def apply_conventions(
         if None in kinds or src.kind == tgt.kind:
             continue
         n_heads = src.n_heads or tgt.n_heads
-        n_kv = src.n_kv_heads or tgt.n_kv_heads or n_heads
+        n_kv = src.n_kv_heads or tgt.n_kv_heads or kv_heads_from_shapes([entries[i] for i in candidates], n_heads)
         transform = conv.transforms.get((src.kind, tgt.kind))
         fits = all(rotary_heads_fit(entries[i], n_heads, n_kv) for i in candidates)
         if transform is not None and fits:

@@ -248,17 +248,16 @@ MAPPING_AMBIGUOUS = """\
 ╰───────────────────────────────────────────────────────────────────────────╯
 
 Matches, riskiest first
-source               target               score  margin  transform  level  shape    review
+source                 target                 score  margin  transform  level  shape    review
 ────────────────────────────────────────────────────────────────────────────────────────────────────
-layers.0.in_norm.we  layers.0.sa_norm.we  0.932  -0.016  exact      GROUP  [8]      ⚠ names_disagree
-ight                 ight
-layers.0.post_norm.  layers.0.mlp_norm.w  0.948   0.000  exact      GROUP  [8]      ⚠ order_only
-weight               eight
-layers.0.attn.weigh  layers.0.attention.  1.000   1.000  exact      GROUP  [8, 16]
-t                    weight
+layers.0.in_norm.weig  layers.0.sa_norm.weig  0.932  -0.016  exact      GROUP  [8]      ⚠
+ht                     ht
+layers.0.post_norm.we  layers.0.mlp_norm.wei  0.948   0.000  exact      GROUP  [8]      ⚠ order_only
+ight                   ght
+layers.0.attn.weight   layers.0.attention.we  1.000   1.000  exact      GROUP  [8, 16]
+                       ight
 score: green > 0.8, yellow 0.6-0.8, red < 0.6; margin: score minus the runner-up's
 ⚠ ambiguous: margin under 0.02
-names_disagree: another candidate's name fits clearly better: order or context overrode the names
 order_only: decided by order alone: names and shapes could not tell the candidates apart
 """
 
@@ -283,15 +282,14 @@ layers.0.attn.weight  layers.0.attention.weight  1.000   1.000  exact      GROUP
 score: green > 0.8, yellow 0.6-0.8, red < 0.6; margin: score minus the runner-up's
 
 Withheld as ambiguous (not in the plan), riskiest first
-source                target                score  margin  transform  level  shape  review
+source                  target                  score  margin  transform  level  shape  review
 ────────────────────────────────────────────────────────────────────────────────────────────────────
-layers.0.in_norm.wei  layers.0.sa_norm.wei  0.932  -0.016  exact      GROUP  [8]    ⚠ names_disagree
-ght                   ght
-layers.0.post_norm.w  layers.0.mlp_norm.we  0.948   0.000  exact      GROUP  [8]    ⚠ order_only
-eight                 ight
+layers.0.in_norm.weigh  layers.0.sa_norm.weigh  0.932  -0.016  exact      GROUP  [8]    ⚠
+t                       t
+layers.0.post_norm.wei  layers.0.mlp_norm.weig  0.948   0.000  exact      GROUP  [8]    ⚠ order_only
+ght                     ht
 score: green > 0.8, yellow 0.6-0.8, red < 0.6; margin: score minus the runner-up's
 ⚠ ambiguous: margin under 0.02
-names_disagree: another candidate's name fits clearly better: order or context overrode the names
 order_only: decided by order alone: names and shapes could not tell the candidates apart
 
 Unmatched

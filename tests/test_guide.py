@@ -745,26 +745,29 @@ def test_at_80_columns_the_analysis_wraps_names_so_a_swap_shows():
 
 
 def _column_cells(text: str) -> set[tuple[str, str]]:
-    """(source, target) of every row of a box table whose cells may wrap onto several lines."""
-    rows, current = set(), None
-    for line in text.splitlines():
-        if not line.startswith("│"):
-            if current:
-                rows.add(current)
-            current = None
+    """(source, target) of every row of the analysis' match tables, whose cells may wrap onto
+    several lines: columns are cut where the header line puts them."""
+    rows: set[tuple[str, str]] = set()
+    lines = text.splitlines()
+    for h, header in enumerate(lines):
+        if not (header.strip().startswith("source") and " target " in header and " score " in header):
             continue
-        cells = [c.strip() for c in line.strip("│").split("│")]
-        if len(cells) < 6:  # the summary panel
-            continue
-        if cells[2]:  # the score column starts a row
-            if current:
-                rows.add(current)
-            current = (cells[0], cells[1])
-        elif current:
-            current = (current[0] + cells[0], current[1] + cells[1])
-    if current:
-        rows.add(current)
+        at_target, at_score, at_shape = header.index(" target ") + 1, header.index(" score "), header.index(" shape ")
+        current = None
+        for line in lines[h + 2:]:  # after the rule under the header
+            if not line.strip() or line.strip().startswith(("─", "╭", "Withheld", "Unmatched")):
+                break
+            source, target = line[:at_target].strip(), line[at_target:at_score].strip()
+            if line[at_score:at_shape].strip():  # a score starts a row
+                if current:
+                    rows.add(current)
+                current = (source, target)
+            elif current:
+                current = (current[0] + source, current[1] + target)
+        if current:
+            rows.add(current)
     return rows
+
 
 
 def test_a_square_transposed_pair_moved_by_hand_keeps_its_transpose():

@@ -75,11 +75,19 @@ def test_suggestions_are_admissible(src, tgt, strategy, threshold):
     mapper.suggest_mapping(threshold=threshold, strategy=strategy)
     entries = mapper.get_plan().entries
     targets = [e.target for e in entries]
-    sources = [s for e in entries for s in e.source]
-    assert len(set(targets)) == len(targets) and len(set(sources)) == len(sources)  # one-to-one
+    # one-to-one, except that the pieces of one split source (level "split") share it
+    sources = [s for e in entries if e.level != "split" for s in e.source]
+    split_sources = {s for e in entries if e.level == "split" for s in e.source}
+    assert len(set(targets)) == len(targets) and len(set(sources)) == len(sources)
+    assert not split_sources & set(sources)
+    pieces: dict[str, int] = {}
     for e in entries:
         shapes, t = [src[s] for s in e.source], tgt[e.target]
-        if e.transform == "concat":
+        if e.level == "split":  # a slice (or index) of one fused source; the pieces tile it
+            assert e.transform in ("slice", "index", "slice_index") and len(shapes) == 1
+            pieces[e.source[0]] = pieces.get(e.source[0], 0) + (
+                t[e.args.get("dim", 0)] if e.transform == "slice" else 1)
+        elif e.transform == "concat":
             assert all(sh[1:] == t[1:] for sh in shapes) and sum(sh[0] for sh in shapes) == t[0]
         elif e.transform == "stack":
             assert all(sh == t[1:] for sh in shapes) and len(shapes) == t[0]
@@ -88,6 +96,8 @@ def test_suggestions_are_admissible(src, tgt, strategy, threshold):
             squeeze = [d for d in s if d != 1] == [d for d in t if d != 1]
             assert s == t or (len(s) == 2 and s[::-1] == t and e.transform == "transpose") or squeeze
         assert e.score >= max(threshold, 0.75 if strategy == "conservative" else 0.0) - 1e-9
+    for s, n in pieces.items():  # a split never reads past its source
+        assert n <= src[s][0] or len(src[s]) == 2
 
 
 def group_level(src: dict, tgt: dict):

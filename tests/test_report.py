@@ -97,4 +97,4 @@ def test_an_unscored_entry_set_by_hand_sorts_after_the_scored_ones_of_its_tier()
     print_analysis(MappingPlan((manual,)), console=console)
     import re
 
-    assert re.search(r"src\.manual +manual +- +\[4\]", console.export_text())
+    assert re.search(r"src\.manual[ │]+manual[ │]+-[ │]+\[4\]", console.export_text())

@@ -301,3 +301,13 @@ def test_a_name_given_twice_in_a_header_is_an_error_not_a_dropped_tensor(tmp_pat
     with pytest.raises(PlanError, match="key 'target' appears twice"):
         MappingPlan.from_json('{"format": "weight_mapper.plan", "entries": [{"source": "a", "target": "x", '
                               '"target": "y"}]}')
+
+
+def test_map_and_its_review_page_take_a_name_999_levels_deep(tmp_path):
+    source = tmp_path / "deep.safetensors"
+    save_file({"a." * 998 + "w": torch.ones(3), "fc.weight": torch.ones(4, 3)}, source)
+    target = tmp_path / "target.safetensors"
+    save_file({"b." * 998 + "w": torch.ones(3), "head.weight": torch.ones(4, 3)}, target)
+    assert main(["map", str(source), str(target), "-o", str(tmp_path / "plan.json"), "--json",
+                 "--html", str(tmp_path / "review.html")]) == 0
+    assert (tmp_path / "review.html").stat().st_size > 0

@@ -229,7 +229,7 @@ def name_tokens(name: str) -> tuple[str, ...]:
     """Return the normalised, non-numeric tokens of a name, in order.
 
     >>> name_tokens("model.layers.3.self_attn.q_proj")
-    ('model', 'layer', 'self', 'attn', 'q', 'projection')
+    ('model', 'layer', 'attn', 'query', 'projection', '~qproj')
     """
     # Names of big models repeat a few components thousands of times: tokenise each once.
     return tuple(t for part in name.split(".") for t in _component_tokens(part))

@@ -74,13 +74,17 @@ class _Side:
     def _node(self, path: str, mtype: str = "") -> int:
         node = self.node2id.get(path)
         if node is None:
-            parent_path, _, local = path.rpartition(".")
-            parent = self._node(parent_path)
-            node = len(self.node_parent)
-            self.node2id[path] = node
-            self.node_parent.append(parent)
-            self.node_name.append(local)
-            self.node_type.append(self.types.setdefault(mtype, len(self.types)))
+            # Ancestors first, without recursion: a name may nest 1,000 levels (validate.MAX_NAME_PARTS).
+            missing = [path]
+            while missing[-1].rpartition(".")[0] not in self.node2id:
+                missing.append(missing[-1].rpartition(".")[0])
+            node = self.node2id[missing[-1].rpartition(".")[0]]
+            for ancestor in reversed(missing):
+                parent, node = node, len(self.node_parent)
+                self.node2id[ancestor] = node
+                self.node_parent.append(parent)
+                self.node_name.append(ancestor.rpartition(".")[2])
+                self.node_type.append(self.types.setdefault(mtype if ancestor == path else "", len(self.types)))
         elif mtype and self.node_type[node] == 0:
             self.node_type[node] = self.types.setdefault(mtype, len(self.types))
         return node

@@ -47,6 +47,10 @@ class _Worker:
         self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO_ROOT,
                                      stderr=subprocess.DEVNULL)
         self.n_cases = 0
+        # Importing torch on a loaded machine can take a while: it is not part of any case's time.
+        ready, _, _ = select.select([self.proc.stdout], [], [], 600)
+        if not ready or self.proc.stdout.readline() != b"ready\n":
+            raise RuntimeError("the fuzz worker did not start")
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -139,6 +143,28 @@ def _kill_runs(n: int, seed: int, work: Path) -> dict[str, int]:
     return dict(counts)
 
 
+def _payload_liveness(n: int, seed: int, seeds: dict, work: Path) -> tuple[int, int]:
+    """How many of ``n`` payload cases run their code under plain ``torch.load(weights_only=False)``.
+
+    The payloads must be live for their refusal to mean anything. Each is loaded in a child
+    process (the code only touches a marker file in the work folder).
+    """
+    executed = 0
+    for i in range(n):
+        rng = random.Random(f"liveness-{seed}-{i}")
+        folder, marker = work / f"live{i}", work / f"live{i}.marker"
+        folder.mkdir()
+        case = make_case(rng, seeds, entry="loader", mutation="payload", marker=str(marker))
+        write_case(case, folder)
+        files = [str(folder / rel) for rel in case.files if rel.endswith((".pt", ".ckpt", ".bin"))]
+        code = ("import sys, torch\nfor p in sys.argv[1:]:\n    try: torch.load(p, weights_only=False)\n"
+                "    except Exception: pass")
+        subprocess.run([sys.executable, "-c", code, *files], cwd=folder, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=120)
+        executed += marker.exists()
+    return executed, n
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fuzz", description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=5000)
@@ -150,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--entry", choices=ENTRY_POINTS, default=None, help="only this entry point")
     parser.add_argument("--mutation", default=None, help="only this mutation family")
     parser.add_argument("--keep", action="store_true", help="keep the case folders of failing cases")
+    parser.add_argument("--liveness", type=int, default=0,
+                        help="also load N payload cases with weights_only=False, to show they do run code")
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="weight_mapper_fuzz_"))
@@ -192,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         worker.stop()
         log.close()
     kills = _kill_runs(args.kills, args.seed, work) if args.kills else {}
+    liveness = _payload_liveness(args.liveness, args.seed, seeds, work) if args.liveness else None
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     elapsed = time.monotonic() - started
@@ -218,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{len(foreign)} distinct foreign exceptions:")
         for (error, place), examples in sorted(foreign.items(), key=lambda kv: -len(kv[1])):
             print(f"- {error} at {place or '?'} ({len(examples)} runs), e.g. {examples[0][:150]}")
+    if liveness:
+        print(f"\npayload files (drawn like the payload cases) that run their code under plain "
+              f"torch.load(weights_only=False): {liveness[0]} of {liveness[1]}")
     if kills:
         print("\nSIGKILL during `apply` (~100 MB output): " + ", ".join(f"{k}: {v}" for k, v in kills.items()))
     clean = (total["foreign"] + total["memory"] + total["time"] + total["output left"] + total["source changed"]

@@ -37,6 +37,8 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # stray prints must not corrupt the protocol
+    stdout.write(b"ready\n")  # imports done: a case's time starts now
+    stdout.flush()
     while True:
         head = stdin.read(4)
         if len(head) < 4:

@@ -94,12 +94,16 @@ def normalise_leaf(leaf: str) -> str:
     return LEAF_SYNONYMS.get(lowered, lowered)
 
 
-def _raw_tokens(name: str) -> list[str]:
+# Names of big models repeat a few components thousands of times: each helper below that reads
+# one component is cached (a 100,000-tensor model has a few hundred distinct components).
+@functools.lru_cache(maxsize=65536)
+def _raw_tokens(name: str) -> tuple[str, ...]:
     text = _CAMEL.sub("_", name)
     text = _ALPHA_DIGIT.sub("_", text)
-    return [t for t in _SPLIT.split(text.lower()) if t]
+    return tuple(t for t in _SPLIT.split(text.lower()) if t)
 
 
+@functools.lru_cache(maxsize=65536)
 def component_ordinal(component: str) -> tuple[str, int, int] | None:
     """``(key, family, rank)`` of a module-name component that names an ordinal, else None.
 
@@ -252,6 +256,7 @@ def _component_tokens(component: str) -> tuple[str, ...]:
     return (*words, "~" + _component_key(canonical))
 
 
+@functools.lru_cache(maxsize=65536)
 def repeat_key(component: str) -> str:
     """A component without its digits, word tokens normalised: siblings that repeat one block
     share it (``layer1`` .. ``layer4``, ``conv1`` .. ``conv3``).

@@ -37,10 +37,19 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def evaluate(plan: Any, truth: Mapping[str, str], not_1to1: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def _template(key: str) -> str:
+    from benchmarks.scale.full_size import abstract_key
+
+    return abstract_key(key)[0]
+
+
+def evaluate(plan: Any, truth: Mapping[str, str], not_1to1: Mapping[str, Any] | None = None,
+             transforms: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Score a plan against the ground truth.
 
-    A 1:1 source is correct when its entry copies it, untransformed, onto its truth. A
+    A 1:1 source is correct when its entry puts it onto its truth with the transform the truth
+    asks for: ``transforms`` maps a source template (``layers.{}.attention.wq.weight``) to it
+    (a rotary permutation), and a source it does not name must be copied untransformed. A
     not-1:1 target is *recovered* when one entry builds it with the truth's op from exactly
     the truth's sources in order (``stack``, or ``stack_concat`` along ``concat_dim=1``). Everything
     else a plan does with those sources is wrong.
@@ -57,7 +66,8 @@ def evaluate(plan: Any, truth: Mapping[str, str], not_1to1: Mapping[str, Any] | 
         if len(e.source) == 1:
             s = e.source[0]
             mapped.add(s)
-            if s in truth and e.target == truth[s] and e.transform in (None, "identity"):
+            want = (transforms or {}).get(_template(s))
+            if s in truth and e.target == truth[s] and (e.transform == want if want else e.transform in (None, "identity")):
                 correct += 1
             elif s in truth:
                 wrong.append([s, e.target, truth[s], e.transform])
@@ -194,7 +204,7 @@ def run_full(name: str, strategy: str, *, profile: int = 0) -> dict[str, Any]:
         "setup_s": setup_s, "suggest_s": suggest_s, "match_s": setup_s + suggest_s,
         "total_s": t_match - _T_START,  # end to end: interpreter up to a finished plan
         "time_target_s": case.time_target_s,
-        **_plan_scores(plan), **_assignment_facts(mapper), **evaluate(plan, built.truth, built.not_1to1),
+        **_plan_scores(plan), **_assignment_facts(mapper), **evaluate(plan, built.truth, built.not_1to1, case.transforms),
         "not_1to1": _summarise_not_1to1(built.not_1to1),
         "rss_before_mib": rss_before,
         "peak_rss_mib": _peak_rss_mib(),

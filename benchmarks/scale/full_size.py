@@ -101,7 +101,9 @@ DEEPSEEK_STACKED: dict[str, dict[str, tuple[str, ...]]] = {
 # the reference's definition order: Transformer(tok_embeddings, layers, norm, output);
 # TransformerBlock(attention(wq, wk, wv, wo), feed_forward(w1, w2, w3), attention_norm,
 # ffn_norm). transformers' conversion script also permutes the rows of wq and wk for its
-# rotary layout: same shape, so as a naming problem it is 1:1 (the permutation is not ours).
+# rotary layout (convert_llama_weights_to_hf.py, ``permute``): same shape, 1:1 as a naming
+# problem, and the plan must carry that permutation (weight_mapper.conventions): the transform
+# each of these sources needs is in LLAMA_META_TO_HF_TRANSFORMS.
 LLAMA_META_TO_HF: dict[str, str] = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
     "layers.{}.attention.wq.weight": "model.layers.{}.self_attn.q_proj.weight",
@@ -115,6 +117,10 @@ LLAMA_META_TO_HF: dict[str, str] = {
     "layers.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
     "norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
+}
+LLAMA_META_TO_HF_TRANSFORMS: dict[str, str] = {
+    "layers.{}.attention.wq.weight": "rotary_half",
+    "layers.{}.attention.wk.weight": "rotary_half",
 }
 
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")
@@ -195,6 +201,7 @@ class Case:
     stacked: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # target -> source parts
     hub_experts: bool = False  # map onto the Hub checkpoint's per-expert names instead
     time_target_s: float | None = None
+    transforms: Mapping[str, str] = field(default_factory=dict)  # source template -> transform its entry needs
 
 
 def _deepseek_v3(**overrides) -> Callable[[], Any]:
@@ -236,14 +243,15 @@ CASES: dict[str, Case] = {
         _deepseek_v3(), DEEPSEEK_REF_TO_HF, DEEPSEEK_STACKED["hub"], hub_experts=True, time_target_s=60.0),
     "llama_405b": Case(
         "llama_405b", "Llama 405B size, Meta names -> transformers LlamaForCausalLM on meta",
-        _llama(**LLAMA_405B), LLAMA_META_TO_HF, time_target_s=5.0),
+        _llama(**LLAMA_405B), LLAMA_META_TO_HF, time_target_s=5.0, transforms=LLAMA_META_TO_HF_TRANSFORMS),
     "deepseek_v3_small": Case(
         "deepseek_v3_small", "DeepSeek-V3, 3 layers (2 dense, 1 MoE of 8 experts), tiny dims",
         _deepseek_v3(**DEEPSEEK_V3_SMALL), DEEPSEEK_REF_TO_HF, DEEPSEEK_STACKED["ref"]),
     "deepseek_v3_hub_small": Case(
         "deepseek_v3_hub_small", "as deepseek_v3_small, onto the Hub's per-expert names",
         _deepseek_v3(**DEEPSEEK_V3_SMALL), DEEPSEEK_REF_TO_HF, DEEPSEEK_STACKED["hub"], hub_experts=True),
-    "llama_small": Case("llama_small", "Llama, 4 layers, tiny dims", _llama(**LLAMA_SMALL), LLAMA_META_TO_HF),
+    "llama_small": Case("llama_small", "Llama, 4 layers, tiny dims", _llama(**LLAMA_SMALL), LLAMA_META_TO_HF,
+                        transforms=LLAMA_META_TO_HF_TRANSFORMS),
 }
 
 

@@ -371,18 +371,7 @@ def build_plan(
             filled_tgt.add(t_alias)
         used_src.update(s_names)
     for c in combinations:
-        entry = PlanEntry(
-            source=tuple(source_prefix + src_table.names[r] for r in c.src),
-            target=tgt_table.names[c.tgt],
-            transform=c.transform,
-            score=c.score,
-            margin=c.margin,
-            level="combined",
-            source_shape=src_table.shapes[c.src[0]],
-            target_shape=tgt_table.shapes[c.tgt],
-            components=dict(c.components),
-            args=_combined_args(src_table, c),
-        )
+        entry = _combined_entry(src_table, tgt_table, c, level="combined", source_prefix=source_prefix)
         if withhold_ambiguous and entry.flagged:
             withheld.append(entry)
             continue
@@ -449,19 +438,24 @@ def _flag_split_groups(entries: list[PlanEntry], src_table: TensorTable, tgt_tab
 
 def _split_entries(src_table: TensorTable, tgt_table: TensorTable, c: Combination, prefix: str) -> list[PlanEntry]:
     """The entries of a split: the inverse of the combination of targets that rebuilds the source."""
-    merged = PlanEntry(
-        source=tuple(tgt_table.names[r] for r in c.src),
-        target=prefix + src_table.names[c.tgt],
+    return invert_entries([_combined_entry(tgt_table, src_table, c, level="split", target_prefix=prefix)])
+
+
+def _combined_entry(from_table: TensorTable, to_table: TensorTable, c: Combination, *, level: str,
+                    source_prefix: str = "", target_prefix: str = "") -> PlanEntry:
+    """The entry that builds ``to_table``'s row ``c.tgt`` from ``from_table``'s rows ``c.src``."""
+    return PlanEntry(
+        source=tuple(source_prefix + from_table.names[r] for r in c.src),
+        target=target_prefix + to_table.names[c.tgt],
         transform=c.transform,
         score=c.score,
         margin=c.margin,
-        level="split",
-        source_shape=tgt_table.shapes[c.src[0]],
-        target_shape=src_table.shapes[c.tgt],
+        level=level,
+        source_shape=from_table.shapes[c.src[0]],
+        target_shape=to_table.shapes[c.tgt],
         components=dict(c.components),
-        args=_combined_args(tgt_table, c),
+        args=_combined_args(from_table, c),
     )
-    return invert_entries([merged])
 
 
 def _alias_lists(table: TensorTable) -> dict[int, list[int]]:

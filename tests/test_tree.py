@@ -35,3 +35,17 @@ def test_repeat_ranks_count_repeated_siblings_only():
     assert ranks["trunk_output.block2.block2-1.f.c.0"] == (1, 1)
     assert ranks["s2.b2.conv3.conv"] == (1, 1, 1)  # conv1 / conv3 repeat: rank 1
     assert ranks["trunk_output"] == ranks[""] == ()
+
+
+def test_ordinal_rank_reads_bare_letters_and_reaches_one_level_down():
+    names = [f"blk.f.{leaf}.{k}.weight" for leaf in "abc" for k in (0, 1)] + ["blk.proj.0.weight"]
+    names += [f"b1.conv{k}.{part}.weight" for k in (1, 2, 3) for part in ("conv", "bn")] + ["b1.downsample.conv.weight"]
+    tree = ModuleTree(TensorTable.from_state_dict({n: (1,) for n in names}))
+    rank = dict(zip(tree.paths, tree.ordinal_rank.tolist()))
+    # pycls' f.a / f.b / f.c are a series like conv1..conv3; their conv and norm inherit its rank
+    assert [rank[f"blk.f.{leaf}"] for leaf in "abc"] == [0.0, 0.5, 1.0]
+    assert rank["blk.f.a.0"] == rank["blk.f.a.1"] == rank["b1.conv1.conv"] == rank["b1.conv1.bn"] == 0.0
+    assert rank["blk.f.c.0"] == rank["b1.conv3.bn"] == 1.0
+    # outside any series, one level up too: no rank
+    for path in ("blk.proj.0", "b1.downsample.conv", "blk.f", "blk"):
+        assert rank[path] != rank[path]  # NaN

@@ -372,3 +372,41 @@ def _stats_3(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         model(torch.randn(4, 3, 9, 9))
     return model.eval()
+
+
+def _conv_bn(prefix: str, c_in: int, c_out: int, k: int, conv: str, bn: str) -> dict[str, tuple[int, ...]]:
+    out = {f"{prefix}.{conv}.weight": (c_out, c_in, k, k)}
+    out.update({f"{prefix}.{bn}.{leaf}": (c_out,) for leaf in ("weight", "bias", "running_mean", "running_var")})
+    return {**out, f"{prefix}.{bn}.num_batches_tracked": ()}
+
+
+def _regnets(widths=(4, 8, 12, 16)) -> tuple[dict, dict, dict[str, str]]:
+    """torchvision's RegNet layout (``trunk_output.block1.block1-0.f.a.0``, ``proj``) and timm's
+    (``s1.b1.conv1.conv``, ``downsample``) as ``{name: shape}``, and the truth between them."""
+    tv, timm, truth = {}, {}, {}
+    for s, (c_in, c_out) in enumerate(zip(widths, widths[1:]), start=1):
+        for b in range(2):
+            width_in = c_in if b == 0 else c_out
+            layers = [("f.a", "conv1", width_in, 1), ("f.b", "conv2", c_out, 3), ("f.c", "conv3", c_out, 1)]
+            if b == 0:
+                layers.append(("proj", "downsample", width_in, 1))
+            for ours, theirs, w_in, k in layers:
+                src = _conv_bn(f"trunk_output.block{s}.block{s}-{b}.{ours}", w_in, c_out, k, "0", "1")
+                tgt = _conv_bn(f"s{s}.b{b + 1}.{theirs}", w_in, c_out, k, "conv", "bn")
+                tv.update(src)
+                timm.update(tgt)
+                truth.update(zip(src, tgt))
+    return tv, timm, truth
+
+
+def test_sorted_regnet_keeps_f_a_and_f_c_apart():
+    """A sorted checkpoint has no order: pycls' ``f.a`` / ``f.c`` (same shape in every block but a
+    stage's first) are told apart from ``conv1`` / ``conv3`` by their ordinals alone."""
+    tv, timm, truth = _regnets()
+    mapper = WeightMapper({k: tv[k] for k in sorted(tv)}, timm)
+    mapper.suggest_mapping()
+    plan = mapper.get_plan()
+    wrong = {e.source[0]: e.target for e in plan.entries if truth[e.source[0]] != e.target}
+    assert not [k for k in wrong if ".f." in k], wrong
+    # what no name shows (proj vs f.a) is at least flagged
+    assert all(e.flagged for e in plan.entries if e.source[0] in wrong)

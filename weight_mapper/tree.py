@@ -15,7 +15,7 @@ import networkx as nx
 import numpy as np
 
 from weight_mapper.errors import MappingError
-from weight_mapper.names import component_ordinal, natural_key, repeat_key
+from weight_mapper.names import ORDINALS, component_ordinal, natural_key, repeat_key
 from weight_mapper.table import TensorTable
 
 __all__ = ["ModuleTree", "GroupTable", "ROOT"]
@@ -127,11 +127,14 @@ class ModuleTree:
         says "first", "second" whatever the spelling, and needs no definition order (a sorted
         header keeps it).
         """
-        out = np.full(len(self.paths), np.nan)
+        own = np.full(len(self.paths), np.nan)
         for node in self.paths:
             series: dict[tuple[str, int], list[tuple[int, str]]] = {}
             for child in self.graph.successors(node):
-                found = component_ordinal(child.rpartition(".")[2])
+                last = child.rpartition(".")[2]
+                found = component_ordinal(last)
+                if found is None and last.lower() in ORDINALS:  # a bare ordinal word: pycls' ``f.a``..``f.c``
+                    found = ("", *ORDINALS[last.lower()])
                 if found is not None:
                     series.setdefault(found[:2], []).append((found[2], child))
             for members in series.values():
@@ -139,8 +142,12 @@ class ModuleTree:
                 if len(values) < 2:
                     continue
                 for v, child in members:
-                    out[self.path2id[child]] = values.index(v) / (len(values) - 1)
-        return out
+                    own[self.path2id[child]] = values.index(v) / (len(values) - 1)
+        # A module outside any series takes its parent's rank, one level up: the conv and the
+        # norm of ``conv1`` (``conv1.conv``, ``conv1.bn``) or of ``f.a`` (``f.a.0``, ``f.a.1``)
+        # are that layer's first, as ``conv1`` / ``bn1`` are where the series holds tensors itself.
+        inherited = own[self.parent_id] if len(self.paths) else own
+        return np.where(np.isnan(own) & (np.arange(len(self.paths)) > 0), inherited, own)
 
     def ancestor_ids(self, module_ids: np.ndarray, levels: int) -> np.ndarray:
         """``[n, levels]`` ids of the module itself (level 0) and its ancestors; root repeats."""

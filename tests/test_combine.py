@@ -339,3 +339,32 @@ def test_a_split_source_is_read_once():
     out = apply_plan(plan, Counting(qkv=qkv))
     assert Counting.reads == 1
     assert torch.equal(torch.cat([out["q"], out["k"], out["v"]]), qkv)
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+
+class _Detector(nn.Module):
+    """The classifier's block under ``backbone.body.``, and a new head whose bias (8) is the size of
+    ``bn1.weight`` and ``bn2.weight`` together."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Module()
+        self.backbone.body = _Block()
+        self.head = nn.Conv2d(4, 8, 1)
+
+
+def test_a_combination_never_takes_a_tensor_matched_to_its_own_name():
+    source = _Block()
+    mapper = WeightMapper(source.state_dict(), _Detector())
+    mapper.suggest_mapping()
+    plan = mapper.get_plan()
+    mapping = plan.mapping
+    for key in source.state_dict():
+        assert mapping.get(key) == f"backbone.body.{key}", key
+    assert "head.bias" in plan.unmatched_target

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from weight_mapper.assign import Assignment, _module_map, pair_margins, solve_optimal
+from weight_mapper.assign import Assignment, _module_map, name_offset, pair_margins, solve_optimal
 from weight_mapper.names import name_indices, name_skeleton, name_tokens, split_name
 from weight_mapper.score import (
     LINEAR_TYPES,
@@ -286,8 +286,29 @@ def combine(
         Non-overlapping combinations scoring at least ``threshold``.
     """
     left_tgt = np.setdiff1d(np.flatnonzero(tgt_table.is_canonical), assignment.tgt)
-    return _propose(src_table, tgt_table, assignment, np.flatnonzero(src_table.is_canonical), left_tgt,
+    left_src = np.setdiff1d(np.flatnonzero(src_table.is_canonical), same_name_matches(src_table, tgt_table, assignment))
+    return _propose(src_table, tgt_table, assignment, left_src, left_tgt,
                     weights=weights, threshold=threshold, incompatible_pairs=incompatible_pairs)
+
+
+def same_name_matches(src_table: TensorTable, tgt_table: TensorTable, assignment: Assignment) -> np.ndarray:
+    """Source rows the 1:1 assignment gave the target of the same name (after a wrapper prefix one
+    side adds, :func:`~weight_mapper.assign.name_offset`).
+
+    Identical names are decisive (they were pinned): no combination may take such a row. A
+    detector's backbone ``layer2.0.bn1.weight`` stays ``backbone.body.layer2.0.bn1.weight`` although
+    it and ``bn2.weight`` add up to the size of a new FPN bias.
+    """
+    if not len(assignment.src):
+        return np.zeros(0, np.int64)
+    src_prefix, tgt_prefix = name_offset(src_table.names, tgt_table.names)
+
+    def bare(name: str, prefix: str) -> str:
+        return name[len(prefix):] if prefix and name.startswith(prefix) else name
+
+    same = [bare(src_table.names[s], src_prefix) == bare(tgt_table.names[t], tgt_prefix)
+            for s, t in zip(assignment.src.tolist(), assignment.tgt.tolist())]
+    return assignment.src[np.array(same, dtype=bool)].astype(np.int64)
 
 
 def split(

@@ -122,3 +122,11 @@ def test_edges_score_only_the_pairs_asked_for():
 def test_validate_weights_defaults_and_scaling():
     assert validate_weights(None) == {"shape": 0.5, "name": 0.3, "hierarchy": 0.2}
     assert validate_weights({"name": 2.0}) == {"shape": 0.0, "name": 1.0, "hierarchy": 0.0}
+
+
+def test_index_score_aligns_positions_after_an_inserted_level():
+    # SSDlite keeps a MobileNetV3's ``features.N`` under ``features.0``: the positions shift by one
+    src = items({"features.2.block.1.1.weight": (1,), "features.2.block.3.1.weight": (1,)})
+    tgt = items({"backbone.features.0.2.block.1.1.weight": (1,), "backbone.features.0.2.block.3.1.weight": (1,)})
+    s = matrix(index_score, src, tgt)
+    assert s[0, 0] == s[1, 1] == 0.75 and s[0, 1] == s[1, 0] == 0.5

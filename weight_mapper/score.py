@@ -423,15 +423,30 @@ def lcs_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray) -> np.ndar
 def index_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray) -> np.ndarray:
     """Agreement of the numeric positions in the names (``layer3.2`` -> ``(3, 2)``).
 
-    Positions are compared left-aligned; the score is the fraction of equal positions over the
-    longer tuple, and 1.0 when neither name has a number.
+    Positions are compared left-aligned and right-aligned (a level one side inserts shifts them:
+    SSDlite's ``backbone.features.0.2.block.1.1`` is torchvision's ``features.2.block.1.1``); the
+    score is the better fraction of equal positions over the longer tuple, and 1.0 when neither
+    name has a number.
     """
     width = max(src.index_matrix.shape[1], tgt.index_matrix.shape[1])
     a = _pad_cols(src.index_matrix, width)[si]
     b = _pad_cols(tgt.index_matrix, width)[ti]
     equal = ((a == b) & (a >= 0)).sum(-1)
-    longer = np.maximum((a >= 0).sum(1), (b >= 0).sum(1))
+    na, nb = (a >= 0).sum(1), (b >= 0).sum(1)
+    # Right-aligned too: a level one side inserts (SSDlite's ``features.0.``) shifts the positions.
+    ra, rb = _right_aligned(a, na), _right_aligned(b, nb)
+    equal = np.maximum(equal, ((ra == rb) & (ra >= 0)).sum(-1))
+    longer = np.maximum(na, nb)
     return np.where(longer > 0, equal / np.maximum(longer, 1), 1.0)
+
+
+def _right_aligned(m: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Rows of a -1-padded index matrix with their values moved to the right end."""
+    width = m.shape[1] if m.ndim == 2 else 0
+    if not len(m) or not width:
+        return m
+    cols = np.arange(width)[None, :] - (width - n)[:, None]
+    return np.where(cols >= 0, np.take_along_axis(m, np.clip(cols, 0, width - 1), axis=1), -1)
 
 
 def ordinal_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray) -> np.ndarray:

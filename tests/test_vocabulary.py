@@ -9,6 +9,7 @@ passes only if the names (not registration order) decide.
 
 from __future__ import annotations
 
+import itertools
 import json
 from importlib import resources
 
@@ -384,7 +385,7 @@ def _regnets(widths=(4, 8, 12, 16)) -> tuple[dict, dict, dict[str, str]]:
     """torchvision's RegNet layout (``trunk_output.block1.block1-0.f.a.0``, ``proj``) and timm's
     (``s1.b1.conv1.conv``, ``downsample``) as ``{name: shape}``, and the truth between them."""
     tv, timm, truth = {}, {}, {}
-    for s, (c_in, c_out) in enumerate(zip(widths, widths[1:]), start=1):
+    for s, (c_in, c_out) in enumerate(itertools.pairwise(widths), start=1):
         for b in range(2):
             width_in = c_in if b == 0 else c_out
             layers = [("f.a", "conv1", width_in, 1), ("f.b", "conv2", c_out, 3), ("f.c", "conv3", c_out, 1)]

@@ -423,7 +423,8 @@ def lcs_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray) -> np.ndar
 def index_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray) -> np.ndarray:
     """Agreement of the numeric positions in the names (``layer3.2`` -> ``(3, 2)``).
 
-    Positions are compared left-aligned and right-aligned (a level one side inserts shifts them:
+    Positions are compared left-aligned and, where both names have two or more, right-aligned
+    too (a level one side inserts shifts them:
     SSDlite's ``backbone.features.0.2.block.1.1`` is torchvision's ``features.2.block.1.1``); the
     score is the better fraction of equal positions over the longer tuple, and 1.0 when neither
     name has a number.
@@ -434,8 +435,10 @@ def index_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray) -> np.nd
     equal = ((a == b) & (a >= 0)).sum(-1)
     na, nb = (a >= 0).sum(1), (b >= 0).sum(1)
     # Right-aligned too: a level one side inserts (SSDlite's ``features.0.``) shifts the positions.
+    # A lone number is not shifted: ``w1`` against ``experts.3.w1`` says nothing about expert 3.
     ra, rb = _right_aligned(a, na), _right_aligned(b, nb)
-    equal = np.maximum(equal, ((ra == rb) & (ra >= 0)).sum(-1))
+    shifted = ((ra == rb) & (ra >= 0)).sum(-1)
+    equal = np.where((na >= 2) & (nb >= 2), np.maximum(equal, shifted), equal)
     longer = np.maximum(na, nb)
     return np.where(longer > 0, equal / np.maximum(longer, 1), 1.0)
 

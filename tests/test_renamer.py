@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -6,7 +7,8 @@ from safetensors.torch import save_file
 
 from fixture_models import BatchNormed, BatchNormedRenamed
 import weight_mapper.renamer as renamer_module
-from weight_mapper import CheckpointError, ConversionError, PlanError, WeightMapper, WeightRenamer, load_checkpoint
+from weight_mapper import (CheckpointError, ConversionError, MappingPlan, PlanEntry, PlanError, WeightMapper, WeightRenamer,
+                           load_checkpoint)
 
 
 def write_sharded(model, folder, n_shards=3):
@@ -112,3 +114,42 @@ def test_lightning_envelope_is_written_back(tmp_path):
     assert src.read_bytes() == before
     with pytest.raises(CheckpointError, match="(?i)refusing to overwrite"):
         renamer.save(src)
+
+
+def _mapped_shards(folder) -> set[str]:
+    """Names of the files in ``folder`` this process has memory-mapped now."""
+    root = str(folder.resolve())
+    with open("/proc/self/maps") as f:
+        return {line.split()[-1].rsplit("/", 1)[-1] for line in f if line.rstrip().endswith(".safetensors")
+                and line.split()[-1].startswith(root)}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="counts memory maps through /proc (Linux)")
+def test_sharded_save_lets_go_of_each_source_shard_once_its_outputs_are_written(tmp_path):
+    shards = {f"model-{i:05d}-of-00003.safetensors": {f"l{i}.w": torch.full((4, 4), float(i)),
+                                                      f"l{i}.b": torch.full((4,), float(i))} for i in range(1, 4)}
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, tensors in shards.items():
+        save_file(tensors, src / name)
+    (src / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: name for name, t in shards.items() for k in t}}))
+    renamer = WeightRenamer(src)
+    copies = [PlanEntry((k,), f"new.{k}", None, 1.0, 1.0, "tensor", tuple(t.shape), tuple(t.shape))
+              for tensors in shards.values() for k, t in tensors.items()]
+    # Built from shards 1 and 3: written with shard 1's outputs, so shard 3 is read early and kept until its own turn.
+    both = PlanEntry(("l1.b", "l3.b"), "new.both", "concat", 1.0, 1.0, "combined", (4,), (8,),
+                     args={"dim": 0, "sizes": [4, 4]})
+    for plan, expected in (
+        (MappingPlan(tuple(copies)), [set(), set(), set()]),
+        (MappingPlan((*copies, both)), [{"model-00003-of-00003.safetensors"}] * 2 + [set()]),
+    ):
+        renamer.rename_keys(plan)
+        renamer.tensors["l1.w"]  # a read before saving opens shard 1 too
+        open_after = []
+        out = renamer.save(tmp_path / f"out{len(plan.entries)}",
+                           progress=lambda done, total: open_after.append(_mapped_shards(src)))
+        assert open_after == expected
+        converted = load_checkpoint(out).tensors
+        assert torch.equal(converted["new.l2.w"], shards["model-00002-of-00003.safetensors"]["l2.w"])
+    assert torch.equal(converted["new.both"], torch.tensor([1.0] * 4 + [3.0] * 4))

@@ -148,7 +148,7 @@ def test_sharded_save_lets_go_of_each_source_shard_once_its_outputs_are_written(
         renamer.tensors["l1.w"]  # a read before saving opens shard 1 too
         open_after = []
         out = renamer.save(tmp_path / f"out{len(plan.entries)}",
-                           progress=lambda done, total: open_after.append(_mapped_shards(src)))
+                           progress=lambda done, total, seen=open_after: seen.append(_mapped_shards(src)))
         assert open_after == expected
         converted = load_checkpoint(out).tensors
         assert torch.equal(converted["new.l2.w"], shards["model-00002-of-00003.safetensors"]["l2.w"])

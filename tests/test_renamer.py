@@ -135,6 +135,9 @@ def test_sharded_save_lets_go_of_each_source_shard_once_its_outputs_are_written(
     (src / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {k: name for name, t in shards.items() for k in t}}))
     renamer = WeightRenamer(src)
+    prefetched = []
+    real_prefetch = renamer.tensors.prefetch
+    renamer.tensors.prefetch = lambda shard: (prefetched.append(shard), real_prefetch(shard))
     copies = [PlanEntry((k,), f"new.{k}", None, 1.0, 1.0, "tensor", tuple(t.shape), tuple(t.shape))
               for tensors in shards.values() for k, t in tensors.items()]
     # Built from shards 1 and 3: written with shard 1's outputs, so shard 3 is read early and kept until its own turn.
@@ -150,6 +153,8 @@ def test_sharded_save_lets_go_of_each_source_shard_once_its_outputs_are_written(
         out = renamer.save(tmp_path / f"out{len(plan.entries)}",
                            progress=lambda done, total, seen=open_after: seen.append(_mapped_shards(src)))
         assert open_after == expected
+        assert prefetched == [1, 2]  # before each output shard, the next one's source shard only
+        prefetched.clear()
         converted = load_checkpoint(out).tensors
         assert torch.equal(converted["new.l2.w"], shards["model-00002-of-00003.safetensors"]["l2.w"])
     assert torch.equal(converted["new.both"], torch.tensor([1.0] * 4 + [3.0] * 4))

@@ -125,7 +125,7 @@ def _mapped_shards(folder) -> set[str]:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="counts memory maps through /proc (Linux)")
-def test_sharded_save_lets_go_of_each_source_shard_once_its_outputs_are_written(tmp_path):
+def test_sharded_save_lets_go_of_each_source_shard_once_its_outputs_are_written(tmp_path, monkeypatch):
     shards = {f"model-{i:05d}-of-00003.safetensors": {f"l{i}.w": torch.full((4, 4), float(i)),
                                                       f"l{i}.b": torch.full((4,), float(i))} for i in range(1, 4)}
     src = tmp_path / "src"
@@ -135,24 +135,31 @@ def test_sharded_save_lets_go_of_each_source_shard_once_its_outputs_are_written(
     (src / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {k: name for name, t in shards.items() for k in t}}))
     renamer = WeightRenamer(src)
-    prefetched = []
-    real_prefetch = renamer.tensors.prefetch
+    prefetched, mapped_at_write = [], []
+    real_prefetch, real_save = renamer.tensors.prefetch, renamer_module.save_checkpoint
     renamer.tensors.prefetch = lambda shard: (prefetched.append(shard), real_prefetch(shard))
+
+    def save_and_look(*args, **kwargs):  # which source files are mapped while an output shard is written
+        mapped_at_write.append(sorted(n[:11] for n in _mapped_shards(src)))
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(renamer_module, "save_checkpoint", save_and_look)
     copies = [PlanEntry((k,), f"new.{k}", None, 1.0, 1.0, "tensor", tuple(t.shape), tuple(t.shape))
               for tensors in shards.values() for k, t in tensors.items()]
     # Built from shards 1 and 3: written with shard 1's outputs, so shard 3 is read early and kept until its own turn.
     both = PlanEntry(("l1.b", "l3.b"), "new.both", "concat", 1.0, 1.0, "combined", (4,), (8,),
                      args={"dim": 0, "sizes": [4, 4]})
     for plan, expected in (
-        (MappingPlan(tuple(copies)), [set(), set(), set()]),
-        (MappingPlan((*copies, both)), [{"model-00003-of-00003.safetensors"}] * 2 + [set()]),
+        (MappingPlan(tuple(copies)), [["model-00001"], ["model-00002"], ["model-00003"]]),
+        (MappingPlan((*copies, both)), [["model-00001", "model-00003"], ["model-00002", "model-00003"],
+                                        ["model-00003"]]),
     ):
         renamer.rename_keys(plan)
         renamer.tensors["l1.w"]  # a read before saving opens shard 1 too
-        open_after = []
-        out = renamer.save(tmp_path / f"out{len(plan.entries)}",
-                           progress=lambda done, total, seen=open_after: seen.append(_mapped_shards(src)))
-        assert open_after == expected
+        mapped_at_write.clear()
+        out = renamer.save(tmp_path / f"out{len(plan.entries)}")
+        assert mapped_at_write == expected
+        assert _mapped_shards(src) == set()  # every source map is let go by the end
         assert prefetched == [1, 2]  # before each output shard, the next one's source shard only
         prefetched.clear()
         converted = load_checkpoint(out).tensors

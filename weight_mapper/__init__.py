@@ -16,6 +16,7 @@ from weight_mapper.errors import (
     WeightMapperError,
 )
 from weight_mapper.mapper import STRATEGIES, WeightMapper
+from weight_mapper.match import MatchOptions, match
 from weight_mapper.plan import MappingPlan, PlanEntry
 from weight_mapper.renamer import WeightRenamer
 from weight_mapper.table import TensorTable
@@ -30,6 +31,8 @@ __all__ = [
     "PlanEntry",
     "TensorTable",
     "STRATEGIES",
+    "match",
+    "MatchOptions",
     "Checkpoint",
     "load_checkpoint",
     "load_checkpoint_as_dict",

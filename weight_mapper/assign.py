@@ -679,7 +679,7 @@ def assign(
     solver: str = "optimal",
     use_context: bool = True,
     tolerance: float = 0.0,
-    incompatible_pairs: Sequence[tuple[str, str]] = (),
+    incompatible_pairs: Sequence[tuple[Sequence[str], Sequence[str]]] = (),
     max_rounds: int = MAX_ROUNDS,
     skip_src: np.ndarray | None = None,
     skip_tgt: np.ndarray | None = None,

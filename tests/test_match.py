@@ -206,3 +206,43 @@ def test_mapper_options_validate_as_before_and_follow_the_last_call():
     with pytest.raises(MappingError, match="unknown strategy"):
         mapper.suggest_mapping(strategy="fast")
     assert mapper.options.strategy == "greedy"  # a refused call changes nothing
+
+
+def test_suggest_mapping_takes_one_options_object():
+    source, target = OldModel(), NewModel()
+    by_arguments = WeightMapper(source, target, trace=False)
+    by_arguments.suggest_mapping(0.3, "greedy", {"shape": 1, "name": 1}, max_rounds=3, repair=False)
+    by_options = WeightMapper(source, target, trace=False)
+    options = MatchOptions(strategy="greedy", threshold=0.3, weights={"shape": 1, "name": 1}, max_rounds=3)
+    by_options.suggest_mapping(options=options, repair=False)
+    assert same(by_options.get_plan(), by_arguments.get_plan()) and by_options.options == by_arguments.options
+    # Its shape_tolerance and incompatible_pairs are the options'; the flow sources stay the mapper's.
+    by_options.suggest_mapping(options=dataclasses.replace(options, incompatible_pairs=[("classifier", "head")],
+                                                           flow_sources=("fx", "fx")), repair=False)
+    assert by_options.options.incompatible_pairs == ((("classifier",), ("head",)),)
+    assert by_options.options.flow_sources == ("none", "none")
+    assert not any(e.source[0].startswith("classifier") and e.target.startswith("head")
+                   for e in by_options.get_plan().entries)
+
+
+def test_suggest_mapping_refuses_options_beside_its_arguments_or_against_its_tables():
+    mapper = WeightMapper({f"module.{k}": v for k, v in OldModel().state_dict().items()}, NewModel(), trace=False)
+    with pytest.raises(MappingError, match="inside options, not beside it"):
+        mapper.suggest_mapping(0.3, options=MatchOptions())
+    with pytest.raises(MappingError, match=r"options.source_prefix is '', but the mapper's tables were built with None"):
+        mapper.suggest_mapping(options=MatchOptions(source_prefix=""))
+    with pytest.raises(MappingError, match="options must be a MatchOptions, got dict"):
+        mapper.suggest_mapping(options={"threshold": 0.3})  # type: ignore[arg-type]
+    assert mapper.plan is None
+    mapper.suggest_mapping(options=MatchOptions(), repair=False)
+    assert mapper.get_plan().source_prefix == "module."
+
+
+def test_the_cli_checks_its_matching_options_before_reading_any_file(tmp_path, capsys):
+    from weight_mapper.cli import main
+
+    missing = tmp_path / "missing.pt"
+    assert main(["map", str(missing), "cli_factories:new_net", "-o", str(tmp_path / "p.json"),
+                 "--weights", "colour=1"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown score component(s) ['colour']" in err and "missing.pt" not in err

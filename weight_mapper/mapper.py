@@ -163,6 +163,7 @@ class WeightMapper:
         max_rounds: int = MAX_ROUNDS,
         progress: Callable[[str], None] | None = None,
         repair: bool = True,
+        options: MatchOptions | None = None,
     ) -> MappingDict:
         """Match source tensors to target tensors and return ``{source_name: target_name}``.
 
@@ -187,12 +188,25 @@ class WeightMapper:
                 with ``repair=True``; the target's weights are restored afterwards). Entries'
                 ``provenance`` says ``proved`` or ``repaired``; ``mapper.verification`` keeps the
                 report and ``mapper.notes`` what was done. ``False`` keeps the matcher's plan.
+            options: Every matching option as one :class:`~weight_mapper.match.MatchOptions`
+                (the CLI builds it from its flags), instead of ``threshold``, ``strategy``,
+                ``weights`` and ``max_rounds``; its ``shape_tolerance`` and
+                ``incompatible_pairs`` replace the mapper's. Its ``source_prefix``,
+                ``infer_storage`` and ``use_flow`` shaped the mapper's tables and must be the
+                mapper's (``mapper.options``); ``flow_sources`` is always the mapper's.
 
         Raises:
-            MappingError: On an unknown strategy, a threshold outside [0, 1] or bad weights.
+            MappingError: On an unknown strategy, a threshold outside [0, 1] or bad weights;
+                on ``options`` given beside the arguments it replaces, or disagreeing with the
+                mapper's tables.
         """
-        self.options = replace(self.options, strategy=strategy, threshold=threshold, weights=weights,
-                               max_rounds=max_rounds)
+        if options is None:
+            options = replace(self.options, strategy=strategy, threshold=threshold, weights=weights,
+                              max_rounds=max_rounds)
+        else:
+            self._check_options(options, given=(threshold, strategy, weights, max_rounds))
+            options = replace(options, flow_sources=self.flow_sources)
+        self.options = options
         self.plan, self._assignment = match_prepared(self._tables, options=self.options, progress=progress)
         from weight_mapper.verify import settle_plan
 
@@ -200,6 +214,18 @@ class WeightMapper:
             self.plan, source=self.source_module, target=self.target_module, dummy_input=self.dummy_input,
             source_code=self._source_code, repair=repair, progress=progress)
         return self.get_mapping_dict()
+
+    def _check_options(self, options: MatchOptions, *, given: tuple) -> None:
+        if not isinstance(options, MatchOptions):
+            raise MappingError(f"options must be a MatchOptions, got {type(options).__name__}")
+        if given != (0.6, "best_match", None, MAX_ROUNDS):
+            raise MappingError("pass threshold, strategy, weights and max_rounds inside options, not beside it: "
+                               "suggest_mapping(options=dataclasses.replace(options, threshold=...))")
+        for name in ("source_prefix", "infer_storage", "use_flow"):
+            if getattr(options, name) != getattr(self.options, name):
+                raise MappingError(f"options.{name} is {getattr(options, name)!r}, but the mapper's tables were "
+                                   f"built with {getattr(self.options, name)!r}; build a new WeightMapper "
+                                   "(source_prefix=...) or call weight_mapper.match() on the tables")
 
     def _plan_of(self, mapping: Mapping[str, str]) -> MappingPlan:
         """The plan a (possibly edited) mapping dict stands for, against this mapper's tables."""

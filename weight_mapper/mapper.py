@@ -13,7 +13,7 @@ from torch import nn
 from weight_mapper.assign import MAX_ROUNDS
 from weight_mapper.errors import MappingError
 from weight_mapper.mapping_dict import MappingDict
-from weight_mapper.match import STRATEGIES, MatchOptions, match_prepared, prepare_tables
+from weight_mapper.match import STRATEGIES, MatchOptions, PreparedTables, match_prepared, prepare_tables
 from weight_mapper.plan import MappingPlan
 from weight_mapper.flow import auto_execution_order, record_execution_order, trace_execution_order
 from weight_mapper.table import TensorTable
@@ -88,8 +88,8 @@ class WeightMapper:
             self.source_table = self.source_table.with_module(source_model, exec_order=orders[0])
         self.target_table = _to_table(target_module, orders[1], "target")
         # The tables as matching sees them (prefix stripped, storage inferred): views and explain read them too.
-        self._tables = prepare_tables(self.source_table, self.target_table, options=options)
-        self.source_table, self.target_table, self.source_prefix = self._tables
+        self.source_table, self.target_table, self.source_prefix = prepare_tables(
+            self.source_table, self.target_table, options=options)
         self.options = replace(options, flow_sources=self.flow_sources)
         self.plan: MappingPlan | None = None
         self._source_code = source_model if source_model is not None else self.source_module  # for conventions
@@ -207,7 +207,8 @@ class WeightMapper:
             self._check_options(options, given=(threshold, strategy, weights, max_rounds))
             options = replace(options, flow_sources=self.flow_sources)
         self.options = options
-        self.plan, self._assignment = match_prepared(self._tables, options=self.options, progress=progress)
+        tables = PreparedTables(self.source_table, self.target_table, self.source_prefix)
+        self.plan, self._assignment = match_prepared(tables, options=options, progress=progress)
         from weight_mapper.verify import settle_plan
 
         self.plan, self.notes, self.verification = settle_plan(

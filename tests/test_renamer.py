@@ -165,3 +165,18 @@ def test_sharded_save_lets_go_of_each_source_shard_once_its_outputs_are_written(
         converted = load_checkpoint(out).tensors
         assert torch.equal(converted["new.l2.w"], shards["model-00002-of-00003.safetensors"]["l2.w"])
     assert torch.equal(converted["new.both"], torch.tensor([1.0] * 4 + [3.0] * 4))
+
+
+def test_sharded_torch_checkpoint_converts_and_lets_go_of_its_last_shard(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    shards = [{f"l{i}.w": torch.full((2, 3), float(i))} for i in range(3)]
+    for i, shard in enumerate(shards):
+        torch.save(shard, src / f"pytorch_model-{i + 1:05d}-of-00003.bin")
+    renamer = WeightRenamer(src)
+    renamer.rename_keys(MappingPlan(tuple(PlanEntry((f"l{i}.w",), f"new.{i}", "transpose", 1.0, 1.0, "tensor", (2, 3),
+                                                    (3, 2)) for i in range(3))))
+    out = renamer.save(tmp_path / "out")
+    assert renamer.tensors._loaded is None  # the last shard read is not kept after the save
+    converted = load_checkpoint(out).tensors
+    assert all(torch.equal(converted[f"new.{i}"], shards[i][f"l{i}.w"].T) for i in range(3))

@@ -39,7 +39,7 @@ from weight_mapper.checkpoint import (Checkpoint, detect_wrapper_prefix, load_ch
                                      write_text_atomic)
 from weight_mapper.errors import CheckpointError, ConversionError, MappingError, PlanError, WeightMapperError
 from weight_mapper.mapper import STRATEGIES, WeightMapper
-from weight_mapper.match import MatchOptions
+from weight_mapper.matching import MatchOptions
 from weight_mapper.plan import MappingPlan
 from weight_mapper.renamer import WeightRenamer
 from weight_mapper.report import report_dict

@@ -73,7 +73,7 @@ def run_demo(workdir: str | Path | None = None, *, console=None) -> bool:
 
     from weight_mapper.checkpoint import load_checkpoint
     from weight_mapper.errors import CheckpointError
-    from weight_mapper.match import MatchOptions, match
+    from weight_mapper.matching import MatchOptions, match
     from weight_mapper.renamer import WeightRenamer
     from weight_mapper.report import print_analysis
     from weight_mapper.table import TensorTable

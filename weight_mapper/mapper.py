@@ -13,7 +13,7 @@ from torch import nn
 from weight_mapper.assign import MAX_ROUNDS
 from weight_mapper.errors import MappingError
 from weight_mapper.mapping_dict import MappingDict
-from weight_mapper.match import STRATEGIES, MatchOptions, PreparedTables, match_prepared, prepare_tables
+from weight_mapper.matching import STRATEGIES, MatchOptions, PreparedTables, match_prepared, prepare_tables
 from weight_mapper.plan import MappingPlan
 from weight_mapper.flow import auto_execution_order, record_execution_order, trace_execution_order
 from weight_mapper.table import TensorTable
@@ -169,8 +169,8 @@ class WeightMapper:
 
         The dict carries its plan (``mapping.plan``): ``WeightRenamer.rename_keys(mapping)``
         applies the plan's transposes, reshapes and concatenations, as ``rename_keys(plan)`` does.
-        Matching is :func:`weight_mapper.match.match`'s core, with the options of this call and
-        of the mapper in one :class:`~weight_mapper.match.MatchOptions` (kept as ``mapper.options``);
+        Matching is :func:`weight_mapper.matching.match`'s core, with the options of this call and
+        of the mapper in one :class:`~weight_mapper.matching.MatchOptions` (kept as ``mapper.options``);
         the convention catalogue and the layer-wise proof, which need the models, follow.
 
         Args:
@@ -188,7 +188,7 @@ class WeightMapper:
                 with ``repair=True``; the target's weights are restored afterwards). Entries'
                 ``provenance`` says ``proved`` or ``repaired``; ``mapper.verification`` keeps the
                 report and ``mapper.notes`` what was done. ``False`` keeps the matcher's plan.
-            options: Every matching option as one :class:`~weight_mapper.match.MatchOptions`
+            options: Every matching option as one :class:`~weight_mapper.matching.MatchOptions`
                 (the CLI builds it from its flags), instead of ``threshold``, ``strategy``,
                 ``weights`` and ``max_rounds``; its ``shape_tolerance`` and
                 ``incompatible_pairs`` replace the mapper's. Its ``source_prefix``,

@@ -6,7 +6,7 @@ storage of untyped sides are settled first (:func:`prepare_tables`), then the 1:
 (:func:`~weight_mapper.assign.assign`), the concat / stack / split proposals
 (:func:`~weight_mapper.combine.combine`, :func:`~weight_mapper.combine.split`), the 1:1
 assignment again without the tensors those take, and the plan
-(:func:`~weight_mapper.plan.build_plan`). Every option travels in one frozen
+(:func:`~weight_mapper.planner.build_plan`). Every option travels in one frozen
 :class:`MatchOptions`, validated when it is built.
 
 :class:`~weight_mapper.mapper.WeightMapper` is a facade over this module: it builds the tables
@@ -28,7 +28,8 @@ from weight_mapper.assign import MAX_ROUNDS, Assignment, assign
 from weight_mapper.combine import combine, split
 from weight_mapper.errors import MappingError
 from weight_mapper.flow import FLOW_SOURCES
-from weight_mapper.plan import MappingPlan, build_plan
+from weight_mapper.plan import MappingPlan
+from weight_mapper.planner import build_plan
 from weight_mapper.score import validate_incompatible_pairs, validate_weights
 from weight_mapper.storage import infer_storage
 from weight_mapper.table import TensorTable

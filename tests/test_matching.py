@@ -18,7 +18,7 @@ from fixture_models import (
 )
 from weight_mapper import MappingError, MatchOptions, TensorTable, WeightMapper, match
 from weight_mapper.flow import record_execution_order
-from weight_mapper.match import STRATEGIES, prepare_tables, strip_source_prefix
+from weight_mapper.matching import STRATEGIES, prepare_tables, strip_source_prefix
 
 
 class SeparateQKV(nn.Module):

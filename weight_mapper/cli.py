@@ -362,31 +362,41 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     refuse_overwrite(args.output, [*renamer.source_files, (plan_path, "the plan")])
     model = _build_model(args.validate) if args.validate else None  # a bad factory fails before any read
     source_model = _build_model(args.source_model) if args.source_model else None
-    if args.verify:  # fail on a bad factory or input before any conversion
-        _require_no_arguments(_load_factory(args.verify), args.verify)
-        _require_no_arguments(_load_factory(args.input, "--input factory"), args.input, "--input factory")
+    verify = _verifier(args)
     console = Console()
-    show_progress = not args.json and console.is_terminal and (
-        len(renamer.tensors) >= _PROGRESS_MIN_TENSORS or renamer.n_shards > 1)
-    with _progress_bar(console if show_progress else None) as progress:
+    with _progress_bar(_progress_console(args, renamer, console)) as progress:
         try:
             result = convert_checkpoint(
                 renamer, plan, args.output, plan_path=plan_path, target_model=model, source_model=source_model,
-                strict=args.strict, weights_only=args.weights_only,
-                verify=(lambda renamer, plan: _verify(args, renamer, plan)) if args.verify else None,
-                progress=progress)
+                strict=args.strict, weights_only=args.weights_only, verify=verify, progress=progress)
         except ConversionError as e:
             if e.option == "strict":  # the converted tensors do not fit --validate's model
                 raise ConversionError(f"{e} (--strict).") from None
             raise
+    failed = args.strict and not result.verified  # --strict and the proof failed: exit 1
     if args.json:
         _print_json(result.to_dict())
-        return 0 if result.verified or not args.strict else 1
-    if result.output is None and result.verification is not None:  # --strict and the proof failed
-        console.print(Text(result.verification.message(), style="red"))
+    elif result.output is None:  # ... and nothing was written
+        console.print(Text(result.verification.message(), style="red"))  # type: ignore[union-attr]
         raise ConversionError(f"the conversion was not verified; nothing was written to {args.output} (--strict)")
-    _print_conversion(console, result, plan, model_name=type(model).__name__)
-    return 0 if result.verified or not args.strict else 1
+    else:
+        _print_conversion(console, result, plan, model_name=type(model).__name__)
+    return 1 if failed else 0
+
+
+def _progress_console(args: argparse.Namespace, renamer: WeightRenamer, console: Console) -> Console | None:
+    """The console to show apply's progress bar on: a terminal, no --json, and a big or sharded source."""
+    big = len(renamer.tensors) >= _PROGRESS_MIN_TENSORS or renamer.n_shards > 1
+    return console if big and console.is_terminal and not args.json else None
+
+
+def _verifier(args: argparse.Namespace) -> Callable[[WeightRenamer, MappingPlan], Any] | None:
+    """--verify's proof, run by the conversion before anything is written; a bad factory or input fails now."""
+    if not args.verify:
+        return None
+    _require_no_arguments(_load_factory(args.verify), args.verify)
+    _require_no_arguments(_load_factory(args.input, "--input factory"), args.input, "--input factory")
+    return lambda renamer, plan: _verify(args, renamer, plan)
 
 
 def _print_conversion(console: Console, result: ConversionResult, plan: MappingPlan, *, model_name: str) -> None:

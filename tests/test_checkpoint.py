@@ -707,3 +707,33 @@ def test_refuse_overwrite_names_what_would_be_lost(tmp_path):
     with pytest.raises(CheckpointError, match="Refusing to overwrite the source checkpoint"):
         checkpoint.refuse_overwrite(plan, [plan])
     checkpoint.refuse_overwrite(tmp_path / "other.json", [plan, (plan, "the plan")])  # another path: fine
+
+
+def test_a_new_format_is_one_source_subclass(tmp_path):
+    """Everything downstream asks the source, never its format string: an .npz reader needs nothing else."""
+    import numpy as np
+
+    from weight_mapper.checkpoint import Checkpoint, TensorSource
+    from weight_mapper.summary import summarize_checkpoint
+    from weight_mapper.table import TensorTable
+
+    class NpzSource(TensorSource):
+        ordered = False  # say its order means nothing: the table then puts rows in natural order
+
+        def __init__(self, path):
+            self._arrays = np.load(path)
+            names = list(self._arrays.files)
+            super().__init__({n: (tuple(self._arrays[n].shape), torch.float32) for n in names},
+                             dict.fromkeys(names, 0), [path], aliases={"head.weight": "embed.weight"})
+
+        def _read(self, name):
+            return torch.from_numpy(self._arrays[name])
+
+    path = tmp_path / "m.npz"
+    np.savez(path, **{"layers.10.w": np.ones(2, "f4"), "layers.2.w": np.ones(2, "f4"),
+                      "embed.weight": np.ones((3, 2), "f4"), "head.weight": np.ones((3, 2), "f4")})
+    ckpt = Checkpoint(NpzSource(path), path, "npz")
+    table = TensorTable.from_checkpoint(ckpt)
+    assert table.names == ("embed.weight", "head.weight", "layers.2.w", "layers.10.w") and not table.ordered
+    summary = summarize_checkpoint(ckpt)
+    assert (summary.format, summary.n_tied, summary.n_parameters) == ("npz", 1, 10)

@@ -141,7 +141,7 @@ def _assignment_facts(mapper: Any) -> dict[str, Any]:
 
 def run_family(family: str, size: int, strategy: str, *, profile: int = 0) -> dict[str, Any]:
     """Generate one synthetic family at ``size`` tensors and time its matching."""
-    from benchmarks.scale.families import FAMILIES
+    from benchmarks.scale.families import FAMILIES, positional_baseline
 
     t0 = time.perf_counter()
     src, tgt, truth = FAMILIES[family](size)
@@ -165,6 +165,8 @@ def run_family(family: str, size: int, strategy: str, *, profile: int = 0) -> di
         "generate_s": generate_s, "setup_s": setup_s, "suggest_s": suggest_s, "match_s": setup_s + suggest_s,
         "match_runs_s": [r[1] + r[2] for r in runs],
         **_plan_scores(plan), **_assignment_facts(mapper), **evaluate(plan, truth),
+        "fraction_positional": positional_baseline(src, tgt, truth),
+        "n_order_only": sum("order_only" in e.flags for e in plan.entries),
         "rss_before_mib": rss_before,
     }
     del runs, mapper, plan
@@ -231,7 +233,7 @@ def _summarise_not_1to1(not_1to1: Mapping[str, Any]) -> list[dict[str, Any]]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scale.case", description=__doc__.splitlines()[0])
     parser.add_argument("kind", choices=["family", "full"])
-    parser.add_argument("name", help="family (cnn, transformer, moe, ambiguous) or full-size case (deepseek_v3, ...)")
+    parser.add_argument("name", help="family (cnn, transformer, moe, ambiguous, anonymous) or full-size case (deepseek_v3, ...)")
     parser.add_argument("rest", nargs="+", help="family: SIZE STRATEGY; full: STRATEGY")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="profile the matching with cProfile and keep the top N functions")

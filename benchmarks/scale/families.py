@@ -124,9 +124,6 @@ def ambiguous_stack(n_tensors: int, dim: int = 64) -> tuple[dict, dict, dict]:
     return src, tgt, truth
 
 
-FAMILIES = {"cnn": cnn_stack, "transformer": transformer_stack, "moe": moe_stack, "ambiguous": ambiguous_stack}
-
-
 def anonymous_stack(n_tensors: int, dim: int = 64) -> tuple[dict, dict, dict]:
     """Blocks under hashed names, every tensor of one shape: nothing but order tells them apart.
 
@@ -158,4 +155,5 @@ def positional_baseline(source: dict, target: dict, truth: dict) -> float:
     return right / max(len(truth), 1)
 
 
-FAMILIES["anonymous"] = anonymous_stack
+FAMILIES = {"cnn": cnn_stack, "transformer": transformer_stack, "moe": moe_stack, "ambiguous": ambiguous_stack,
+            "anonymous": anonymous_stack}

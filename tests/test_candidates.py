@@ -136,7 +136,7 @@ def test_explain_reads_a_blocked_bucket(small_threshold):
 
 
 def test_unbalanced_blocked_bucket(small_threshold):
-    src, tgt, truth = anonymous(60)
+    src, tgt, _ = anonymous(60)
     tgt = dict(list(tgt.items())[:-16])  # two layers fewer on the target side
     mapping = WeightMapper(src, tgt).suggest_mapping(strategy="best_match")
     targets = list(mapping.values())

@@ -40,18 +40,18 @@ from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 from weight_mapper.score import NAME_WEIGHTS, Items, edit_score, lcs_score, token_score
 
 __all__ = [
-    "SPARSE_MIN_PAIRS",
     "NAME_CLASSES",
-    "WINDOW",
     "ORDER_BONUS",
-    "is_sparse",
-    "relative_positions",
-    "order_alignment",
+    "SPARSE_MIN_PAIRS",
+    "WINDOW",
+    "SparseBlock",
     "bucket_candidates",
+    "is_sparse",
+    "order_alignment",
     "order_decided",
+    "relative_positions",
     "solve_sparse",
     "sparse_margins",
-    "SparseBlock",
 ]
 
 # A bucket with more pairs than this is blocked, not scored densely. The largest bucket of the

@@ -281,7 +281,7 @@ class Level:
                     tgt.with_ranks(tgt_bucket, ~balanced[tgt_bucket]))
         src_key, tgt_key = _label_ids(src.labels, tgt.labels, offset)
         # A large bucket is scored on its blocked candidates only (weight_mapper/candidates.py).
-        is_sparse = np.array([candidates.is_sparse(len(s), len(t)) for _, s, t in buckets], dtype=bool)
+        is_sparse = np.array([len(s) * len(t) for _, s, t in buckets], dtype=np.int64) > candidates.SPARSE_MIN_PAIRS
         edges = [candidates.bucket_candidates(src, tgt, s, t, src_key, tgt_key) if big
                  else (np.repeat(s, len(t)), np.tile(t, len(s))) for big, (_, s, t) in zip(is_sparse, buckets)]
         sizes = np.array([len(a) for a, _ in edges], dtype=np.int64)

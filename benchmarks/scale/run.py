@@ -188,6 +188,10 @@ def _mib(x: float) -> str:
     return f"{x:,.0f}"
 
 
+def _num(x: float | None, digits: int) -> str:
+    return "" if x is None else f"{x:.{digits}f}"
+
+
 def _share(x: float | None) -> str:
     return "" if x is None else f"{x:.1%}"
 
@@ -198,19 +202,20 @@ def _bucket(b: Sequence[int]) -> str:
 
 def family_table(records: Sequence[dict]) -> str:
     lines = [
-        "| family | size | tensors src/tgt | strategy | setup s | suggest s | match s | peak RSS MiB | correct | zip correct | order_only | total score | largest bucket | rounds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| family | size | tensors src/tgt | strategy | setup s | suggest s | match s | match CPU s | load | peak RSS MiB | correct | zip correct | order_only | total score | largest bucket | rounds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         if r.get("kind") != "family":
             continue
         head = f"| {r['case']} | {r['size']:,} |"
         if "skipped" in r or "error" in r:
-            lines.append(f"{head} | {r['strategy']} | {r.get('skipped') or r.get('error')} | | | | | | | | | |")
+            lines.append(f"{head} | {r['strategy']} | {r.get('skipped') or r.get('error')} | | | | | | | | | | | |")
             continue
         lines.append(
             f"{head} {r['n_source']:,}/{r['n_target']:,} | {r['strategy']} | {r['setup_s']:.3f} | {r['suggest_s']:.2f} "
-            f"| {r['match_s']:.2f} | {_mib(r['peak_rss_mib'])} | {r['fraction_correct']:.1%} "
+            f"| {r['match_s']:.2f} | {_num(r.get('match_cpu_s'), 2)} | {_num(r.get('load_average_1min'), 1)} "
+            f"| {_mib(r['peak_rss_mib'])} | {r['fraction_correct']:.1%} "
             f"| {_share(r.get('fraction_positional'))} | {r.get('n_order_only', '')} | {r['total_score']:,.2f} "
             f"| {_bucket(r['largest_bucket'])} | {r['rounds'][0]}+{r['rounds'][1]}{'' if r['converged'] else ' (not converged)'} |"
         )
@@ -281,7 +286,10 @@ def render(report: dict) -> str:
         f"Command: `{m['command']}`",
         "",
         "Synthetic families (`match s` = `WeightMapper(src, tgt)` + `suggest_mapping`, fastest of up to 3 runs"
-        " within 5 s, after a warm-up on 100 tensors; peak RSS of the whole process, python + torch included):",
+        " within 5 s, after a warm-up on 100 tensors; `match CPU s` the CPU seconds of that run and `load` the"
+        " 1-minute load average after it (on a shared machine the wall time also counts other processes);"
+        " `zip correct` what zipping the two key lists in definition order gets right; `order_only` entries"
+        " flagged so; peak RSS of the whole process, python + torch included):",
         "",
         family_table(recs),
         "",

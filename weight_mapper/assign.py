@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from weight_mapper import candidates
 from weight_mapper.score import (
     Items,
     context_score,
@@ -243,7 +244,9 @@ class Level:
 
     Bucket ``k`` pairs ``bucket_src[k]`` with ``bucket_tgt[k]``; its edges are
     ``offsets[k]:offsets[k + 1]`` of ``si``/``ti``, row-major, so they reshape to the bucket's
-    dense ``[n_src, n_tgt]`` matrix.
+    dense ``[n_src, n_tgt]`` matrix; except in a large bucket (``sparse[k]``), whose edges are
+    only the candidates :func:`weight_mapper.candidates.bucket_candidates` proposes (sorted
+    row-major). ``by_order`` marks the edges the order alignment decides there.
     """
 
     src: Items
@@ -258,6 +261,8 @@ class Level:
     allowed: np.ndarray
     tie: np.ndarray
     pinned: np.ndarray | None = None
+    sparse: np.ndarray | None = None
+    by_order: np.ndarray | None = None
 
     @classmethod
     def build(cls, src: Items, tgt: Items, buckets, *, weights, tolerance, incompatible_pairs,
@@ -274,27 +279,57 @@ class Level:
         balanced = np.array([len(s) == len(t) for _, s, t in buckets] + [True], dtype=bool)
         src, tgt = (src.with_ranks(src_bucket, ~balanced[src_bucket]),
                     tgt.with_ranks(tgt_bucket, ~balanced[tgt_bucket]))
-        sizes = np.array([len(s) * len(t) for _, s, t in buckets], dtype=np.int64)
+        src_key, tgt_key = _label_ids(src.labels, tgt.labels, offset)
+        # A large bucket is scored on its blocked candidates only (weight_mapper/candidates.py).
+        is_sparse = np.array([len(s) * len(t) for _, s, t in buckets], dtype=np.int64) > candidates.SPARSE_MIN_PAIRS
+        edges = [candidates.bucket_candidates(src, tgt, s, t, src_key, tgt_key) if big
+                 else (np.repeat(s, len(t)), np.tile(t, len(s))) for big, (_, s, t) in zip(is_sparse, buckets)]
+        sizes = np.array([len(a) for a, _ in edges], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         empty = np.zeros(0, dtype=np.int64)
-        si = np.concatenate([np.repeat(s, len(t)) for _, s, t in buckets]) if buckets else empty
-        ti = np.concatenate([np.tile(t, len(s)) for _, s, t in buckets]) if buckets else empty
+        si = np.concatenate([a for a, _ in edges]).astype(np.int64) if buckets else empty
+        ti = np.concatenate([b for _, b in edges]).astype(np.int64) if buckets else empty
+        del edges
         scores = score_edges(src, tgt, si, ti, weights=weights, tolerance=tolerance)
         allowed = (scores["shape"] > 0) & ~forbidden(src, tgt, si, ti, incompatible_pairs)
         # Exact ties go to the pair closest in relative order within the bucket (deterministic).
         tie = _TIE_EPS * np.nan_to_num(1.0 - np.abs(src.order_rank[si] - tgt.order_rank[ti]), nan=0.5)
-        src_key, tgt_key = _label_ids(src.labels, tgt.labels, offset)
         pinned = allowed & (src_key[si] == tgt_key[ti])
         allowed = _pin(allowed, pinned, si, ti, len(src), len(tgt))
+        by_order = None
+        if is_sparse.any():  # where names say nothing, the order alignment decides
+            by_order = np.zeros(len(si), dtype=bool)
+            for k in np.flatnonzero(is_sparse):
+                e = slice(offsets[k], offsets[k + 1])
+                _, s, t = buckets[k]
+                by_order[e] = candidates.order_decided(
+                    src, tgt, s, t, si[e], ti[e], {c: v[e] for c, v in scores.items()}, allowed[e] & ~pinned[e])
+            tie = np.where(by_order, candidates.ORDER_BONUS, tie)
         return cls(src, tgt, [k for k, _, _ in buckets], [s for _, s, _ in buckets], [t for _, _, t in buckets],
-                   offsets, si, ti, scores, allowed, tie, pinned)
+                   offsets, si, ti, scores, allowed, tie, pinned, is_sparse, by_order)
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def block(self, values: np.ndarray, k: int) -> np.ndarray:
-        """Bucket ``k``'s slice of a per-edge array, as its dense matrix."""
-        return values[self.offsets[k]:self.offsets[k + 1]].reshape(len(self.bucket_src[k]), len(self.bucket_tgt[k]))
+        """Bucket ``k``'s slice of a per-edge array, as its dense matrix (a blocked bucket's as a
+        :class:`~weight_mapper.candidates.SparseBlock`, read row by row)."""
+        part = values[self.offsets[k]:self.offsets[k + 1]]
+        shape = (len(self.bucket_src[k]), len(self.bucket_tgt[k]))
+        if self.sparse is not None and self.sparse[k]:
+            rows, cols = self.local_edges(k)
+            return candidates.SparseBlock(part, rows, cols, shape)
+        return part.reshape(shape)
+
+    def local_edges(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Bucket ``k``'s edges as (row, column) positions in its ``bucket_src``/``bucket_tgt``."""
+        e = slice(self.offsets[k], self.offsets[k + 1])
+        s, t = self.bucket_src[k], self.bucket_tgt[k]
+        src_local = np.zeros(len(self.src), np.int64)
+        src_local[s] = np.arange(len(s))
+        tgt_local = np.zeros(len(self.tgt), np.int64)
+        tgt_local[t] = np.arange(len(t))
+        return src_local[self.si[e]], tgt_local[self.ti[e]]
 
     def locate(self, item: int) -> tuple[int, int] | None:
         """``(bucket, row)`` of source candidate ``item``, or None if it was in no bucket."""
@@ -500,6 +535,14 @@ def _solve_buckets(level: Level, weight: np.ndarray, margin_weight: np.ndarray, 
     margins.append(margin)
     one_by_one = np.flatnonzero(~((n_src == 1) & (n_tgt == 1)) & ~((n_src == 2) & (n_tgt == 2)))
     for k in np.concatenate([one_by_one, two[deferred]]).astype(np.int64):
+        if level.sparse is not None and level.sparse[k]:  # a blocked bucket: its candidates only
+            rows, cols = level.local_edges(k)
+            e = slice(level.offsets[k], level.offsets[k + 1])
+            kind = "optimal" if solve is solve_optimal else "greedy"
+            picked = candidates.solve_sparse(rows, cols, weight[e], n_src[k], n_tgt[k], kind)
+            chosen.append(level.offsets[k] + picked)
+            margins.append(candidates.sparse_margins(rows, cols, margin_weight[e], picked, n_src[k], n_tgt[k]))
+            continue
         w = level.block(weight, k)
         rows, cols = solve(w)
         if len(rows):
@@ -602,6 +645,8 @@ def _edge_flags(level: Level, edges: np.ndarray, allowed: np.ndarray, pinned: np
     free = ~pinned[edges]
     flow = "exec" in level.scores and not np.isnan(level.scores["exec"][edges]).any()
     order_only = free & (np.abs(alt - chosen) <= 1e-9) & (not flow)
+    if level.by_order is not None:  # the order alignment decided it (names said nothing)
+        order_only |= free & level.by_order[edges]
     # An alternative that went to a pair whose name fits at least as well explains itself.
     row_open = (row_alt > chosen + _NAME_DISAGREES) & (tgt_got[level.ti[np.maximum(row_edge, 0)]] < row_alt - 1e-9)
     col_open = (col_alt > chosen + _NAME_DISAGREES) & (src_got[level.si[np.maximum(col_edge, 0)]] < col_alt - 1e-9)

@@ -483,9 +483,10 @@ def relate(source_shape: Sequence[int], target_shape: Sequence[int], source_type
         args = relation(s, t)
         if args is None:
             continue
+        found: str | None = name
         if flipped:
-            name, args = TRANSFORMS[name].through_transpose, {}
-        return Relation(None if name in (None, "identity") else name, args, score)
+            found, args = TRANSFORMS[name].through_transpose, {}
+        return Relation(None if found in (None, "identity") else found, args, score)
     return None
 
 

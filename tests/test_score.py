@@ -122,3 +122,68 @@ def test_edges_score_only_the_pairs_asked_for():
 def test_validate_weights_defaults_and_scaling():
     assert validate_weights(None) == {"shape": 0.5, "name": 0.3, "hierarchy": 0.2}
     assert validate_weights({"name": 2.0}) == {"shape": 0.0, "name": 1.0, "hierarchy": 0.0}
+
+
+def _reference_shape_score(src: Items, tgt: Items, si, ti, *, tolerance: float = 0.0) -> np.ndarray:
+    """The vectorised shape rules as score.py wrote them before the transform registry owned
+    them (an independent computation: the registry must give exactly these scores)."""
+    def padded(shapes, width):
+        out = np.full((len(shapes), width), -1, dtype=np.int64)
+        for i, s in enumerate(shapes):
+            out[i, :len(s)] = s
+        return out
+
+    def squeeze(m):
+        keep = (m != 1) & (m >= 0)
+        order = np.argsort(~keep, axis=1, kind="stable")
+        return np.take_along_axis(np.where(keep, m, -1), order, axis=1)
+
+    width = max(max((len(s) for s in (*src.shapes, *tgt.shapes)), default=0), 2)
+    a, b = padded(src.shapes, width)[si], padded(tgt.shapes, width)[ti]
+    pairs = {("Conv1D", "Linear"), ("Linear", "Conv1D")} | {
+        p for t in ("Linear", "NonDynamicallyQuantizableLinear") for p in (("[in, out]", t), (t, "[in, out]"))}
+    types = np.array([(src.module_types[i], tgt.module_types[j]) in pairs if src.module_types and tgt.module_types
+                      else False for i, j in zip(si, ti)], dtype=bool)
+    flip = types & ((a >= 0).sum(1) == 2)
+    a = a.copy()
+    a[flip, 0], a[flip, 1] = a[flip, 1], a[flip, 0].copy()
+    exact = (a == b).all(-1)
+    nd_a, nd_b = (a >= 0).sum(1), (b >= 0).sum(1)
+    transposed = (nd_a == 2) & (nd_b == 2) & (a[:, 0] == b[:, 1]) & (a[:, 1] == b[:, 0]) & ~exact
+    out = np.where(exact, 1.0, np.where(transposed, 0.7, 0.0))
+    out = np.where((out == 0) & (squeeze(a) == squeeze(b)).all(-1), 0.6, out)
+    numel_a, numel_b = np.where(a >= 0, a, 1).prod(1), np.where(b >= 0, b, 1).prod(1)
+    flat = (out == 0) & (nd_a != nd_b) & (np.minimum(nd_a, nd_b) >= 2) & (a[:, 0] == b[:, 0]) & (numel_a == numel_b)
+    out = np.where(flat, 0.55, out)
+    if tolerance > 0:
+        fa, fb = a.astype(float), b.astype(float)
+        rel = np.abs(fa - fb) / np.maximum(np.maximum(fa, fb), 1.0)
+        out = np.where((nd_a == nd_b) & (rel <= tolerance).all(-1) & (out == 0), 0.5, out)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_shape_score_asks_the_transform_registry_once_per_distinct_pair_and_agrees_with_the_reference(seed):
+    from dataclasses import replace
+
+    rng = np.random.default_rng(seed)
+    dims = [1, 2, 3, 4, 6, 8, 12, 24]
+
+    def random_items(n, fixed):  # fixed: one pair per rule, so that every rule is exercised
+        shapes = {f"m{i}.w": tuple(int(d) for d in rng.choice(dims, size=rng.integers(0, 5))) for i in range(n)}
+        shapes.update({f"f{i}.w": s for i, s in enumerate(fixed)})
+        types = tuple(str(rng.choice(["", "Linear", "Conv1D", "[in, out]", "Conv2d"])) if k[0] == "m" else ""
+                      for k in shapes)
+        return replace(items(shapes), module_types=types) if seed % 3 else items(shapes)
+
+    src = random_items(40, [(16, 72), (8, 1, 1), (3, 5), (4, 4)])
+    tgt = random_items(50, [(16, 8, 3, 3), (8,), (5, 3), (4, 4)])
+    si, ti = all_pairs(len(src), len(tgt))
+    for tolerance in (0.0, 0.3):
+        expected = _reference_shape_score(src, tgt, si, ti, tolerance=tolerance)
+        assert shape_score(src, tgt, si, ti, tolerance=tolerance).tolist() == expected.tolist()
+        assert {0.0, 0.55, 0.6, 0.7, 1.0} <= set(expected.tolist())  # every rule is exercised
+    assert 0.5 in expected  # near, at tolerance 0.3
+    sub = rng.choice(len(si), size=300)  # a sparse set of edges scores like the dense one
+    assert shape_score(src, tgt, si[sub], ti[sub]).tolist() == _reference_shape_score(src, tgt, si[sub], ti[sub]).tolist()
+    assert shape_score(src, tgt, si[:0], ti[:0]).shape == (0,)

@@ -22,6 +22,17 @@ from scipy import sparse
 from weight_mapper.errors import MappingError
 from weight_mapper.names import name_indices, name_skeleton, name_tokens, pad_indices, semantic_chunks
 from weight_mapper.table import TensorTable
+from weight_mapper.transforms import (  # noqa: F401  (re-exported)
+    FLATTEN_SCORE,
+    INFERRED_IN_OUT,
+    LINEAR_TYPES,
+    RESHAPE_SCORE,
+    TRANSPOSED_SCORE,
+    TRANSPOSED_TYPES,
+    compared_shape,
+    relate,
+    stored_transposed,
+)
 from weight_mapper.tree import GroupTable, ModuleTree
 
 __all__ = [
@@ -68,24 +79,8 @@ HIERARCHY_WEIGHTS_EXEC: dict[str, float] = {"depth": 0.15, "sibling": 0.15, "ord
 # Context only adds evidence: a parent mapped elsewhere (a regrouping refactor) or not yet
 # mapped counts as the base score itself, so context never pushes a match under threshold.
 CONTEXT_WEIGHT = 0.2
-TRANSPOSED_SCORE = 0.7  # shape score of a 2-D tensor whose target has the reversed shape
-# Module types that store a 2-D weight as [in, out] where the other stores [out, in]: for such
-# a pair the source shape is compared transposed, and the plan transposes the weight even when
-# it is square (the shapes alone cannot tell).
-# INFERRED_IN_OUT is not a class: it marks the modules of a state dict (no types) whose 2-D
-# weights its non-square ones show stored [in, out] against the other side's nn.Linear layers
-# (:func:`weight_mapper.storage.infer_storage`).
-INFERRED_IN_OUT = "[in, out]"
-LINEAR_TYPES = ("Linear", "NonDynamicallyQuantizableLinear")
-TRANSPOSED_TYPES: frozenset[tuple[str, str]] = frozenset(
-    {("Conv1D", "Linear"), ("Linear", "Conv1D")}
-    | {pair for t in LINEAR_TYPES for pair in ((INFERRED_IN_OUT, t), (t, INFERRED_IN_OUT))}
-)
-RESHAPE_SCORE = 0.6  # shape score of equal shapes up to size-1 dims ([C, 1, 1] vs [C])
-# Shape score of a flattened weight: the same first dim and size, other trailing dims. A
-# Linear over a flattened [C, H, W] feature map is a conv with an H x W kernel (torchvision's
-# VGG classifier [4096, 25088] vs timm's ConvMlp [4096, 512, 7, 7]).
-FLATTEN_SCORE = 0.55
+# Shape scores of 1:1 relations, and the module-type storage conventions they read, belong to
+# the transform registry (weight_mapper.transforms); they are re-exported here.
 NEAR_SCORE = 0.5  # shape score of a near shape accepted by shape_tolerance
 UNKNOWN_CONTEXT = 0.5  # context of a candidate whose parent has no mapped counterpart yet
 CONTEXT_LEVELS = 2  # parent and grandparent
@@ -160,8 +155,14 @@ class Items:
 
     # Derived columns for vectorised scoring, computed once per side.
     @cached_property
-    def shape_matrix(self) -> np.ndarray:
-        return _shape_matrix(self.shapes or [])
+    def shape_ids(self) -> tuple[np.ndarray, list[tuple[int, ...]]]:
+        """Each candidate's index into the list of distinct shapes, and that list."""
+        return _ids(self.shapes or ())
+
+    @cached_property
+    def type_ids(self) -> tuple[np.ndarray, list[str]]:
+        """Each candidate's index into the list of distinct module types, and that list."""
+        return _ids(self.module_types)
 
     @cached_property
     def containers(self) -> np.ndarray:
@@ -246,6 +247,13 @@ class Items:
         )
 
 
+def _ids(values: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
+    """Each value's index into the list of distinct values (first-seen order), and that list."""
+    index: dict[Any, int] = {}
+    ids = np.fromiter((index.setdefault(v, len(index)) for v in values), dtype=np.int64, count=len(values))
+    return ids, list(index)
+
+
 def _if_ordered(table: TensorTable, positions: np.ndarray) -> np.ndarray:
     """Positions derived from row order, or NaN where row order is not definition order."""
     return positions if table.ordered else np.full(len(positions), np.nan)
@@ -304,61 +312,61 @@ def _unique_pair_ids(a_keys: np.ndarray, b_keys: np.ndarray, si: np.ndarray, ti:
 def shape_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray, *, tolerance: float = 0.0) -> np.ndarray:
     """1.0 equal, 0.7 transposed 2-D, 0.6 equal but for size-1 dims, 0.55 flattened, 0.5 near, else 0.
 
-    A near shape has the same number of dimensions and every dimension within ``tolerance``
-    (relative). Groups (``shapes is None``) are bucketed by signature, so they score 1.
+    The transform registry owns these rules (:func:`weight_mapper.transforms.relate`); it is
+    asked once per distinct (source shape, target shape, stored-transposed) triple among the
+    edges, and the answers are spread to the edges. A near shape, which no transform relates,
+    has the same number of dimensions and every dimension within ``tolerance`` (relative).
+    Groups (``shapes is None``) are bucketed by signature, so they score 1.
     """
     if src.shapes is None or tgt.shapes is None:
         return np.ones(len(si))
-    width = max(src.shape_matrix.shape[1], tgt.shape_matrix.shape[1], 2)
-    a = _pad_cols(src.shape_matrix, width)[si]
-    b = _pad_cols(tgt.shape_matrix, width)[ti]
-    flip = _transposed_types(src, tgt, si, ti) & ((a >= 0).sum(1) == 2)
-    if flip.any():  # compare [in, out] storage as the [out, in] it stands for
-        a = a.copy()
-        a[flip, 0], a[flip, 1] = a[flip, 1], a[flip, 0].copy()
-    exact = (a == b).all(-1)
-    nd_a, nd_b = (a >= 0).sum(1), (b >= 0).sum(1)
-    transposed = (nd_a == 2) & (nd_b == 2) & (a[:, 0] == b[:, 1]) & (a[:, 1] == b[:, 0]) & ~exact
-    out = np.where(exact, 1.0, np.where(transposed, TRANSPOSED_SCORE, 0.0))
-    squeezed = (out == 0) & (_squeeze_rows(a) == _squeeze_rows(b)).all(-1)
-    out = np.where(squeezed, RESHAPE_SCORE, out)
-    numel_a, numel_b = np.where(a >= 0, a, 1).prod(1), np.where(b >= 0, b, 1).prod(1)
-    flattened = (out == 0) & (nd_a != nd_b) & (np.minimum(nd_a, nd_b) >= 2) & (a[:, 0] == b[:, 0]) & (numel_a == numel_b)
-    out = np.where(flattened, FLATTEN_SCORE, out)
-    if tolerance > 0:
-        fa, fb = a.astype(float), b.astype(float)
-        rel = np.abs(fa - fb) / np.maximum(np.maximum(fa, fb), 1.0)
-        near = (nd_a == nd_b) & (rel <= tolerance).all(-1) & (out == 0)
-        out = np.where(near, NEAR_SCORE, out)
-    return out
+    s_ids, s_shapes = src.shape_ids
+    t_ids, t_shapes = tgt.shape_ids
+    n_t = max(len(t_shapes), 1)
+    code = (s_ids[si] * n_t + t_ids[ti]) * 2 + _transposed_types(src, tgt, si, ti)
+    keys, inverse = _distinct(code, 2 * len(s_shapes) * n_t)
+    values = np.array([_pair_score(s_shapes[k // 2 // n_t], t_shapes[k // 2 % n_t], bool(k % 2), tolerance)
+                       for k in keys.tolist()], dtype=float)
+    return values[inverse] if len(keys) else np.zeros(len(si))
+
+
+def _pair_score(s_shape: tuple[int, ...], t_shape: tuple[int, ...], transposed_types: bool, tolerance: float) -> float:
+    """The shape score of one distinct pair: its transform relation's, else near, else 0."""
+    relation = relate(s_shape, t_shape, transposed_types=transposed_types)
+    if relation is not None:
+        return relation.score
+    a = compared_shape(s_shape, transposed_types)
+    if tolerance > 0 and len(a) == len(t_shape) and all(
+            abs(x - y) / max(x, y, 1.0) <= tolerance for x, y in zip(a, t_shape)):
+        return NEAR_SCORE
+    return 0.0
+
+
+def _distinct(code: np.ndarray, n_codes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of ``code`` (in ``[0, n_codes)``) and each element's index among them.
+
+    A dense lookup table when the code space is small against the edges (no sort), else
+    ``np.unique``.
+    """
+    if n_codes <= 4 * len(code) + (1 << 16):
+        present = np.zeros(n_codes, dtype=bool)
+        present[code] = True
+        keys = np.flatnonzero(present)
+        lookup = np.zeros(n_codes, dtype=np.int64)
+        lookup[keys] = np.arange(len(keys))
+        return keys, lookup[code]
+    keys, inverse = np.unique(code, return_inverse=True)
+    return keys, inverse.reshape(-1)
 
 
 def _transposed_types(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray) -> np.ndarray:
     """Per edge: do the owning module types store 2-D weights transposed from each other?"""
     if not src.module_types or not tgt.module_types:
-        return np.zeros(len(si), dtype=bool)
-    a = np.array(src.module_types, dtype=object)[si]
-    b = np.array(tgt.module_types, dtype=object)[ti]
-    out = np.zeros(len(si), dtype=bool)
-    for s_type, t_type in TRANSPOSED_TYPES:
-        out |= (a == s_type) & (b == t_type)
-    return out
-
-
-def _squeeze_rows(m: np.ndarray) -> np.ndarray:
-    """Each padded shape row with its size-1 dims removed (still padded with -1)."""
-    keep = (m != 1) & (m >= 0)
-    order = np.argsort(~keep, axis=1, kind="stable")  # kept dims first, in order
-    out = np.take_along_axis(np.where(keep, m, -1), order, axis=1)
-    return out
-
-
-def _shape_matrix(shapes: Sequence[tuple[int, ...]]) -> np.ndarray:
-    width = max((len(s) for s in shapes), default=0)
-    out = np.full((len(shapes), max(width, 1)), -1, dtype=np.int64)
-    for i, s in enumerate(shapes):
-        out[i, : len(s)] = s
-    return out
+        return np.zeros(len(si), dtype=np.int64)
+    s_ids, s_types = src.type_ids
+    t_ids, t_types = tgt.type_ids
+    table = np.array([[stored_transposed(a, b) for b in t_types] for a in s_types], dtype=np.int64)
+    return table[s_ids[si], t_ids[ti]]
 
 
 def _pad_cols(m: np.ndarray, width: int) -> np.ndarray:

@@ -3,7 +3,13 @@
 The pipeline, one module per stage: ``checkpoint`` -> ``table`` -> ``tree`` -> ``score`` ->
 ``assign`` -> ``plan`` -> ``apply`` -> ``report``. ``WeightMapper`` and ``WeightRenamer`` are
 thin facades over it.
+
+The matcher (``WeightMapper``, ``STRATEGIES``) is imported on first use (PEP 562), so that a
+program which only applies or inverts a plan (``weight_mapper.apply``, ``renamer``,
+``transforms``) loads none of scipy, rapidfuzz, networkx or rich.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from weight_mapper.apply import ValidationReport, apply_plan, validate_state_dict
 from weight_mapper.checkpoint import Checkpoint, load_checkpoint, load_checkpoint_as_dict, save_checkpoint
@@ -15,13 +21,18 @@ from weight_mapper.errors import (
     UnsafeCheckpointError,
     WeightMapperError,
 )
-from weight_mapper.mapper import STRATEGIES, WeightMapper
 from weight_mapper.plan import MappingPlan, PlanEntry
 from weight_mapper.renamer import WeightRenamer
 from weight_mapper.table import TensorTable
 from weight_mapper.training_state import TrainingStateReport, convert_training_state
 
+if TYPE_CHECKING:
+    from weight_mapper.mapper import STRATEGIES, WeightMapper
+
 __version__ = "0.1.0"
+
+# Public names whose modules load the matcher: resolved lazily by ``__getattr__``.
+_LAZY = {"WeightMapper": "weight_mapper.mapper", "STRATEGIES": "weight_mapper.mapper"}
 
 __all__ = [
     "WeightMapper",
@@ -47,3 +58,18 @@ __all__ = [
     "ConversionError",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'weight_mapper' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -30,6 +30,7 @@ from weight_mapper.score import (
     score_edges,
     with_context,
 )
+from weight_mapper.plan import AMBIGUITY_MARGIN  # re-exported: the plan owns it, the matcher reads it
 from weight_mapper.table import TensorTable
 from weight_mapper.tree import GroupTable, ModuleTree
 
@@ -45,7 +46,6 @@ __all__ = [
 ]
 
 _UNMATCHED = -1
-AMBIGUITY_MARGIN = 0.02  # a match whose runner-up is closer than this is ambiguous
 MAX_ROUNDS = 10  # bound on hierarchy-context rounds
 _TIE_EPS = 1e-7  # breaks exact ties by relative order, never outweighs a real difference
 _NAME_DISAGREES = 0.05  # an alternative whose name score is this much better flags the match

@@ -16,7 +16,8 @@ from weight_mapper.combine import combine, split
 from weight_mapper.storage import infer_storage
 from weight_mapper.errors import MappingError
 from weight_mapper.mapping_dict import MappingDict
-from weight_mapper.plan import MappingPlan, build_plan
+from weight_mapper.plan import MappingPlan
+from weight_mapper.planner import build_plan
 from weight_mapper.score import validate_incompatible_pairs, validate_weights
 from weight_mapper.flow import auto_execution_order, record_execution_order, trace_execution_order
 from weight_mapper.table import TensorTable

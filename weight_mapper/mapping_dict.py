@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from weight_mapper.errors import PlanError
-from weight_mapper.plan import MappingPlan, PlanEntry, transform_for
+from weight_mapper.plan import MappingPlan, PlanEntry
+from weight_mapper.planner import transform_for
 
 __all__ = ["MappingDict", "plan_from_mapping"]
 

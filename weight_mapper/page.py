@@ -26,8 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from weight_mapper.assign import AMBIGUITY_MARGIN
-from weight_mapper.plan import FLAG_DESCRIPTIONS, MappingPlan
+from weight_mapper.plan import AMBIGUITY_MARGIN, FLAG_DESCRIPTIONS, MappingPlan
 from weight_mapper.report import RISK_TIERS, risk_key, risk_tier
 from weight_mapper.score import (
     BASE_COMPONENTS,

@@ -28,8 +28,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from weight_mapper.assign import AMBIGUITY_MARGIN
-from weight_mapper.plan import MappingPlan, PlanEntry
+from weight_mapper.plan import AMBIGUITY_MARGIN, MappingPlan, PlanEntry
 from weight_mapper.report import flags_legend, plain, review_marks, risk_key, risk_tier, score_style
 from weight_mapper.score import BASE_COMPONENTS, CONTEXT, CONTEXT_WEIGHT, KEY2COMPONENT, SUB_SCORE_LABELS
 from weight_mapper.table import TensorTable

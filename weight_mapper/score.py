@@ -68,6 +68,7 @@ __all__ = [
 
 # The score components, their default weights, sub-scores and labels: :data:`SCORE_COMPONENTS`
 # (with the scorers, below). DEFAULT_WEIGHTS, NAME_WEIGHTS and HIERARCHY_WEIGHTS(_EXEC) are read off it.
+
 # Share of the hierarchy context in the score from the second round on (80 % base + 20 %).
 # Context only adds evidence: a parent mapped elsewhere (a regrouping refactor) or not yet
 # mapped counts as the base score itself, so context never pushes a match under threshold.
@@ -636,6 +637,9 @@ def mean_of_known(scores: Mapping[str, np.ndarray], shares: Mapping[str, float],
 
 def share_weighted_sum(scores: Mapping[str, np.ndarray], shares: Mapping[str, float], n: int) -> np.ndarray:
     """The sub-scores weighted by their shares, rescaled to sum to 1 (every edge has every sub-score).
+
+    Not :func:`mean_of_known` with no NaN: the two round differently, and each component keeps
+    the arithmetic its scores were tuned with.
 
     >>> share_weighted_sum({"a": np.array([1.0]), "b": np.array([0.0])}, {"a": 0.3, "b": 0.1}, 1).round(3).tolist()
     [0.75]

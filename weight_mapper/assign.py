@@ -683,7 +683,7 @@ def assign(
     solver: str = "optimal",
     use_context: bool = True,
     tolerance: float = 0.0,
-    incompatible_pairs: Sequence[tuple[str, str]] = (),
+    incompatible_pairs: Sequence[tuple[Sequence[str], Sequence[str]]] = (),
     max_rounds: int = MAX_ROUNDS,
     skip_src: np.ndarray | None = None,
     skip_tgt: np.ndarray | None = None,
@@ -717,16 +717,19 @@ def assign(
     src_groups = GroupTable.from_table(src_table, src_tree, skip=skip_src)
     tgt_groups = GroupTable.from_table(tgt_table, tgt_tree, skip=skip_tgt)
     g_src, g_tgt = Items.of_groups(src_table, src_tree, src_groups), Items.of_groups(tgt_table, tgt_tree, tgt_groups)
-    options = dict(weights=weights, tolerance=tolerance, incompatible_pairs=incompatible_pairs,
-                   offset=name_offset(src_table.names, tgt_table.names))
+    offset = name_offset(src_table.names, tgt_table.names)
+
+    def solve_level(src: Items, tgt: Items, buckets, *, name: str, prior_votes=None):
+        level = Level.build(src, tgt, buckets, weights=weights, tolerance=tolerance,
+                            incompatible_pairs=incompatible_pairs, offset=offset)
+        # Every admissible pair competes (threshold 0); the threshold then filters the final scores,
+        # the ones shown, so that a pair's score never depends on it (issue 13).
+        return _solve_level(level, solver=solver, threshold=0.0, use_context=use_context, max_rounds=max_rounds,
+                            n_src_modules=len(src_tree), prior_votes=prior_votes, progress=progress, name=name)
+
     group_buckets = split_by_indices(_buckets_by_key(src_groups.signatures, tgt_groups.signatures), g_src, g_tgt)
-    # Every admissible pair competes (threshold 0); the threshold then filters the final scores,
-    # the ones shown, so that a pair's score never depends on it (issue 13).
-    level_options = dict(solver=solver, threshold=0.0, use_context=use_context, max_rounds=max_rounds,
-                         n_src_modules=len(src_tree))
     _report(progress, f"module groups: scoring {len(group_buckets)} buckets")
-    groups, votes = _solve_level(Level.build(g_src, g_tgt, group_buckets, **options), **level_options,
-                                 progress=progress, name="module groups")
+    groups, votes = solve_level(g_src, g_tgt, group_buckets, name="module groups")
 
     # Expand matched groups into member tensor pairs: equal signatures align sorted members.
     # A group scoring under the threshold is left out whole (its tensors are not split up).
@@ -753,8 +756,7 @@ def assign(
         [_tensor_bucket_key(tgt_table.shapes[r], tolerance) for r in left_tgt],
     ), t_src, t_tgt)
     _report(progress, f"single tensors: scoring {len(tensor_buckets)} buckets")
-    tensors, _ = _solve_level(Level.build(t_src, t_tgt, tensor_buckets, **options), prior_votes=votes, **level_options,
-                              progress=progress, name="single tensors")
+    tensors, _ = solve_level(t_src, t_tgt, tensor_buckets, prior_votes=votes, name="single tensors")
     tensors = _above(tensors, threshold)
 
     n_group, n_tensor = len(g_src_rows), len(tensors.src)

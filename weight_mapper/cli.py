@@ -39,6 +39,7 @@ from weight_mapper.checkpoint import (Checkpoint, detect_wrapper_prefix, load_ch
                                      write_text_atomic)
 from weight_mapper.errors import CheckpointError, ConversionError, MappingError, PlanError, WeightMapperError
 from weight_mapper.mapper import STRATEGIES, WeightMapper
+from weight_mapper.matching import MatchOptions
 from weight_mapper.plan import MappingPlan
 from weight_mapper.renamer import WeightRenamer
 from weight_mapper.report import report_dict
@@ -243,6 +244,8 @@ def _preview(value: Any) -> str:
 
 
 def _cmd_map(args: argparse.Namespace) -> int:
+    # Every matching option in one object, checked before any file is read (a bad --weights name fails here).
+    options = MatchOptions(strategy=args.strategy, threshold=args.threshold, weights=args.weights)
     source = load_checkpoint(args.source, key=args.key, trust_pickle=args.trust_pickle)
     # As WeightMapper.from_checkpoint does, but the checkpoint is read once and its files are
     # known, so that the plan can never be written over them.
@@ -259,11 +262,10 @@ def _cmd_map(args: argparse.Namespace) -> int:
                                   "create it first")
     status_console = Console(stderr=True)
     if args.json or not status_console.is_terminal:
-        mapper.suggest_mapping(threshold=args.threshold, strategy=args.strategy, weights=args.weights)
+        mapper.suggest_mapping(options=options)
     else:  # a status line while matching: a 100,000-tensor model takes seconds
         with status_console.status("matching") as status:
-            mapper.suggest_mapping(threshold=args.threshold, strategy=args.strategy, weights=args.weights,
-                                   progress=lambda message: status.update(f"matching: {message}"))
+            mapper.suggest_mapping(options=options, progress=lambda message: status.update(f"matching: {message}"))
     plan = mapper.get_plan()
     inputs = [(p, "the source checkpoint") for p in (*source.files, *target_files)]
     # Every output is built under a temporary name and published only once all of them are built.

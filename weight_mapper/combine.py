@@ -272,7 +272,7 @@ def combine(
     *,
     weights: Mapping[str, float],
     threshold: float,
-    incompatible_pairs: Sequence[tuple[str, str]] = (),
+    incompatible_pairs: Sequence[tuple[Sequence[str], Sequence[str]]] = (),
 ) -> list[Combination]:
     """Propose concat / stack matches for targets the 1:1 assignment left unfilled.
 
@@ -301,7 +301,7 @@ def split(
     *,
     weights: Mapping[str, float],
     threshold: float,
-    incompatible_pairs: Sequence[tuple[str, str]] = (),
+    incompatible_pairs: Sequence[tuple[Sequence[str], Sequence[str]]] = (),
     taken: Sequence[Combination] = (),
 ) -> list[Combination]:
     """Propose splits: one fused source tensor the 1:1 assignment left unmatched into several targets.
@@ -335,7 +335,7 @@ def _propose(
     *,
     weights: Mapping[str, float],
     threshold: float,
-    incompatible_pairs: Sequence[tuple[str, str]],
+    incompatible_pairs: Sequence[tuple[Sequence[str], Sequence[str]]],
 ) -> list[Combination]:
     """Sets of ``left_src`` rows (concat / stack runs) matched one-to-one onto single ``left_tgt`` rows."""
     if len(left_src) < 2 or len(left_tgt) == 0:

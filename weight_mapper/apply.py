@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -164,6 +165,16 @@ class ValidationReport:
         if not parts:
             return f"All keys matched successfully for {model_name}"
         return f"Error(s) in loading state_dict for {model_name}:\n\t" + "\n\t".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form (the CLI's ``apply --json``)."""
+        return {
+            "ok": self.ok,
+            "missing_keys": list(self.missing_keys),
+            "unexpected_keys": list(self.unexpected_keys),
+            "mismatched": [{"key": k, "checkpoint_shape": list(got), "model_shape": list(want)}
+                           for k, got, want in self.mismatched],
+        }
 
     def __iter__(self):
         """Unpack as ``missing, unexpected = report`` like torch's ``load_state_dict``."""

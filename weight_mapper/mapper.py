@@ -202,7 +202,8 @@ class WeightMapper:
         """
         if options is None:
             options = replace(self.options, strategy=strategy, threshold=threshold, weights=weights,
-                              max_rounds=max_rounds)
+                              max_rounds=max_rounds, shape_tolerance=self.shape_tolerance,
+                              incompatible_pairs=self.incompatible_pairs)
         else:
             self._check_options(options, given=(threshold, strategy, weights, max_rounds))
             options = replace(options, flow_sources=self.flow_sources)

@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,7 @@ class WeightRenamer:
             self.tensors: Mapping[str, torch.Tensor] = ckpt.tensors
             self.state_key, self.envelope, self.metadata = ckpt.state_key, dict(ckpt.envelope), dict(ckpt.metadata)
             self.source_name = str(checkpoint)
-            self._source_ordered = ckpt.format not in ("safetensors", "sharded-safetensors")  # sorted headers
+            self._source_ordered = ckpt.tensors.ordered  # a sorted safetensors header is not
         else:
             tensors, state_key, envelope, _ = unwrap_state_dict(checkpoint, key=key)
             self.source_path = None
@@ -139,6 +139,11 @@ class WeightRenamer:
             raise ConversionError("nothing to save yet: call rename_keys(mapping) first")
         return self.renamed
 
+    @property
+    def n_shards(self) -> int:
+        """How many files the source tensors are read from (1 for a single file or a state dict)."""
+        return len(self._shards())
+
     def _shards(self) -> list[tuple[Path | None, list[str]]]:
         shards = getattr(self.tensors, "shards", None)
         return shards() if shards is not None else [(None, list(self.tensors))]
@@ -217,7 +222,8 @@ class WeightRenamer:
             path: Output file or folder; never the source.
             keep_envelope: Write a torch file in the source's envelope (a safetensors output
                 holds tensors only, and warns that the envelope is dropped).
-            progress: Optional callable ``progress(done, total)`` called after each shard.
+            progress: Optional callable ``progress(done, total)``, called after each source
+                tensor read (``total`` counts the distinct source tensors the plan reads).
             training_state: With ``keep_envelope``: ``"convert"`` (default) or ``"drop"`` (leave
                 optimizer, LR scheduler and AMP scaler state out: weights only).
 
@@ -229,15 +235,14 @@ class WeightRenamer:
         path = Path(path)
         # Never the source, nor the plan being applied.
         protected = [*self.source_files, *([converted.plan.path] if converted.plan.path is not None else [])]
+        source = self.tensors if progress is None else _CountedReads(self.tensors, converted.plan, progress)
         if path.suffix == "":
-            return self._save_sharded(path, converted, progress)
-        tensors = apply_plan(converted.plan, self.tensors, source=self.source_name)
+            return self._save_sharded(path, converted, source)
+        tensors = apply_plan(converted.plan, source, source=self.source_name)
         if keep_envelope:  # a safetensors output warns that it cannot hold the envelope
             out = self.save_with_envelope(tensors, path, protected=protected, training_state=training_state)
         else:
             out = save_checkpoint(tensors, path, metadata=self.metadata or None, protected=protected)
-        if progress is not None:
-            progress(1, 1)
         return out
 
     def save_with_envelope(self, tensors: Mapping[str, torch.Tensor], path: str | Path, *,
@@ -257,7 +262,7 @@ class WeightRenamer:
         return save_checkpoint(tensors, path, envelope=envelope, state_key=self.state_key,
                                metadata=self.metadata or None, protected=protected)
 
-    def _save_sharded(self, folder: Path, converted: ConvertedTensors, progress: Any) -> Path:
+    def _save_sharded(self, folder: Path, converted: ConvertedTensors, source: Mapping[str, torch.Tensor]) -> Path:
         source_dirs = {p.resolve() for p in self.source_files} | {p.resolve().parent for p in self.source_files}
         if folder.resolve() in source_dirs:
             raise CheckpointError(f"Refusing to overwrite the source checkpoint {folder}; choose another output path")
@@ -277,13 +282,11 @@ class WeightRenamer:
             weight_map, total_size = {}, 0
             for i, targets in enumerate(shards, start=1):
                 shard_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                tensors = apply_plan(converted.plan, self.tensors, source=self.source_name, targets=targets)
+                tensors = apply_plan(converted.plan, source, source=self.source_name, targets=targets)
                 save_checkpoint(tensors, tmp / shard_name, metadata=self.metadata or None)
                 total_size += sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors.values()}.values())
                 weight_map.update({t: shard_name for t in targets})
                 del tensors
-                if progress is not None:
-                    progress(i, len(shards))
             index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
             os.rename(tmp, folder)
@@ -299,3 +302,28 @@ class WeightRenamer:
             ConversionError: With ``strict=True``, if keys are missing, unexpected or mis-shaped.
         """
         return validate_state_dict(self._require_renamed(), target_module, strict=strict)
+
+
+class _CountedReads(Mapping[str, torch.Tensor]):
+    """The source tensors, calling ``progress(done, total)`` after every tensor read (for :meth:`WeightRenamer.save`)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], plan: MappingPlan,
+                 progress: Callable[[int, int], Any]):
+        self._tensors, self._progress = tensors, progress
+        self._total = len({name for e in plan.entries for name in e.source})
+        self._done = 0
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensor = self._tensors[name]
+        self._done += 1
+        self._progress(self._done, max(self._total, self._done))
+        return tensor
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors  # never a read
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)

@@ -458,11 +458,13 @@ def _solve_pairs_of_two(w: np.ndarray, mw: np.ndarray, solve) -> tuple[np.ndarra
     Returns:
         ``(bucket, row, col, margin)`` of every chosen pair, and the buckets left for the
         one-by-one solver: with the optimal solver, those whose two assignments tie exactly
-        (there the choice is the solver's own tie-break).
+        (there the choice is the solver's own tie-break), or tie up to rounding.
     """
     diag, anti = w[:, 0, 0] + w[:, 1, 1], w[:, 0, 1] + w[:, 1, 0]
     if solve is solve_optimal:
-        deferred = diag == anti
+        # Near ties (within rounding: 0.2 + 0.7 != 0.9) go to the solver too, whose own
+        # arithmetic decides them.
+        deferred = np.abs(diag - anti) <= 1e-9 * np.maximum(1.0, np.abs(diag))
         use_anti = anti > diag
     else:  # highest first, ties by (row, col): the first maximum in row-major order
         first = np.argmax(w.reshape(len(w), 4), axis=1)

@@ -35,3 +35,10 @@ def test_repeat_ranks_count_repeated_siblings_only():
     assert ranks["trunk_output.block2.block2-1.f.c.0"] == (1, 1)
     assert ranks["s2.b2.conv3.conv"] == (1, 1, 1)  # conv1 / conv3 repeat: rank 1
     assert ranks["trunk_output"] == ranks[""] == ()
+
+
+def test_a_tables_tree_is_built_once():
+    table, other = TensorTable.from_module(OldModel()), TensorTable.from_module(OldModel())
+    tree = ModuleTree.of(table)
+    assert ModuleTree.of(table) is tree and ModuleTree.of(other) is not tree
+    assert ModuleTree.of(other).paths == tree.paths

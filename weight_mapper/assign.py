@@ -715,7 +715,7 @@ def assign(
     [(0, 0), (1, 1)]
     """
     _report(progress, f"building module trees ({len(src_table)} + {len(tgt_table)} tensors)")
-    src_tree, tgt_tree = ModuleTree(src_table), ModuleTree(tgt_table)
+    src_tree, tgt_tree = ModuleTree.of(src_table), ModuleTree.of(tgt_table)
     src_groups = GroupTable.from_table(src_table, src_tree, skip=skip_src)
     tgt_groups = GroupTable.from_table(tgt_table, tgt_tree, skip=skip_tgt)
     g_src, g_tgt = Items.of_groups(src_table, src_tree, src_groups), Items.of_groups(tgt_table, tgt_tree, tgt_groups)

@@ -201,6 +201,26 @@ class TensorSource(Mapping[str, torch.Tensor]):
             shard2names[self._name2shard[name]].append(name)  # aliases sit in their kept name's shard
         return list(zip(self._shard_paths, shard2names))
 
+    def release(self, shard: int) -> None:
+        """Let go of what reading shard ``shard`` holds open (a memory map, a loaded file).
+
+        Tensors already read keep their data alive until they are dropped too; a later read
+        opens the shard again. Converting shard by shard calls this once a shard's outputs are
+        written, so that memory stays bounded by a shard, not the checkpoint.
+        """
+
+    def prefetch(self, shard: int) -> None:
+        """Ask the OS to start reading shard ``shard``'s file into its cache (a hint: nothing is mapped)."""
+        path = self._shard_paths[shard]
+        if path is None or not hasattr(os, "posix_fadvise"):
+            return
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+
 
 class _DictSource(TensorSource):
     """Tensors already in memory (an in-memory state dict or one mmap-loaded torch file)."""
@@ -254,6 +274,10 @@ class _SafetensorsSource(TensorSource):
             raise CheckpointError(f"Could not read tensor {name!r} from {self._shard_paths[shard]}: "
                                   f"truncated or corrupt ({e}); re-download or re-save the file") from None
 
+    def release(self, shard: int) -> None:
+        # The handle owns the file's memory map; it is unmapped once the tensors read from it are gone too.
+        self._handles.pop(shard, None)
+
 
 class _TorchShardSource(TensorSource):
     """Several torch files; each is scanned once for names, then at most one is kept loaded."""
@@ -289,6 +313,10 @@ class _TorchShardSource(TensorSource):
             self._loaded = None  # drop the previous shard before loading the next
             self._loaded = (shard, self._load_shard(self._shard_paths[shard])[0])
         return self._loaded[1][name]
+
+    def release(self, shard: int) -> None:
+        if self._loaded is not None and self._loaded[0] == shard:
+            self._loaded = None
 
 
 @dataclass(frozen=True, eq=False)

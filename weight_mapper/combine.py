@@ -372,7 +372,7 @@ def _propose(
     pair_t = np.concatenate([t for _, t in blocks]).astype(np.int64)
 
     # Score each (candidate set, target) like a 1:1 match of the set's first tensor.
-    src_tree, tgt_tree = ModuleTree(src_table), ModuleTree(tgt_table)
+    src_tree, tgt_tree = ModuleTree.of(src_table), ModuleTree.of(tgt_table)
     reps = np.array([rows[0] for rows, _, _, _ in candidates], dtype=np.int64)
     # Ranks are taken among the candidates of one shape, as in a 1:1 bucket: a set that fits no
     # target of its shape must not shift the order scores of those that compete. Overlapping

@@ -270,23 +270,29 @@ class WeightRenamer:
             raise CheckpointError(f"{folder} already exists; choose a new folder for the sharded output")
         if not folder.parent.is_dir():
             raise CheckpointError(f"cannot write {folder}: folder {folder.parent} does not exist")
-        source2targets: dict[str, list[str]] = {}
-        for e in converted.plan.entries:
-            source2targets.setdefault(e.source[0], []).append(e.target)
-        shards = [[t for name in names for t in source2targets.get(name, [])] for _, names in self._shards()]
-        shards = [s for s in shards if s]
+        shards, needs = self._output_shards(converted.plan)
+        # The last output shard that reads each source shard: its memory map is let go after it.
+        last_use = {k: i for i, used in enumerate(needs) for k in used}
+        release, prefetch = getattr(self.tensors, "release", None), getattr(self.tensors, "prefetch", None)
         clean_stale_temporaries(folder.parent)
         tmp = temporary_path_for(folder)
         tmp.mkdir()
         try:
             weight_map, total_size = {}, 0
             for i, targets in enumerate(shards, start=1):
+                if prefetch is not None and i < len(shards):
+                    for k in sorted(needs[i] - needs[i - 1]):  # the next output shard's sources only
+                        prefetch(k)
                 shard_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
                 tensors = apply_plan(converted.plan, source, source=self.source_name, targets=targets)
                 save_checkpoint(tensors, tmp / shard_name, metadata=self.metadata or None)
                 total_size += sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors.values()}.values())
                 weight_map.update({t: shard_name for t in targets})
                 del tensors
+                if release is not None:
+                    for k in sorted(needs[i - 1]):
+                        if last_use[k] == i - 1:
+                            release(k)
             index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
             os.rename(tmp, folder)
@@ -294,6 +300,26 @@ class WeightRenamer:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return folder
+
+    def _output_shards(self, plan: MappingPlan) -> tuple[list[list[str]], list[set[int]]]:
+        """Target keys of each output shard, and the source shards each one reads.
+
+        Output shards follow the source shards: an entry goes with its first source's shard, in
+        the source's order, so a conversion reads the source front to back.
+        """
+        source_shards = self._shards()
+        name2shard = {name: k for k, (_, names) in enumerate(source_shards) for name in names}
+        source2entries: dict[str, list[PlanEntry]] = {}
+        for e in plan.entries:
+            source2entries.setdefault(e.source[0], []).append(e)
+        shards: list[list[str]] = []
+        needs: list[set[int]] = []
+        for _, names in source_shards:
+            entries = [e for name in names for e in source2entries.get(name, [])]
+            if entries:
+                shards.append([e.target for e in entries])
+                needs.append({name2shard[s] for e in entries for s in e.source if s in name2shard})
+        return shards, needs
 
     def validate(self, target_module: nn.Module, *, strict: bool = False) -> ValidationReport:
         """Compare the converted tensors with ``target_module``'s keys and shapes.

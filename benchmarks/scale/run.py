@@ -45,6 +45,9 @@ QUICK_META = ("deepseek_v3_small", "deepseek_v3_hub_small", "llama_small")
 # Above this size the dense buckets would need hundreds of GB; the run skips and says so.
 MAX_SIZE = {"ambiguous": 10_000}
 
+# issue 16's measurements (benchmarks/scale/convert.py, reads.py, flow.py), run by --extras.
+EXTRAS = ("convert", "reads", "flow")
+
 # Targets of issue 5, on this 2-core machine.
 TARGET_100K_S, TARGET_100K_RSS_MIB, TARGET_EXPONENT = 30.0, 4096.0, 1.3
 _TIMEOUT_S = 1800
@@ -328,6 +331,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"where to write results (default {DEFAULT_JSON.relative_to(REPO_ROOT)})")
     parser.add_argument("--timeout", type=float, default=_TIMEOUT_S, help="seconds per case before it is stopped")
     parser.add_argument("--update-readme", action="store_true", help="rewrite the table in benchmarks/README.md")
+    parser.add_argument("--extras", nargs="+", choices=[*EXTRAS, "none"], default=["none"],
+                        help="also run issue 16's measurements, each in its own interpreter: convert (a 2.4 GB "
+                             "sharded conversion beside a plain copy), reads (converted reads at DeepSeek size), "
+                             "flow (full-size meta flow and the 45,395-tensor mapping)")
     parser.add_argument("--from-json", type=Path, default=None, metavar="PATH",
                         help="run nothing: render (and with --update-readme, paste) the results of an earlier run")
     args = parser.parse_args(argv)
@@ -344,6 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.update_readme:
         _update_readme(text)
         print(f"updated {README}")
+    for extra in [e for e in args.extras if e != "none"]:
+        print(f"\n$ {_interpreter()} -m benchmarks.scale.{extra}", flush=True)
+        subprocess.run([sys.executable, "-m", f"benchmarks.scale.{extra}"], cwd=REPO_ROOT, check=False)
     return 0
 
 

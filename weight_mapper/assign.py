@@ -21,6 +21,10 @@ from scipy.optimize import linear_sum_assignment
 
 from weight_mapper import candidates
 from weight_mapper.score import (
+    BASE_COMPONENTS,
+    CONTEXT,
+    REPORTED_COMPONENTS,
+    SUB_SCORES,
     Items,
     context_score,
     forbidden,
@@ -47,7 +51,6 @@ MAX_ROUNDS = 10  # bound on hierarchy-context rounds
 _TIE_EPS = 1e-7  # breaks exact ties by relative order, never outweighs a real difference
 _NAME_DISAGREES = 0.05  # an alternative whose name score is this much better flags the match
 _VOTE_FLOOR = 1e-3  # a match's vote for its modules' mapping weighs this plus its margin
-COMPONENTS = ("shape", "name", "hierarchy", "context")
 # Solver of the context-free round that only seeds the first module map (see _solve_level).
 # An exact assignment of the base scores alone is a poor seed where many candidates nearly tie
 # (layers told apart by order only): it resolves the near-ties globally, trading the pairs of
@@ -602,8 +605,8 @@ def _solve_level(
             break
     if not converged:  # the context kept flipping the assignment: keep the best round seen
         _, edges, margin, total, ctx, src, tgt, votes, allowed, pinned = best
-    components = {c: level.scores[c][edges] for c in ("shape", "name", "hierarchy")}
-    components["context"] = ctx[edges] if ctx is not None else np.full(len(edges), np.nan)
+    components = {c: level.scores[c][edges] for c in BASE_COMPONENTS}
+    components[CONTEXT] = ctx[edges] if ctx is not None else np.full(len(edges), np.nan)
     result = _LevelResult(
         src=src, tgt=tgt, score=total[edges], margin=margin, components=components,
         bucket_sizes=[(len(s), len(t)) for s, t in zip(level.bucket_src, level.bucket_tgt)],
@@ -683,7 +686,8 @@ class Assignment:
         score: Final combined score of each pair.
         margin: Score minus the best alternative's score in the same bucket row or column.
         level: ``"group"`` (matched with its whole module) or ``"tensor"`` (fallback).
-        components: ``shape``, ``name``, ``hierarchy``, ``context`` score of each pair.
+        components: Score of each pair per :data:`~weight_mapper.score.REPORTED_COMPONENTS`
+            (``shape``, ``name``, ``hierarchy``, ``context``).
         rounds: Hierarchy-context rounds run at the group level and the tensor level.
         converged: Whether both levels stopped because the assignment stopped changing.
         largest_bucket: Size ``(n_src, n_tgt)`` of the largest assignment problem solved.
@@ -811,7 +815,7 @@ def assign(
         margin=np.concatenate([groups.margin[expand_idx], tensors.margin]),
         level=np.array(["group"] * n_group + ["tensor"] * n_tensor, dtype=object),
         components={
-            c: np.concatenate([groups.components[c][expand_idx], tensors.components[c]]) for c in COMPONENTS
+            c: np.concatenate([groups.components[c][expand_idx], tensors.components[c]]) for c in REPORTED_COMPONENTS
         },
         rounds=(groups.rounds, tensors.rounds),
         converged=groups.converged and tensors.converged,
@@ -942,13 +946,13 @@ def _explain_one(assignment: Assignment, src_table: TensorTable, index: _Explain
         chosen = int(np.flatnonzero(tgt_pos == detail.tgt[matched])[0]) if matched is not None else None
 
         def parts(j: int) -> dict:
-            comps = {c: float(scores[c][i, j]) for c in ("shape", "name", "hierarchy")}
-            comps["context"] = float(ctx[i, j]) if ctx is not None else None
+            comps = {c: float(scores[c][i, j]) for c in BASE_COMPONENTS}
+            comps[CONTEXT] = float(ctx[i, j]) if ctx is not None else None
             return comps
 
         sub = {} if chosen is None else {
             key: float(v[i, chosen]) for key, v in scores.items()
-            if key not in ("shape", "name", "hierarchy", "base") and not np.isnan(v[i, chosen])
+            if key in SUB_SCORES and not np.isnan(v[i, chosen])
         }
         order = np.argsort(-np.where(allowed[i], total[i], -np.inf), kind="stable")
         alternatives = [

@@ -22,12 +22,15 @@ import numpy as np
 from weight_mapper.assign import Assignment, _module_map, pair_margins, solve_optimal
 from weight_mapper.names import name_indices, name_skeleton, name_tokens, split_name
 from weight_mapper.score import (
+    BASE_COMPONENTS,
+    CONTEXT,
     LINEAR_TYPES,
     TRANSPOSED_TYPES,
     Items,
     context_score,
     forbidden,
     score_edges,
+    weighted_base,
     with_context,
 )
 from weight_mapper.table import TensorTable
@@ -46,7 +49,8 @@ class Combination:
         transform: ``"concat"``, ``"stack"`` (along dim 0) or ``"stack_concat"`` (``parts``
             stacks along dim 0, concatenated along dim 1; ``src`` part-major).
         score, margin: As for 1:1 matches.
-        components: ``shape``, ``name``, ``hierarchy``, ``context`` of the representative.
+        components: The :data:`~weight_mapper.score.REPORTED_COMPONENTS` of the representative
+            (``shape`` is 1: the set fits the target exactly).
         parts: Number of parts of a ``stack_concat`` (1 otherwise).
         transposed: The single side is stored ``[in, out]`` (``Conv1D``) and the set are
             ``nn.Linear`` weights: the concat is transposed (a split slices the transpose).
@@ -385,7 +389,7 @@ def _propose(
         t_bucket, (t_bucket >= 0) & unbalanced[np.maximum(t_bucket, 0)])
     scores = score_edges(s_items, t_items, pair_c, pair_t, weights=weights)
     scores["shape"] = np.ones(len(pair_c))  # the set fits the target exactly
-    base = weights["shape"] + weights["name"] * scores["name"] + weights["hierarchy"] * scores["hierarchy"]
+    base = weighted_base(weights, scores)
     matched_s = Items.of_tensors(src_table, src_tree, assignment.src)
     matched_t = Items.of_tensors(tgt_table, tgt_tree, assignment.tgt)
     module_map, _ = _module_map(matched_s, matched_t, np.arange(len(assignment.src)), np.arange(len(assignment.tgt)),
@@ -417,8 +421,7 @@ def _propose(
         out.append(Combination(
             src=tuple(int(r) for r in src_rows), tgt=int(left_tgt[j]), transform=transform,
             score=float(total[e]), margin=float(m),
-            components={"shape": 1.0, "name": float(scores["name"][e]),
-                        "hierarchy": float(scores["hierarchy"][e]), "context": float(ctx[e])},
+            components={**{c: float(scores[c][e]) for c in BASE_COMPONENTS}, CONTEXT: float(ctx[e])},
             parts=parts,
             transposed=bool(in_out[j]),
         ))

@@ -6,7 +6,7 @@ input (the model's ``dummy_inputs``), every parameter swapped for a meta tensor,
 pass followed by a ``TorchFunctionMode``. Also times ``torch.fx`` tracing (which Hugging Face
 models fail) and reports the process's peak resident memory.
 
-    /work/benchenv/bin/python -m benchmarks.meta_flow            # every case
+    /work/benchenv/bin/python -m benchmarks.meta_flow            # every case (8B, 70B, 405B, DeepSeek-V3)
     /work/benchenv/bin/python -m benchmarks.meta_flow --cases llama3_8b
 """
 
@@ -45,6 +45,7 @@ def _deepseek_v3():
 CASES: dict[str, tuple[str, Callable]] = {
     "llama3_8b": ("Llama-3-8B config (32 layers, d=4096, GQA 32/8)", _llama(4096, 14336, 32, 32, 8)),
     "llama3_70b": ("Llama-3-70B config (80 layers, d=8192, GQA 64/8)", _llama(8192, 28672, 80, 64, 8)),
+    "llama3_405b": ("Llama-3-405B config (126 layers, d=16384, GQA 128/8)", _llama(16384, 53248, 126, 128, 8)),
     "deepseek_v3": ("DeepSeek-V3 default config (61 layers, 256 routed experts, 671B)", _deepseek_v3),
 }
 

@@ -200,8 +200,9 @@ def test_several_state_dicts_need_key(tmp_path, keys):
     state_dict, ema = Mlp().state_dict(), Mlp().state_dict()
     path = tmp_path / "ckpt.pt"
     torch.save({keys[0]: state_dict, keys[1]: ema, "epoch": 2}, path)
-    with pytest.raises(CheckpointError, match=rf"ckpt\.pt.*'{keys[0]}'.*'{keys[1]}'.*key=.*--key"):
+    with pytest.raises(CheckpointError, match=rf"ckpt\.pt.*'{keys[0]}'.*'{keys[1]}'.*key=") as caught:
         load_checkpoint(path)
+    assert (caught.value.option, caught.value.value) == ("key", keys[0])  # the CLI names --key from these
     ckpt = load_checkpoint(path, key=keys[1])
     assert ckpt.state_key == keys[1] and set(ckpt.envelope) == {keys[0], "epoch"}
     _assert_same(ckpt.tensors, ema)
@@ -400,8 +401,9 @@ def test_malicious_pickle_refused_unless_trusted(tmp_path):
     torch.save({"weight": torch.ones(2), "payload": Payload(marker)}, path)
 
     with pytest.raises(UnsafeCheckpointError, match=r"evil\.pt.*arbitrary code.*global: getattr.*NOT run.*"
-                                                    r"trust_pickle=True.*--trust-pickle"):
+                                                    r"trust_pickle=True") as caught:
         load_checkpoint(path)
+    assert caught.value.option == "trust_pickle" and "--trust-pickle" not in str(caught.value)  # the CLI's word
     assert not marker.exists()
 
     with pytest.warns(UserWarning, match="'payload'"):
@@ -667,3 +669,71 @@ def test_round_trip_property(specs, n_tied, suffix):
 def test_detect_wrapper_prefix_recovers_added_prefix(prefix, names):
     assert detect_wrapper_prefix(prefix + n for n in names) == prefix
     assert detect_wrapper_prefix(names) == ""
+
+
+# ---------------------------------------------------------------------------- sources describe themselves
+
+
+@pytest.mark.parametrize(("suffix", "ordered"), [(".pt", True), (".safetensors", False)])
+def test_a_source_answers_its_ties_and_whether_its_order_means_anything(tmp_path, suffix, ordered):
+    embedding = torch.randn(5, 4)
+    path = save_checkpoint({"head.weight": embedding, "embed.weight": embedding, "head.bias": torch.zeros(5)},
+                           tmp_path / f"tied{suffix}")
+    source = load_checkpoint(path).tensors
+    assert source.ordered is ordered
+    assert [set(group) for group in source.tie_groups()] == [{"head.weight", "embed.weight"}]
+    meta = source.meta()  # the tie survives without data: one meta tensor for the group
+    assert meta["head.weight"] is meta["embed.weight"] and meta["head.bias"] is not meta["head.weight"]
+
+
+def test_the_table_of_a_checkpoint_follows_its_source(tmp_path):
+    from weight_mapper.table import TensorTable
+
+    w = torch.randn(3, 3)
+    state = {"layers.2.weight": w, "layers.10.weight": torch.randn(3), "embed.weight": w}
+    for suffix, names in ((".pt", ("layers.2.weight", "layers.10.weight", "embed.weight")),  # as defined
+                          (".safetensors", ("embed.weight", "layers.2.weight", "layers.10.weight"))):  # natural
+        table = TensorTable.from_checkpoint(load_checkpoint(save_checkpoint(state, tmp_path / f"m{suffix}")))
+        assert table.names == names and table.ordered is (suffix == ".pt")
+        tied = sorted(table.name2row[n] for n in ("layers.2.weight", "embed.weight"))
+        assert table.alias_of[tied[1]] == tied[0] and table.n_parameters == 12
+
+
+def test_refuse_overwrite_names_what_would_be_lost(tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text("{}")
+    with pytest.raises(CheckpointError, match=r"Refusing to overwrite the plan .*plan\.json with"):
+        checkpoint.refuse_overwrite(tmp_path / "." / "plan.json", [(plan, "the plan")])
+    with pytest.raises(CheckpointError, match="Refusing to overwrite the source checkpoint"):
+        checkpoint.refuse_overwrite(plan, [plan])
+    checkpoint.refuse_overwrite(tmp_path / "other.json", [plan, (plan, "the plan")])  # another path: fine
+
+
+def test_a_new_format_is_one_source_subclass(tmp_path):
+    """Everything downstream asks the source, never its format string: an .npz reader needs nothing else."""
+    import numpy as np
+
+    from weight_mapper.checkpoint import Checkpoint, TensorSource
+    from weight_mapper.summary import summarize_checkpoint
+    from weight_mapper.table import TensorTable
+
+    class NpzSource(TensorSource):
+        ordered = False  # say its order means nothing: the table then puts rows in natural order
+
+        def __init__(self, path):
+            self._arrays = np.load(path)
+            names = list(self._arrays.files)
+            super().__init__({n: (tuple(self._arrays[n].shape), torch.float32) for n in names},
+                             dict.fromkeys(names, 0), [path], aliases={"head.weight": "embed.weight"})
+
+        def _read(self, name):
+            return torch.from_numpy(self._arrays[name])
+
+    path = tmp_path / "m.npz"
+    np.savez(path, **{"layers.10.w": np.ones(2, "f4"), "layers.2.w": np.ones(2, "f4"),
+                      "embed.weight": np.ones((3, 2), "f4"), "head.weight": np.ones((3, 2), "f4")})
+    ckpt = Checkpoint(NpzSource(path), path, "npz")
+    table = TensorTable.from_checkpoint(ckpt)
+    assert table.names == ("embed.weight", "head.weight", "layers.2.w", "layers.10.w") and not table.ordered
+    summary = summarize_checkpoint(ckpt)
+    assert (summary.format, summary.n_tied, summary.n_parameters) == ("npz", 1, 10)

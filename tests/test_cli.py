@@ -1,11 +1,13 @@
-"""The ``weight-mapper`` command line, end to end: ``python -m weight_mapper`` in a subprocess.
+"""The ``weight-mapper`` command line, end to end through ``main(argv)``, in this process.
 
-Each subprocess imports torch (about two seconds), so every run checks several things. A few
-checks that need to patch the process (no data read, progress bar, error wording of every bad
-factory) call ``main`` in-process instead.
+Output, exit codes and files are what a user sees. One subprocess smoke test per verb
+(``python -m weight_mapper VERB``) checks the real entry point: imports, exit code, streams;
+a subprocess imports torch (about two seconds), so everything else runs in-process.
 """
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -27,9 +29,18 @@ _N_PARAMETERS = sum(t.numel() for t in OldNet().state_dict().values())
 _FACTORY = "cli_factories:new_net"
 
 
-def _run(*args) -> subprocess.CompletedProcess:
+def _subprocess(*args) -> subprocess.CompletedProcess:
+    """``python -m weight_mapper ARGS``: the smoke test of a verb."""
     return subprocess.run([sys.executable, "-m", "weight_mapper", *map(str, args)],
                           capture_output=True, text=True, timeout=120, env=_ENV)
+
+
+def _run(*args) -> subprocess.CompletedProcess:
+    """``main(ARGS)`` in this process, its exit code and output captured as a subprocess's would be."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main([str(a) for a in args])
+    return subprocess.CompletedProcess(list(args), code, stdout.getvalue(), stderr.getvalue())
 
 
 def _sha256(path: Path) -> str:
@@ -93,7 +104,7 @@ def _assert_unchanged(files, *names):
 def lightning_plan(files):
     """``map`` from the Lightning checkpoint onto a model factory, with the rich analysis."""
     plan = files["folder"] / "plan.json"
-    return plan, _run("map", files["lightning.ckpt"], _FACTORY, "-o", plan)
+    return plan, _subprocess("map", files["lightning.ckpt"], _FACTORY, "-o", plan)  # map's smoke test
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +128,7 @@ def test_demo_runs_end_to_end_in_a_subprocess(tmp_path):
 
 
 def test_no_command_prints_help_and_fails():
-    out = subprocess.run([sys.executable, "-m", "weight_mapper"], capture_output=True, text=True, timeout=300)
+    out = _run()
     assert out.returncode == 2
     assert "demo" in out.stdout
 
@@ -135,7 +146,7 @@ def test_every_verb_has_a_one_line_help_and_an_example(capsys):
 
 
 def test_inspect_lightning_checkpoint(files):
-    out = _run("inspect", files["lightning.ckpt"])
+    out = _subprocess("inspect", files["lightning.ckpt"])  # inspect's smoke test
     assert out.returncode == 0, out.stderr
     for expected in ("torch", "'state_dict'", "epoch=3", "hyper_parameters={2 keys}", "'model.'",
                      f"{_N_PARAMETERS:,}", "float32 x11, int64 x1", "backbone", "classifier"):
@@ -260,7 +271,8 @@ def test_usage_errors_exit_2(argv, capsys):
 
 def test_apply_lightning_plan_to_safetensors_loads_into_the_bare_model(files, lightning_plan):
     out_path = files["folder"] / "converted.safetensors"
-    out = _run("apply", files["lightning.ckpt"], lightning_plan[0], "-o", out_path, "--validate", _FACTORY)
+    out = _subprocess("apply", files["lightning.ckpt"], lightning_plan[0], "-o", out_path,  # apply's smoke test
+                      "--validate", _FACTORY)
     assert out.returncode == 0, out.stderr
     assert "All keys matched successfully for NewNet" in out.stdout
     assert "envelope entries" in out.stderr  # safetensors cannot keep epoch & co; the user is told
@@ -412,3 +424,13 @@ def test_map_refuses_a_source_model_that_is_not_the_checkpoints(files, tmp_path,
     err = capsys.readouterr().err
     assert code != 0 and "plain.pt is not a state dict of ShortcutFirst: missing: stem.0.weight" in err
     assert "unexpected: backbone.0.weight" in err and not (tmp_path / "p.json").exists()
+
+
+def test_library_errors_get_the_cli_flag_once_at_the_edge(tmp_path, capsys):
+    path = tmp_path / "two.ckpt"
+    torch.save({"state_dict": OldNet().state_dict(), "ema": OldNet().state_dict()}, path)
+    assert main(["inspect", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "pass key='state_dict' to choose one (CLI: --key state_dict)" in err and err.count("--key") == 1
+    assert main(["inspect", str(path), "--key", "ema", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["state_key"] == "ema"

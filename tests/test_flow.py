@@ -191,3 +191,15 @@ def test_a_large_model_that_fails_on_meta_gets_no_flow(monkeypatch):
     monkeypatch.setattr("weight_mapper.flow.REAL_RUN_MAX_PARAMS", 10)
     assert REAL_RUN_MAX_PARAMS == 50_000_000  # the default
     assert auto_execution_order(Untraceable()) == (None, "none")
+
+
+def test_operation_arguments_give_their_tensors_in_order():
+    from collections import namedtuple
+
+    from weight_mapper.flow import _tensors
+
+    a, b, c = torch.ones(1), torch.zeros(2), torch.ones(3)
+    pair = namedtuple("Pair", "x y")(b, 3)
+    found = _tensors(((a, [None, 2.0, torch.float32, (b,)]), {"weight": c, "dim": 0, "pair": pair}))
+    assert [id(t) for t in found] == [id(a), id(b), id(c), id(b)]
+    assert _tensors(torch.Size([2])) == [] and _tensors(c) == [c]

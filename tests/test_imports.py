@@ -22,7 +22,7 @@ def _loaded_after(statement: str) -> set[str]:
 
 def test_applying_a_plan_loads_no_matcher():
     loaded = _loaded_after("import weight_mapper.apply, weight_mapper.renamer, weight_mapper.transforms, "
-                           "weight_mapper.plan")
+                           "weight_mapper.plan, weight_mapper.mapping_dict")
     assert "torch" in loaded  # the check itself works: it sees what was imported
     assert loaded.isdisjoint(MATCHER_ONLY), sorted(loaded & set(MATCHER_ONLY))
 
@@ -118,3 +118,13 @@ def test_the_plan_imports_nothing_of_the_matcher():
     matcher = {"weight_mapper.assign", "weight_mapper.combine", "weight_mapper.score", "weight_mapper.storage",
                "weight_mapper.tree", "weight_mapper.planner", "weight_mapper.mapper", "weight_mapper.table"}
     assert seen.isdisjoint(matcher), sorted(seen & matcher)
+
+
+def test_lazy_match_is_the_function_even_after_the_matcher_loaded():
+    # The core lives in weight_mapper.matching, not weight_mapper.match: a submodule named like
+    # the function would replace the package attribute as soon as anything imported it.
+    import weight_mapper
+    import weight_mapper.mapper  # noqa: F401  (loads the matcher)
+
+    assert callable(weight_mapper.match) and weight_mapper.match.__name__ == "match"
+    assert weight_mapper.MatchOptions.__module__ == "weight_mapper.matching"

@@ -76,6 +76,26 @@ def test_rows_carry_every_entry_withheld_and_unmatched_tensor_with_its_status():
     assert rows["score"][0] == 900 and rows["margin"][2] == 1 and rows["components"][:4] == [1000, 500, 800, None]
 
 
+def test_the_page_reads_the_score_components_off_the_registry():
+    """Components, sub-scores, labels and share tables travel from score.SCORE_COMPONENTS, so that
+    the page's breakdown rescales the shares as score.py does (the ``ordinal`` name sub-score too)."""
+    from weight_mapper.score import KEY2COMPONENT, REPORTED_COMPONENTS, SUB_SCORE_LABELS, SUB_SCORES
+
+    meta = review_data(review_plan())["meta"]
+    assert meta["components"] == list(REPORTED_COMPONENTS) and meta["base_components"] == list(REPORTED_COMPONENTS[:-1])
+    assert meta["sub_scores"] == list(SUB_SCORES) and "ordinal" in meta["sub_scores"]
+    assert meta["sub_labels"] == SUB_SCORE_LABELS and meta["component_short_labels"]["hierarchy"] == "hier."
+    assert set(meta["shares"]) == {"name", "hierarchy"}
+    for component, tables in meta["shares"].items():
+        for present in ({"depth", "order"}, {"depth", "sibling", "order", "exec"}, set(SUB_SCORES) - {"ordinal"}):
+            # the page's rule: the first table whose sub-score is present (None: always)
+            table = next(t for when, t in tables if when is None or when in present)
+            shares = {k: w for k, w in table.items() if k in present}
+            total = sum(shares.values())
+            expected = KEY2COMPONENT[component].rescaled_shares(present)
+            assert {k: w / total for k, w in shares.items()} == pytest.approx(expected)
+
+
 def test_risk_rank_puts_flagged_then_unmatched_then_repaired_unproved_proved():
     data = review_data(review_plan())
     by_rank = sorted(range(len(data["rows"]["risk"])), key=data["rows"]["risk"].__getitem__)

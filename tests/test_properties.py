@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 import torch
-from hypothesis import HealthCheck, given, settings
+import numpy as np
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from weight_mapper import WeightMapper
@@ -133,15 +134,18 @@ def test_optimal_total_is_never_below_greedy_on_the_same_scores(src, tgt):
 def test_first_context_round_is_solved_on_the_weights_greedy_is_scored_with(src, tgt):
     # Both strategies seed the module map with the same highest-first round, so the first
     # context round solves the same weights: there the optimal total cannot be below greedy's.
+    # When the rounds do not converge, greedy may keep its context-free seed round (it is a
+    # greedy round too), whose scores are on other weights: no comparison then.
     from weight_mapper.assign import _solve_level
 
     level, s_tree = group_level(src, tgt)
-    totals = {
+    results = {
         solver: _solve_level(level, solver=solver, threshold=0.0, use_context=True, max_rounds=2,
-                             n_src_modules=len(s_tree))[0].score.sum()
+                             n_src_modules=len(s_tree))[0]
         for solver in ("optimal", "greedy")
     }
-    assert totals["optimal"] >= totals["greedy"] - 1e-6
+    assume(not np.isnan(results["greedy"].components["context"]).any())
+    assert results["optimal"].score.sum() >= results["greedy"].score.sum() - 1e-6
 
 
 SCRIPT = """

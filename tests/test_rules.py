@@ -407,3 +407,17 @@ def test_superscript_and_other_unicode_digits_are_not_numbers():
     """'¹'.isdigit() is True but int('¹') fails: only decimal digits are read as positions."""
     mapping = {"": "¹", "a.¹.b": "x.¹.y", "a.١.b": "x.١.y"}
     assert check_rules(infer_rules(mapping), mapping) == []
+
+
+def test_rule_forms_of_a_plan_are_checked_and_serialised():
+    from weight_mapper.plan import MappingPlan, PlanEntry
+    from weight_mapper.rules import rule_forms
+
+    mapping = blocks_regrouped()
+    entries = tuple(PlanEntry((s,), t, None, 1.0, 1.0, "tensor", (2,), (2,)) for s, t in mapping.items())
+    fused = PlanEntry(("q", "k"), "qk", "concat", 1.0, 1.0, "tensor", (2,), (4,), args={"dim": 0})
+    forms = rule_forms(MappingPlan(entries + (fused,)))
+    assert check_rules(list(forms.rules), mapping) == [] and not forms.refused
+    data = forms.to_dict()
+    assert data["key_mapping"] == {r.pattern: r.replacement for r in forms.rules} and "refused" not in data
+    assert data["not_renames"] == [{"target": "qk", "source": ["q", "k"], "transform": "concat"}]

@@ -49,3 +49,10 @@ def test_ordinal_rank_reads_bare_letters_and_reaches_one_level_down():
     # outside any series, one level up too: no rank
     for path in ("blk.proj.0", "b1.downsample.conv", "blk.f", "blk"):
         assert rank[path] != rank[path]  # NaN
+
+
+def test_a_tables_tree_is_built_once():
+    table, other = TensorTable.from_module(OldModel()), TensorTable.from_module(OldModel())
+    tree = ModuleTree.of(table)
+    assert ModuleTree.of(table) is tree and ModuleTree.of(other) is not tree
+    assert ModuleTree.of(other).paths == tree.paths

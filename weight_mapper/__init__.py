@@ -4,7 +4,7 @@ The pipeline, one module per stage: ``checkpoint`` -> ``table`` -> ``tree`` -> `
 ``assign`` -> ``plan`` -> ``apply`` -> ``report``. ``WeightMapper`` and ``WeightRenamer`` are
 thin facades over it.
 
-The matcher (``WeightMapper``, ``STRATEGIES``) is imported on first use (PEP 562), so that a
+The matcher (``WeightMapper``, ``STRATEGIES``, ``match``, ``MatchOptions``) is imported on first use (PEP 562), so that a
 program which only applies or inverts a plan (``weight_mapper.apply``, ``renamer``,
 ``transforms``) loads none of scipy, rapidfuzz, networkx or rich.
 """
@@ -28,11 +28,17 @@ from weight_mapper.training_state import TrainingStateReport, convert_training_s
 
 if TYPE_CHECKING:
     from weight_mapper.mapper import STRATEGIES, WeightMapper
+    from weight_mapper.matching import MatchOptions, match
 
 __version__ = "0.1.0"
 
 # Public names whose modules load the matcher: resolved lazily by ``__getattr__``.
-_LAZY = {"WeightMapper": "weight_mapper.mapper", "STRATEGIES": "weight_mapper.mapper"}
+_LAZY = {
+    "WeightMapper": "weight_mapper.mapper",
+    "STRATEGIES": "weight_mapper.mapper",
+    "match": "weight_mapper.matching",
+    "MatchOptions": "weight_mapper.matching",
+}
 
 __all__ = [
     "WeightMapper",
@@ -41,6 +47,8 @@ __all__ = [
     "PlanEntry",
     "TensorTable",
     "STRATEGIES",
+    "match",
+    "MatchOptions",
     "Checkpoint",
     "load_checkpoint",
     "load_checkpoint_as_dict",

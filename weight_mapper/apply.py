@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from weight_mapper.errors import ConversionError, PlanError
-from weight_mapper.plan import MappingPlan
+from weight_mapper.plan import MappingPlan, PlanEntry
 from weight_mapper.transforms import get_transform
 
 __all__ = ["apply_plan", "ConvertedTensors", "validate_state_dict", "ValidationReport"]
@@ -63,31 +64,35 @@ def apply_plan(
         return loaded[name]
 
     for entry in entries:
-        transform = get_transform(entry.transform)
-        if len(entry.source) != 1 and not transform.many_sources:
-            raise PlanError(f"entry for {entry.target!r} combines {list(entry.source)} with {entry.transform or 'copy'}")
         key = (entry.source, entry.transform, repr(sorted(entry.args.items())))
         if key not in produced:
-            values = [read(name) for name in entry.source]
-            try:
-                result = transform.apply(values, entry.args)
-            except (RuntimeError, IndexError, KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError,
-                    PlanError) as exc:
-                raise PlanError(
-                    f"{source}: cannot {entry.transform} {list(entry.source)} "
-                    f"(shapes {[list(v.shape) for v in values]}) into {entry.target!r}: {exc}"
-                ) from None
-            if entry.target_shape and tuple(result.shape) != tuple(entry.target_shape):
-                raise PlanError(
-                    f"{source}: {', '.join(repr(n) for n in entry.source)} has shape "
-                    f"{[list(v.shape) for v in values] if len(values) > 1 else list(values[0].shape)}; after "
-                    f"{entry.transform or 'copy'} it is {list(result.shape)}, but the plan expects "
-                    f"{list(entry.target_shape)} for {entry.target!r}. The plan was made for another checkpoint; "
-                    "run `weight-mapper map` again on this one."
-                )
-            produced[key] = result
+            produced[key] = _build(entry, [read(name) for name in entry.source], source)
         out[entry.target] = produced[key]
     return out
+
+
+def _build(entry: PlanEntry, values: list[torch.Tensor], source: str) -> torch.Tensor:
+    """One entry's target tensor from its source tensors (read in ``entry.source`` order)."""
+    transform = get_transform(entry.transform)
+    if len(entry.source) != 1 and not transform.many_sources:
+        raise PlanError(f"entry for {entry.target!r} combines {list(entry.source)} with {entry.transform or 'copy'}")
+    try:
+        result = transform.apply(values, entry.args)
+    except (RuntimeError, IndexError, KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError,
+            PlanError) as exc:
+        raise PlanError(
+            f"{source}: cannot {entry.transform} {list(entry.source)} "
+            f"(shapes {[list(v.shape) for v in values]}) into {entry.target!r}: {exc}"
+        ) from None
+    if entry.target_shape and tuple(result.shape) != tuple(entry.target_shape):
+        raise PlanError(
+            f"{source}: {', '.join(repr(n) for n in entry.source)} has shape "
+            f"{[list(v.shape) for v in values] if len(values) > 1 else list(values[0].shape)}; after "
+            f"{entry.transform or 'copy'} it is {list(result.shape)}, but the plan expects "
+            f"{list(entry.target_shape)} for {entry.target!r}. The plan was made for another checkpoint; "
+            "run `weight-mapper map` again on this one."
+        )
+    return result
 
 
 class ConvertedTensors(Mapping):
@@ -104,12 +109,18 @@ class ConvertedTensors(Mapping):
 
     def __init__(self, plan: MappingPlan, tensors: Mapping[str, torch.Tensor], *, source: str = "checkpoint"):
         self.plan, self._tensors, self._source = plan, tensors, source
+        # The key index, built once: reading one key runs its own entry only (O(1) in the plan's size).
         self._target2entry = {e.target: e for e in plan.entries}
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._target2entry:
+        entry = self._target2entry.get(key)
+        if entry is None:
             raise KeyError(key)
-        return apply_plan(self.plan, self._tensors, source=self._source, targets=(key,))[key]
+        return _build(entry, [_lookup(self._tensors, name, self._source) for name in entry.source], self._source)
+
+    def __contains__(self, key: object) -> bool:
+        # Mapping's default would compute the tensor just to answer membership.
+        return key in self._target2entry
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._target2entry)
@@ -164,6 +175,16 @@ class ValidationReport:
         if not parts:
             return f"All keys matched successfully for {model_name}"
         return f"Error(s) in loading state_dict for {model_name}:\n\t" + "\n\t".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form (the CLI's ``apply --json``)."""
+        return {
+            "ok": self.ok,
+            "missing_keys": list(self.missing_keys),
+            "unexpected_keys": list(self.unexpected_keys),
+            "mismatched": [{"key": k, "checkpoint_shape": list(got), "model_shape": list(want)}
+                           for k, got, want in self.mismatched],
+        }
 
     def __iter__(self):
         """Unpack as ``missing, unexpected = report`` like torch's ``load_state_dict``."""

@@ -19,7 +19,12 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from weight_mapper import candidates
 from weight_mapper.score import (
+    BASE_COMPONENTS,
+    CONTEXT,
+    REPORTED_COMPONENTS,
+    SUB_SCORES,
     Items,
     context_score,
     forbidden,
@@ -46,7 +51,6 @@ MAX_ROUNDS = 10  # bound on hierarchy-context rounds
 _TIE_EPS = 1e-7  # breaks exact ties by relative order, never outweighs a real difference
 _NAME_DISAGREES = 0.05  # an alternative whose name score is this much better flags the match
 _VOTE_FLOOR = 1e-3  # a match's vote for its modules' mapping weighs this plus its margin
-COMPONENTS = ("shape", "name", "hierarchy", "context")
 # Solver of the context-free round that only seeds the first module map (see _solve_level).
 # An exact assignment of the base scores alone is a poor seed where many candidates nearly tie
 # (layers told apart by order only): it resolves the near-ties globally, trading the pairs of
@@ -243,7 +247,9 @@ class Level:
 
     Bucket ``k`` pairs ``bucket_src[k]`` with ``bucket_tgt[k]``; its edges are
     ``offsets[k]:offsets[k + 1]`` of ``si``/``ti``, row-major, so they reshape to the bucket's
-    dense ``[n_src, n_tgt]`` matrix.
+    dense ``[n_src, n_tgt]`` matrix; except in a large bucket (``sparse[k]``), whose edges are
+    only the candidates :func:`weight_mapper.candidates.bucket_candidates` proposes (sorted
+    row-major). ``by_order`` marks the edges the order alignment decides there.
     """
 
     src: Items
@@ -258,6 +264,8 @@ class Level:
     allowed: np.ndarray
     tie: np.ndarray
     pinned: np.ndarray | None = None
+    sparse: np.ndarray | None = None
+    by_order: np.ndarray | None = None
 
     @classmethod
     def build(cls, src: Items, tgt: Items, buckets, *, weights, tolerance, incompatible_pairs,
@@ -274,27 +282,57 @@ class Level:
         balanced = np.array([len(s) == len(t) for _, s, t in buckets] + [True], dtype=bool)
         src, tgt = (src.with_ranks(src_bucket, ~balanced[src_bucket]),
                     tgt.with_ranks(tgt_bucket, ~balanced[tgt_bucket]))
-        sizes = np.array([len(s) * len(t) for _, s, t in buckets], dtype=np.int64)
+        src_key, tgt_key = _label_ids(src.labels, tgt.labels, offset)
+        # A large bucket is scored on its blocked candidates only (weight_mapper/candidates.py).
+        is_sparse = np.array([len(s) * len(t) for _, s, t in buckets], dtype=np.int64) > candidates.SPARSE_MIN_PAIRS
+        edges = [candidates.bucket_candidates(src, tgt, s, t, src_key, tgt_key) if big
+                 else (np.repeat(s, len(t)), np.tile(t, len(s))) for big, (_, s, t) in zip(is_sparse, buckets)]
+        sizes = np.array([len(a) for a, _ in edges], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         empty = np.zeros(0, dtype=np.int64)
-        si = np.concatenate([np.repeat(s, len(t)) for _, s, t in buckets]) if buckets else empty
-        ti = np.concatenate([np.tile(t, len(s)) for _, s, t in buckets]) if buckets else empty
+        si = np.concatenate([a for a, _ in edges]).astype(np.int64) if buckets else empty
+        ti = np.concatenate([b for _, b in edges]).astype(np.int64) if buckets else empty
+        del edges
         scores = score_edges(src, tgt, si, ti, weights=weights, tolerance=tolerance)
         allowed = (scores["shape"] > 0) & ~forbidden(src, tgt, si, ti, incompatible_pairs)
         # Exact ties go to the pair closest in relative order within the bucket (deterministic).
         tie = _TIE_EPS * np.nan_to_num(1.0 - np.abs(src.order_rank[si] - tgt.order_rank[ti]), nan=0.5)
-        src_key, tgt_key = _label_ids(src.labels, tgt.labels, offset)
         pinned = allowed & (src_key[si] == tgt_key[ti])
         allowed = _pin(allowed, pinned, si, ti, len(src), len(tgt))
+        by_order = None
+        if is_sparse.any():  # where names say nothing, the order alignment decides
+            by_order = np.zeros(len(si), dtype=bool)
+            for k in np.flatnonzero(is_sparse):
+                e = slice(offsets[k], offsets[k + 1])
+                _, s, t = buckets[k]
+                by_order[e] = candidates.order_decided(
+                    src, tgt, s, t, si[e], ti[e], {c: v[e] for c, v in scores.items()}, allowed[e] & ~pinned[e])
+            tie = np.where(by_order, candidates.ORDER_BONUS, tie)
         return cls(src, tgt, [k for k, _, _ in buckets], [s for _, s, _ in buckets], [t for _, _, t in buckets],
-                   offsets, si, ti, scores, allowed, tie, pinned)
+                   offsets, si, ti, scores, allowed, tie, pinned, is_sparse, by_order)
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def block(self, values: np.ndarray, k: int) -> np.ndarray:
-        """Bucket ``k``'s slice of a per-edge array, as its dense matrix."""
-        return values[self.offsets[k]:self.offsets[k + 1]].reshape(len(self.bucket_src[k]), len(self.bucket_tgt[k]))
+        """Bucket ``k``'s slice of a per-edge array, as its dense matrix (a blocked bucket's as a
+        :class:`~weight_mapper.candidates.SparseBlock`, read row by row)."""
+        part = values[self.offsets[k]:self.offsets[k + 1]]
+        shape = (len(self.bucket_src[k]), len(self.bucket_tgt[k]))
+        if self.sparse is not None and self.sparse[k]:
+            rows, cols = self.local_edges(k)
+            return candidates.SparseBlock(part, rows, cols, shape)
+        return part.reshape(shape)
+
+    def local_edges(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Bucket ``k``'s edges as (row, column) positions in its ``bucket_src``/``bucket_tgt``."""
+        e = slice(self.offsets[k], self.offsets[k + 1])
+        s, t = self.bucket_src[k], self.bucket_tgt[k]
+        src_local = np.zeros(len(self.src), np.int64)
+        src_local[s] = np.arange(len(s))
+        tgt_local = np.zeros(len(self.tgt), np.int64)
+        tgt_local[t] = np.arange(len(t))
+        return src_local[self.si[e]], tgt_local[self.ti[e]]
 
     def locate(self, item: int) -> tuple[int, int] | None:
         """``(bucket, row)`` of source candidate ``item``, or None if it was in no bucket."""
@@ -455,11 +493,13 @@ def _solve_pairs_of_two(w: np.ndarray, mw: np.ndarray, solve) -> tuple[np.ndarra
     Returns:
         ``(bucket, row, col, margin)`` of every chosen pair, and the buckets left for the
         one-by-one solver: with the optimal solver, those whose two assignments tie exactly
-        (there the choice is the solver's own tie-break).
+        (there the choice is the solver's own tie-break), or tie up to rounding.
     """
     diag, anti = w[:, 0, 0] + w[:, 1, 1], w[:, 0, 1] + w[:, 1, 0]
     if solve is solve_optimal:
-        deferred = diag == anti
+        # Near ties (within rounding: 0.2 + 0.7 != 0.9) go to the solver too, whose own
+        # arithmetic decides them.
+        deferred = np.abs(diag - anti) <= 1e-9 * np.maximum(1.0, np.abs(diag))
         use_anti = anti > diag
     else:  # highest first, ties by (row, col): the first maximum in row-major order
         first = np.argmax(w.reshape(len(w), 4), axis=1)
@@ -498,6 +538,14 @@ def _solve_buckets(level: Level, weight: np.ndarray, margin_weight: np.ndarray, 
     margins.append(margin)
     one_by_one = np.flatnonzero(~((n_src == 1) & (n_tgt == 1)) & ~((n_src == 2) & (n_tgt == 2)))
     for k in np.concatenate([one_by_one, two[deferred]]).astype(np.int64):
+        if level.sparse is not None and level.sparse[k]:  # a blocked bucket: its candidates only
+            rows, cols = level.local_edges(k)
+            e = slice(level.offsets[k], level.offsets[k + 1])
+            kind = "optimal" if solve is solve_optimal else "greedy"
+            picked = candidates.solve_sparse(rows, cols, weight[e], n_src[k], n_tgt[k], kind)
+            chosen.append(level.offsets[k] + picked)
+            margins.append(candidates.sparse_margins(rows, cols, margin_weight[e], picked, n_src[k], n_tgt[k]))
+            continue
         w = level.block(weight, k)
         rows, cols = solve(w)
         if len(rows):
@@ -557,8 +605,8 @@ def _solve_level(
             break
     if not converged:  # the context kept flipping the assignment: keep the best round seen
         _, edges, margin, total, ctx, src, tgt, votes, allowed, pinned = best
-    components = {c: level.scores[c][edges] for c in ("shape", "name", "hierarchy")}
-    components["context"] = ctx[edges] if ctx is not None else np.full(len(edges), np.nan)
+    components = {c: level.scores[c][edges] for c in BASE_COMPONENTS}
+    components[CONTEXT] = ctx[edges] if ctx is not None else np.full(len(edges), np.nan)
     result = _LevelResult(
         src=src, tgt=tgt, score=total[edges], margin=margin, components=components,
         bucket_sizes=[(len(s), len(t)) for s, t in zip(level.bucket_src, level.bucket_tgt)],
@@ -600,6 +648,8 @@ def _edge_flags(level: Level, edges: np.ndarray, allowed: np.ndarray, pinned: np
     free = ~pinned[edges]
     flow = "exec" in level.scores and not np.isnan(level.scores["exec"][edges]).any()
     order_only = free & (np.abs(alt - chosen) <= 1e-9) & (not flow)
+    if level.by_order is not None:  # the order alignment decided it (names said nothing)
+        order_only |= free & level.by_order[edges]
     # An alternative that went to a pair whose name fits at least as well explains itself.
     row_open = (row_alt > chosen + _NAME_DISAGREES) & (tgt_got[level.ti[np.maximum(row_edge, 0)]] < row_alt - 1e-9)
     col_open = (col_alt > chosen + _NAME_DISAGREES) & (src_got[level.si[np.maximum(col_edge, 0)]] < col_alt - 1e-9)
@@ -636,7 +686,8 @@ class Assignment:
         score: Final combined score of each pair.
         margin: Score minus the best alternative's score in the same bucket row or column.
         level: ``"group"`` (matched with its whole module) or ``"tensor"`` (fallback).
-        components: ``shape``, ``name``, ``hierarchy``, ``context`` score of each pair.
+        components: Score of each pair per :data:`~weight_mapper.score.REPORTED_COMPONENTS`
+            (``shape``, ``name``, ``hierarchy``, ``context``).
         rounds: Hierarchy-context rounds run at the group level and the tensor level.
         converged: Whether both levels stopped because the assignment stopped changing.
         largest_bucket: Size ``(n_src, n_tgt)`` of the largest assignment problem solved.
@@ -679,7 +730,7 @@ def assign(
     solver: str = "optimal",
     use_context: bool = True,
     tolerance: float = 0.0,
-    incompatible_pairs: Sequence[tuple[str, str]] = (),
+    incompatible_pairs: Sequence[tuple[Sequence[str], Sequence[str]]] = (),
     max_rounds: int = MAX_ROUNDS,
     skip_src: np.ndarray | None = None,
     skip_tgt: np.ndarray | None = None,
@@ -709,20 +760,23 @@ def assign(
     [(0, 0), (1, 1)]
     """
     _report(progress, f"building module trees ({len(src_table)} + {len(tgt_table)} tensors)")
-    src_tree, tgt_tree = ModuleTree(src_table), ModuleTree(tgt_table)
+    src_tree, tgt_tree = ModuleTree.of(src_table), ModuleTree.of(tgt_table)
     src_groups = GroupTable.from_table(src_table, src_tree, skip=skip_src)
     tgt_groups = GroupTable.from_table(tgt_table, tgt_tree, skip=skip_tgt)
     g_src, g_tgt = Items.of_groups(src_table, src_tree, src_groups), Items.of_groups(tgt_table, tgt_tree, tgt_groups)
-    options = dict(weights=weights, tolerance=tolerance, incompatible_pairs=incompatible_pairs,
-                   offset=name_offset(src_table.names, tgt_table.names))
+    offset = name_offset(src_table.names, tgt_table.names)
+
+    def solve_level(src: Items, tgt: Items, buckets, *, name: str, prior_votes=None):
+        level = Level.build(src, tgt, buckets, weights=weights, tolerance=tolerance,
+                            incompatible_pairs=incompatible_pairs, offset=offset)
+        # Every admissible pair competes (threshold 0); the threshold then filters the final scores,
+        # the ones shown, so that a pair's score never depends on it (issue 13).
+        return _solve_level(level, solver=solver, threshold=0.0, use_context=use_context, max_rounds=max_rounds,
+                            n_src_modules=len(src_tree), prior_votes=prior_votes, progress=progress, name=name)
+
     group_buckets = split_by_indices(_buckets_by_key(src_groups.signatures, tgt_groups.signatures), g_src, g_tgt)
-    # Every admissible pair competes (threshold 0); the threshold then filters the final scores,
-    # the ones shown, so that a pair's score never depends on it (issue 13).
-    level_options = dict(solver=solver, threshold=0.0, use_context=use_context, max_rounds=max_rounds,
-                         n_src_modules=len(src_tree))
     _report(progress, f"module groups: scoring {len(group_buckets)} buckets")
-    groups, votes = _solve_level(Level.build(g_src, g_tgt, group_buckets, **options), **level_options,
-                                 progress=progress, name="module groups")
+    groups, votes = solve_level(g_src, g_tgt, group_buckets, name="module groups")
 
     # Expand matched groups into member tensor pairs: equal signatures align sorted members.
     # A group scoring under the threshold is left out whole (its tensors are not split up).
@@ -749,8 +803,7 @@ def assign(
         [_tensor_bucket_key(tgt_table.shapes[r], tolerance) for r in left_tgt],
     ), t_src, t_tgt)
     _report(progress, f"single tensors: scoring {len(tensor_buckets)} buckets")
-    tensors, _ = _solve_level(Level.build(t_src, t_tgt, tensor_buckets, **options), prior_votes=votes, **level_options,
-                              progress=progress, name="single tensors")
+    tensors, _ = solve_level(t_src, t_tgt, tensor_buckets, prior_votes=votes, name="single tensors")
     tensors = _above(tensors, threshold)
 
     n_group, n_tensor = len(g_src_rows), len(tensors.src)
@@ -762,7 +815,7 @@ def assign(
         margin=np.concatenate([groups.margin[expand_idx], tensors.margin]),
         level=np.array(["group"] * n_group + ["tensor"] * n_tensor, dtype=object),
         components={
-            c: np.concatenate([groups.components[c][expand_idx], tensors.components[c]]) for c in COMPONENTS
+            c: np.concatenate([groups.components[c][expand_idx], tensors.components[c]]) for c in REPORTED_COMPONENTS
         },
         rounds=(groups.rounds, tensors.rounds),
         converged=groups.converged and tensors.converged,
@@ -893,13 +946,13 @@ def _explain_one(assignment: Assignment, src_table: TensorTable, index: _Explain
         chosen = int(np.flatnonzero(tgt_pos == detail.tgt[matched])[0]) if matched is not None else None
 
         def parts(j: int) -> dict:
-            comps = {c: float(scores[c][i, j]) for c in ("shape", "name", "hierarchy")}
-            comps["context"] = float(ctx[i, j]) if ctx is not None else None
+            comps = {c: float(scores[c][i, j]) for c in BASE_COMPONENTS}
+            comps[CONTEXT] = float(ctx[i, j]) if ctx is not None else None
             return comps
 
         sub = {} if chosen is None else {
             key: float(v[i, chosen]) for key, v in scores.items()
-            if key not in ("shape", "name", "hierarchy", "base") and not np.isnan(v[i, chosen])
+            if key in SUB_SCORES and not np.isnan(v[i, chosen])
         }
         order = np.argsort(-np.where(allowed[i], total[i], -np.inf), kind="stable")
         alternatives = [

@@ -43,6 +43,7 @@ __all__ = [
     "detect_wrapper_prefix",
     "save_checkpoint",
     "write_text_atomic",
+    "refuse_overwrite",
     "temporary_path_for",
     "clean_stale_temporaries",
 ]
@@ -114,11 +115,20 @@ class TensorSource(Mapping[str, torch.Tensor]):
     Subclasses only say how to read one tensor; everything else is answered from a table of
     ``name -> (shape, dtype)`` and ``name -> shard`` built when the checkpoint was opened.
 
+    A source also answers the questions callers would otherwise ask of its format: which names
+    are tied (:meth:`tie_groups`, :meth:`aliases`) and whether its order means anything
+    (:attr:`ordered`). A new format is one subclass here.
+
     Example:
         >>> src = load_checkpoint("model.safetensors").tensors  # doctest: +SKIP
         >>> src.shapes()["fc.weight"]  # doctest: +SKIP
         (10, 4)
     """
+
+    #: Whether the names come in the order the model defined its tensors (a pickled state dict
+    #: or model). False for a source that sorts them (a safetensors header is sorted by name):
+    #: order then says nothing, and the table puts rows in natural order instead.
+    ordered: bool = True
 
     def __init__(self, name2spec: dict[str, _Spec], name2shard: dict[str, int],
                  shard_paths: list[Path | None], *, aliases: Mapping[str, str] | None = None):
@@ -171,12 +181,45 @@ class TensorSource(Mapping[str, torch.Tensor]):
         """Tied names: ``{alias: kept name}`` for every name that shares the kept name's tensor."""
         return dict(self._aliases)
 
+    def tie_groups(self) -> list[tuple[str, ...]]:
+        """Names sharing one tensor (tied weights), each group its kept name first; untied names are left out.
+
+        Example:
+            >>> w = torch.ones(2, 2)
+            >>> Checkpoint.from_state_dict({"embed.weight": w, "head.weight": w, "b": torch.ones(1)}).tensors.tie_groups()
+            [('embed.weight', 'head.weight')]
+        """
+        kept2names: dict[str, list[str]] = {}
+        for alias, kept in self._aliases.items():
+            kept2names.setdefault(kept, [kept]).append(alias)
+        return [tuple(names) for names in kept2names.values()]
+
     def shards(self) -> list[tuple[Path | None, list[str]]]:
         """The names held by each shard, in shard order (one pseudo-shard for a single file)."""
         shard2names: list[list[str]] = [[] for _ in self._shard_paths]
         for name in self._name2spec:
             shard2names[self._name2shard[name]].append(name)  # aliases sit in their kept name's shard
         return list(zip(self._shard_paths, shard2names))
+
+    def release(self, shard: int) -> None:
+        """Let go of what reading shard ``shard`` holds open (a memory map, a loaded file).
+
+        Tensors already read keep their data alive until they are dropped too; a later read
+        opens the shard again. Converting shard by shard calls this once a shard's outputs are
+        written, so that memory stays bounded by a shard, not the checkpoint.
+        """
+
+    def prefetch(self, shard: int) -> None:
+        """Ask the OS to start reading shard ``shard``'s file into its cache (a hint: nothing is mapped)."""
+        path = self._shard_paths[shard]
+        if path is None or not hasattr(os, "posix_fadvise"):
+            return
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
 
 
 class _DictSource(TensorSource):
@@ -196,6 +239,8 @@ class _DictSource(TensorSource):
 
 class _SafetensorsSource(TensorSource):
     """One or more safetensors files; headers parsed up front, data read per tensor."""
+
+    ordered = False  # the header is sorted by name; ties are recorded in its metadata
 
     def __init__(self, paths: list[Path], *, device: str = "cpu"):
         name2spec: dict[str, _Spec] = {}
@@ -228,6 +273,10 @@ class _SafetensorsSource(TensorSource):
         except Exception as e:  # the file changed on disk since its header was read
             raise CheckpointError(f"Could not read tensor {name!r} from {self._shard_paths[shard]}: "
                                   f"truncated or corrupt ({e}); re-download or re-save the file") from None
+
+    def release(self, shard: int) -> None:
+        # The handle owns the file's memory map; it is unmapped once the tensors read from it are gone too.
+        self._handles.pop(shard, None)
 
 
 class _TorchShardSource(TensorSource):
@@ -264,6 +313,10 @@ class _TorchShardSource(TensorSource):
             self._loaded = None  # drop the previous shard before loading the next
             self._loaded = (shard, self._load_shard(self._shard_paths[shard])[0])
         return self._loaded[1][name]
+
+    def release(self, shard: int) -> None:
+        if self._loaded is not None and self._loaded[0] == shard:
+            self._loaded = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -507,7 +560,10 @@ def write_text_atomic(path: str | os.PathLike, text: str, *,
     path = Path(path)
     _check_output_path(path, protected)
     # Names that cannot be encoded (a lone surrogate read from a file name) are escaped, never a crash.
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="backslashreplace"))
+    def write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8", errors="backslashreplace")
+
+    _atomic_write(path, write)
     return path
 
 
@@ -684,8 +740,8 @@ def _torch_load(path: Path, *, trust_pickle: bool, map_location: Any) -> Any:
             culprit = f" (unsupported global: {offender})" if offender else ""
             raise UnsafeCheckpointError(
                 f"Checkpoint {path} contains objects that need arbitrary code to unpickle{culprit}; that code "
-                f"was NOT run. If the file comes from a trusted source, opt in with trust_pickle=True "
-                f"(CLI: --trust-pickle)") from None
+                f"was NOT run. If the file comes from a trusted source, opt in with trust_pickle=True",
+                option="trust_pickle") from None
         raise _corrupt_error(path, e) from None
     except (ImportError, AttributeError) as e:  # trust_pickle only: the pickled classes are not importable
         if not trust_pickle:
@@ -749,10 +805,10 @@ def _find_state_dict(obj: Any, *, key: str | None, source: str
             what = f"a bare state dict of {n_tensors} tensors" if 2 * n_tensors >= len(obj) > 0 else \
                 f"keys {_preview(obj)}"
             raise CheckpointError(f"{source} has no key {key!r} (it holds {what}); "
-                                  f"{_key_hint(obj) or 'drop key='}")
+                                  f"{_key_hint(obj) or 'drop key='}", option="key" if _key_hint(obj) else None)
         if not _holds_tensors(obj[key]):
             raise CheckpointError(f"{source}[{key!r}] holds no tensors (a {type(obj[key]).__name__}); "
-                                  f"{_key_hint(obj) or 'drop key='}")
+                                  f"{_key_hint(obj) or 'drop key='}", option="key" if _key_hint(obj) else None)
         return _pick(obj, key)
     if n_tensors and 2 * n_tensors >= len(obj):
         return _unwrapped(obj, None, {})
@@ -760,14 +816,15 @@ def _find_state_dict(obj: Any, *, key: str | None, source: str
     if len(candidates) > 1:
         listed = ", ".join(f"{k!r} ({_count_tensors(obj[k])} tensors)" for k in candidates)
         raise CheckpointError(f"{source} holds several state dicts: {listed}; pass key={candidates[0]!r} "
-                              f"to choose one (CLI: --key {candidates[0]})")
+                              f"to choose one", option="key", value=str(candidates[0]))
     if candidates:
         return _pick(obj, candidates[0])
     if n_tensors:
         return _unwrapped(obj, None, {})
     hint = _key_hint(obj)
     raise CheckpointError(f"{source} contains no tensors; expected a state dict or a checkpoint dict with "
-                          f"one of: {', '.join(_STATE_DICT_KEYS)}" + (f"; {hint}" if hint else ""))
+                          f"one of: {', '.join(_STATE_DICT_KEYS)}" + (f"; {hint}" if hint else ""),
+                          option="key" if hint else None)
 
 
 def _pick(obj: Mapping, key: str) -> tuple[dict[str, torch.Tensor], str | None, dict, tuple[str, ...]]:
@@ -823,7 +880,7 @@ def _count_tensors(value: Any) -> int:
 def _key_hint(obj: Mapping) -> str:
     """'pass key=...' listing every top-level key that holds tensors, or ""."""
     holders = [str(k) for k, v in obj.items() if _holds_tensors(v)]
-    return f"pass key= one of {_preview(holders)} (CLI: --key NAME)" if holders else ""
+    return f"pass key= one of {_preview(holders)}" if holders else ""
 
 
 def _warn_skipped(skipped: tuple[str, ...], source: str, *, stacklevel: int) -> None:
@@ -846,13 +903,33 @@ def _preview(names: Iterable[Any], limit: int = 5) -> str:
 # ---------------------------------------------------------------------------------------- writing
 
 
-def _check_output_path(path: Path, protected: Iterable[str | os.PathLike]) -> None:
-    for source in map(Path, protected):
+def refuse_overwrite(path: str | os.PathLike,
+                     protected: Iterable[str | os.PathLike | tuple[str | os.PathLike, str]]) -> None:
+    """Refuse to write ``path`` over one of ``protected``, before anything is read or written.
+
+    Each protected entry is a path (the source checkpoint) or ``(path, what it is)``; a path
+    that exists is compared as a file (links too), one that does not by its resolved name.
+
+    Raises:
+        CheckpointError: naming what ``path`` would overwrite.
+
+    Example:
+        >>> refuse_overwrite("plan.json", [("plan.json", "the plan")])
+        Traceback (most recent call last):
+        ...
+        weight_mapper.errors.CheckpointError: Refusing to overwrite the plan plan.json with plan.json; choose another output path
+    """
+    path = Path(path)
+    for entry in protected:
+        source, what = (Path(entry[0]), entry[1]) if isinstance(entry, tuple) else (Path(entry), "the source checkpoint")
         same = os.path.samefile(path, source) if path.exists() and source.exists() else \
             path.resolve() == source.resolve()
         if same:
-            raise CheckpointError(f"Refusing to overwrite the source checkpoint {source} with {path}; "
-                                  f"choose another output path")
+            raise CheckpointError(f"Refusing to overwrite {what} {source} with {path}; choose another output path")
+
+
+def _check_output_path(path: Path, protected: Iterable[str | os.PathLike]) -> None:
+    refuse_overwrite(path, protected)
     if not path.parent.is_dir():
         raise CheckpointError(f"Cannot save {path}: folder {path.parent} does not exist; create it first")
     if path.is_dir():
@@ -901,14 +978,31 @@ def _utf8(text: str) -> bool:
     return True
 
 
+def storage_view(t: torch.Tensor) -> tuple | None:
+    """What two names of one tied tensor share: the same view of the same storage.
+
+    None for a tensor that cannot be told apart by its storage (empty, meta, no storage):
+    callers then compare the tensor objects themselves.
+    """
+    if t.numel() == 0 or t.is_meta:
+        return None
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+    if ptr == 0:
+        return None
+    return (t.device, ptr, t.storage_offset(), t.dtype, tuple(t.shape), t.stride())
+
+
 def _tied_names(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """``{alias: first name}`` for names holding the same view of the same storage (tied weights)."""
     first: dict[tuple, str] = {}
     aliases: dict[str, str] = {}
     for name, t in tensors.items():
-        if t.numel() == 0 or t.is_meta:
+        view = storage_view(t)
+        if view is None:
             continue
-        view = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape), t.stride())
         kept = first.setdefault(view, name)
         if kept != name:
             aliases[name] = kept

@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import networkx as nx
 import torch
 from rich.console import Console, Group
 from rich.panel import Panel
@@ -34,17 +33,18 @@ from rich.text import Text
 from rich.tree import Tree
 from torch import nn
 
-from weight_mapper.apply import ValidationReport
-from weight_mapper.checkpoint import (Checkpoint, detect_wrapper_prefix, load_checkpoint, temporary_path_for,
-                                     write_text_atomic)
+from weight_mapper.checkpoint import load_checkpoint, refuse_overwrite, temporary_path_for, write_text_atomic
+from weight_mapper.convert import ConversionResult, convert_checkpoint
 from weight_mapper.errors import CheckpointError, ConversionError, MappingError, PlanError, WeightMapperError
 from weight_mapper.mapper import STRATEGIES, WeightMapper
+from weight_mapper.matching import MatchOptions
 from weight_mapper.plan import MappingPlan
 from weight_mapper.renamer import WeightRenamer
 from weight_mapper.report import report_dict
+from weight_mapper.rules import rule_forms
+from weight_mapper.summary import summarize_checkpoint
 from weight_mapper.table import TensorTable
-from weight_mapper.training_state import describe_training_state, has_training_state
-from weight_mapper.tree import ROOT, ModuleTree
+from weight_mapper.tree import ROOT
 from weight_mapper.views import HierarchyView, ScoreBreakdownView
 
 __all__ = ["main", "build_parser"]
@@ -57,7 +57,6 @@ _FACTORY_HELP = (f"a model factory {_FACTORY_FORM}: a function or class, importa
 _PROGRESS_MIN_TENSORS = 300
 # inspect's module tree lists at most this many children per module, then sums up the rest.
 _TREE_MAX_CHILDREN = 12
-_SAFETENSORS_SUFFIX = ".safetensors"
 _COUNT_SUFFIXES = ("", "K", "M", "B", "T")
 _BYTE_SUFFIXES = (" B", " kB", " MB", " GB", " TB")
 
@@ -67,81 +66,12 @@ _BYTE_SUFFIXES = (" B", " kB", " MB", " GB", " TB")
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.checkpoint, key=args.key, trust_pickle=args.trust_pickle)
-    summary = _inspect_summary(ckpt, Path(args.checkpoint), depth=args.depth)
+    summary = summarize_checkpoint(ckpt, path=args.checkpoint, depth=args.depth).to_dict()
     if args.json:
         _print_json(summary)
     else:
         Console().print(_inspect_renderable(summary, ckpt.envelope, depth=args.depth))
     return 0
-
-
-def _inspect_summary(ckpt: Checkpoint, path: Path, *, depth: int) -> dict[str, Any]:
-    """What ``inspect --json`` prints; reads names, shapes and dtypes only, never tensor data."""
-    table = _table_with_ties(ckpt, label=path.name)
-    name2dtype = ckpt.tensors.dtypes()
-    n_bytes = sum(int(table.numel[row]) * name2dtype[name].itemsize
-                  for row, name in enumerate(table.names) if table.is_canonical[row])
-    dtype2count = Counter(str(name2dtype[name]).removeprefix("torch.") for name in table.names)
-    prefix = detect_wrapper_prefix(table.names)
-    return {
-        "path": str(path),
-        "format": ckpt.format,
-        "n_tensors": len(table),
-        "n_tied": int((~table.is_canonical).sum()),
-        "n_parameters": table.n_parameters,
-        "n_bytes": n_bytes,
-        "dtypes": dict(dtype2count.most_common()),
-        "state_key": ckpt.state_key,
-        "envelope_keys": [str(k) for k in ckpt.envelope],
-        "wrapper_prefix": prefix,
-        "n_shards": len(ckpt.tensors.shards()),
-        "skipped": list(ckpt.skipped),
-        "metadata": dict(ckpt.metadata),
-        "training_state": describe_training_state(ckpt.envelope),
-        # The depth counts below the wrapper prefix: "model." alone would fill a level.
-        "modules": _module_rows(table, depth=depth + prefix.count(".")),
-    }
-
-
-def _table_with_ties(ckpt: Checkpoint, *, label: str) -> TensorTable:
-    """The checkpoint's table without reading tensor data, tied names marked as aliases.
-
-    ``TensorSource.meta()`` gives every name its own meta tensor, so ties would be counted twice.
-    """
-    if ckpt.format == "torch":
-        # Memory-mapped already: the table reads storage pointers, not data, to find ties.
-        return TensorTable.from_state_dict(ckpt.tensors, label=label)
-    name2meta = ckpt.tensors.meta()
-    # Safetensors files record tied names in their metadata; one shared meta tensor marks the tie.
-    for alias, kept in getattr(ckpt.tensors, "_aliases", {}).items():
-        name2meta[alias] = name2meta[kept]
-    # Their headers are sorted by name, so rows go in natural order (as TensorTable.from_checkpoint does).
-    return TensorTable.from_state_dict(name2meta, label=label,
-                                       natural_order=ckpt.format.endswith("safetensors"))
-
-
-def _module_rows(table: TensorTable, *, depth: int) -> list[dict[str, Any]]:
-    """Modules down to ``depth``, in definition order, with the tensors and parameters under each.
-
-    Parameters are counted over canonical tensors, so a tied weight counts once, at its first name.
-    """
-    tree = ModuleTree(table)
-    path2n_tensors: Counter[str] = Counter()
-    path2n_parameters: Counter[str] = Counter()
-    for row, module in enumerate(table.modules):
-        numel = int(table.numel[row]) if table.is_canonical[row] else 0
-        path = module
-        while True:
-            path2n_tensors[path] += 1
-            path2n_parameters[path] += numel
-            if path == ROOT:
-                break
-            path = path.rpartition(".")[0]
-    return [
-        {"path": path, "depth": tree.graph.nodes[path]["depth"],
-         "n_tensors": path2n_tensors[path], "n_parameters": path2n_parameters[path]}
-        for path in nx.dfs_preorder_nodes(tree.graph, ROOT, depth_limit=depth) if path != ROOT
-    ]
 
 
 def _inspect_renderable(summary: Mapping[str, Any], envelope: Mapping, *, depth: int) -> Group:
@@ -243,6 +173,8 @@ def _preview(value: Any) -> str:
 
 
 def _cmd_map(args: argparse.Namespace) -> int:
+    # Every matching option in one object, checked before any file is read (a bad --weights name fails here).
+    options = MatchOptions(strategy=args.strategy, threshold=args.threshold, weights=args.weights)
     source = load_checkpoint(args.source, key=args.key, trust_pickle=args.trust_pickle)
     # As WeightMapper.from_checkpoint does, but the checkpoint is read once and its files are
     # known, so that the plan can never be written over them.
@@ -252,18 +184,16 @@ def _cmd_map(args: argparse.Namespace) -> int:
     mapper = WeightMapper(source_table, target, source_model=source_model)
     explain_names = [_source_name(mapper, name, args.source) for name in args.explain]
     if args.html:  # fail before matching, not after the plan was written
-        _refuse_overwrite(Path(args.html), [(Path(args.output), "the plan")]
-                          + [(p, "the source checkpoint") for p in (*source.files, *target_files)])
+        refuse_overwrite(args.html, [(args.output, "the plan"), *source.files, *target_files])
         if not Path(args.html).parent.is_dir():
             raise CheckpointError(f"Cannot save {args.html}: folder {Path(args.html).parent} does not exist; "
                                   "create it first")
     status_console = Console(stderr=True)
     if args.json or not status_console.is_terminal:
-        mapper.suggest_mapping(threshold=args.threshold, strategy=args.strategy, weights=args.weights)
+        mapper.suggest_mapping(options=options)
     else:  # a status line while matching: a 100,000-tensor model takes seconds
         with status_console.status("matching") as status:
-            mapper.suggest_mapping(threshold=args.threshold, strategy=args.strategy, weights=args.weights,
-                                   progress=lambda message: status.update(f"matching: {message}"))
+            mapper.suggest_mapping(options=options, progress=lambda message: status.update(f"matching: {message}"))
     plan = mapper.get_plan()
     inputs = [(p, "the source checkpoint") for p in (*source.files, *target_files)]
     # Every output is built under a temporary name and published only once all of them are built.
@@ -272,7 +202,7 @@ def _cmd_map(args: argparse.Namespace) -> int:
         output = Path(args.output)
         write_text_atomic(outputs.stage(output, protected=inputs), json.dumps(report_dict(plan), indent=2))
         if args.rules:
-            _write_rules(mapper, plan, outputs.stage(Path(args.rules), protected=inputs))
+            _write_rules(plan, outputs.stage(Path(args.rules), protected=inputs))
         tree = HierarchyView(mapper.source_table, mapper.target_table, plan=plan, show_matches=True)
         breakdowns = [ScoreBreakdownView.from_plan(mapper.explain(name), plan) for name in explain_names]
         html = None
@@ -302,40 +232,12 @@ def _cmd_map(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_rules(mapper: WeightMapper, plan: MappingPlan, path: Path) -> Path:
-    """--rules: the plan's renames as regex rules, in the forms transformers, mmengine and torchtune take.
-
-    Each form is checked against the mapping under the way its tool applies it; a form that
-    would rename a key wrongly is written as null, with the reason under ``"refused"``.
-    """
-    from weight_mapper.rules import rules_to_key_mapping, rules_to_revise_keys
-
-    rules = mapper.export_rules()
-    single_group = mapper.export_rules(max_groups=1)
-    mapping = {e.source[0]: e.target for e in plan.entries if len(e.source) == 1}
-    refused: dict[str, str] = {}
-
-    def checked(form: str, write):
-        try:
-            return write()
-        except MappingError as exc:
-            refused[form] = str(exc)
-            return None
-
-    data = {
-        "rules": [{"pattern": r.pattern, "replacement": r.replacement} for r in rules],
-        "key_mapping": checked("key_mapping", lambda: rules_to_key_mapping(rules, mapping)),
-        "key_mapping_transformers5": checked(
-            "key_mapping_transformers5", lambda: rules_to_key_mapping(single_group, mapping, transformers5=True)),
-        "revise_keys": checked("revise_keys", lambda: [list(p) for p in rules_to_revise_keys(rules, mapping)]),
-        "not_renames": [{"target": e.target, "source": list(e.source), "transform": e.transform}
-                        for e in plan.entries if len(e.source) > 1 or e.transform],
-    }
-    if refused:
-        data["refused"] = refused
-        for form, why in refused.items():
-            print(f"warning: --rules: {form} not written: {why}", file=sys.stderr)
-    return write_text_atomic(path, json.dumps(data, indent=2))
+def _write_rules(plan: MappingPlan, path: Path) -> Path:
+    """--rules: the plan's renames as regex rules, in the forms transformers, mmengine and torchtune take."""
+    forms = rule_forms(plan)
+    for form, why in forms.refused.items():
+        print(f"warning: --rules: {form} not written: {why}", file=sys.stderr)
+    return write_text_atomic(path, json.dumps(forms.to_dict(), indent=2))
 
 
 def _source_name(mapper: WeightMapper, name: str, source: str) -> str:
@@ -459,96 +361,77 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     plan_path = Path(args.plan)
     plan = _read_plan(plan_path)
     renamer = WeightRenamer(args.source, key=args.key, trust_pickle=args.trust_pickle)
-    output = Path(args.output)
-    source_files = [renamer.source_path, *(p for p, _ in renamer.tensors.shards() if p is not None)]
-    _refuse_overwrite(output, [(p, "the source checkpoint") for p in source_files if p is not None]
-                      + [(plan_path, "the plan")])
+    refuse_overwrite(args.output, [*renamer.source_files, (plan_path, "the plan")])
     model = _build_model(args.validate) if args.validate else None  # a bad factory fails before any read
     source_model = _build_model(args.source_model) if args.source_model else None
-    if args.verify:  # fail on a bad factory or input before any conversion
-        _require_no_arguments(_load_factory(args.verify), args.verify)
-        _require_no_arguments(_load_factory(args.input, "--input factory"), args.input, "--input factory")
-
+    verify = _verifier(args)
     console = Console()
-    show_progress = not args.json and console.is_terminal and (
-        len(renamer.tensors) >= _PROGRESS_MIN_TENSORS or len(renamer.tensors.shards()) > 1)
-    # Tensors are read while renaming or while saving, depending on the renamer: count both.
-    with _progress_over_reads(renamer, plan, console=console if show_progress else None):
-        renamer.rename_keys(plan)
-        report = renamer.validate(model) if model is not None else None
-        if report is not None and not report.ok and args.strict:
-            raise ConversionError(f"{report.message(type(model).__name__)}\n"
-                                  f"Nothing was written to {output} (--strict).")
-        # The proof runs before anything is written: a failed --strict proof leaves no file behind.
-        verification = _verify(args, renamer, plan) if args.verify else None
-        if verification is not None and not verification.ok and args.strict:
-            if args.json:
-                _print_json({"output": None, "source": args.source, "plan": str(plan_path),
-                             "validation": None if report is None else _validation_dict(report),
-                             "verification": verification.to_dict()})
-                return 1
-            console.print(Text(verification.message(), style="red"))
-            raise ConversionError(f"the conversion was not verified; nothing was written to {output} (--strict)")
-        training = None
-        if not args.weights_only and output.suffix not in ("", _SAFETENSORS_SUFFIX) \
-                and has_training_state(renamer.envelope):
-            # A torch file keeps the envelope: its optimizer state follows the plan, or is left out.
-            training = renamer.convert_training_state(model, source_model=source_model)
-        output = renamer.save(output, keep_envelope=True,  # a torch output keeps the envelope (README)
-                              training_state="drop" if args.weights_only else "convert")
-
-    fmt = ("sharded-safetensors" if output.is_dir() else
-           "safetensors" if output.suffix == _SAFETENSORS_SUFFIX else "torch")
+    with _progress_bar(_progress_console(args, renamer, console)) as progress:
+        try:
+            result = convert_checkpoint(
+                renamer, plan, args.output, plan_path=plan_path, target_model=model, source_model=source_model,
+                strict=args.strict, weights_only=args.weights_only, verify=verify, progress=progress)
+        except ConversionError as e:
+            if e.option == "strict":  # the converted tensors do not fit --validate's model
+                raise ConversionError(f"{e} (--strict).") from None
+            raise
+    failed = args.strict and not result.verified  # --strict and the proof failed: exit 1
     if args.json:
-        _print_json({
-            "output": str(output), "format": fmt, "n_tensors": len(renamer.renamed or {}),
-            "source": args.source, "plan": str(plan_path),
-            "n_unmatched_source": len(plan.unmatched_source), "n_unmatched_target": len(plan.unmatched_target),
-            "validation": None if report is None else _validation_dict(report),
-            "training_state": None if training is None else training.to_dict(),
-            "verification": None if verification is None else verification.to_dict(),
-        })
-        return 1 if verification is not None and not verification.ok and args.strict else 0
-    if report is not None:
-        console.print(Text(report.message(type(model).__name__), style="green" if report.ok else "yellow"))
+        _print_json(result.to_dict())
+    elif result.output is None:  # ... and nothing was written
+        console.print(Text(result.verification.message(), style="red"))  # type: ignore[union-attr]
+        raise ConversionError(f"the conversion was not verified; nothing was written to {args.output} (--strict)")
+    else:
+        _print_conversion(console, result, plan, model_name=type(model).__name__)
+    return 1 if failed else 0
+
+
+def _progress_console(args: argparse.Namespace, renamer: WeightRenamer, console: Console) -> Console | None:
+    """The console to show apply's progress bar on: a terminal, no --json, and a big or sharded source."""
+    big = len(renamer.tensors) >= _PROGRESS_MIN_TENSORS or renamer.n_shards > 1
+    return console if big and console.is_terminal and not args.json else None
+
+
+def _verifier(args: argparse.Namespace) -> Callable[[WeightRenamer, MappingPlan], Any] | None:
+    """--verify's proof, run by the conversion before anything is written; a bad factory or input fails now."""
+    if not args.verify:
+        return None
+    _require_no_arguments(_load_factory(args.verify), args.verify)
+    _require_no_arguments(_load_factory(args.input, "--input factory"), args.input, "--input factory")
+    return lambda renamer, plan: _verify(args, renamer, plan)
+
+
+def _print_conversion(console: Console, result: ConversionResult, plan: MappingPlan, *, model_name: str) -> None:
+    if result.validation is not None:
+        console.print(Text(result.validation.message(model_name), style="green" if result.validation.ok else "yellow"))
     if plan.unmatched_source:
         console.print(Text(f"{len(plan.unmatched_source)} source tensors are not in the plan and were left out",
                            style="yellow"))
     if plan.unmatched_target:
         console.print(Text(f"{len(plan.unmatched_target)} target tensors are not filled by the plan",
                            style="yellow"))
-    if training is not None and training.ok:  # a refusal was a warning on stderr already
-        console.print(Text("Optimizer state: " + training.message(), style="green"))
-    console.print(Text.assemble(("Converted ", "green"), f"{len(renamer.renamed or {})} tensors: ",
-                                args.source, " -> ", (str(output), "bold green"), f" ({fmt})"))
-    if verification is not None:
-        console.print(Text(verification.message(), style="green" if verification.ok else "red"))
-        if not verification.ok and args.strict:
-            return 1
-    return 0
+    if result.training_state is not None and result.training_state.ok:  # a refusal was a warning on stderr already
+        console.print(Text("Optimizer state: " + result.training_state.message(), style="green"))
+    console.print(Text.assemble(("Converted ", "green"), f"{result.n_tensors} tensors: ",
+                                result.source, " -> ", (str(result.output), "bold green"), f" ({result.format})"))
+    if result.verification is not None:
+        console.print(Text(result.verification.message(), style="green" if result.verification.ok else "red"))
 
 
 def _verify(args: argparse.Namespace, renamer: WeightRenamer, plan: MappingPlan):
-    """--verify: build both models on the CPU, load the source, convert, run both on --input."""
-    from dataclasses import replace
-
-    from weight_mapper.verify import load_source_weights, verify_conversion
+    """--verify: build both models on the CPU, then prove the conversion on --input."""
+    from weight_mapper.verify import verify_checkpoint
 
     source = _build_model(args.verify, meta=False)
-    prefix = plan.source_prefix
-    state = {k[len(prefix):] if prefix and k.startswith(prefix) else k: renamer.tensors[k] for k in renamer.tensors}
-    try:
-        how = load_source_weights(source, state, label=args.source)
-    except ConversionError as e:
-        raise ConversionError(f"--verify {args.verify}: {e}; pass the factory of the model {args.source} was "
-                              "saved from") from None
     target = _build_model(args.validate, meta=False)
     dummy_input = _call_input(args.input)
     try:
-        report = verify_conversion(plan, source, target, dummy_input, source_tensors=renamer.tensors)
-    except ConversionError as exc:  # the input has a name here: say which
-        raise ConversionError(str(exc).replace("dummy_input", f"--input {args.input}()")) from None
-    return replace(report, source_weights=how)
+        return verify_checkpoint(plan, renamer.tensors, source, target, dummy_input, label=args.source)
+    except ConversionError as e:
+        if e.option == "source_model":
+            raise ConversionError(f"--verify {args.verify}: {e}; pass the factory of the model {args.source} was "
+                                  "saved from") from None
+        raise ConversionError(str(e).replace("dummy_input", f"--input {args.input}()")) from None
 
 
 def _call_input(spec: str) -> Any:
@@ -560,16 +443,6 @@ def _call_input(spec: str) -> Any:
     except Exception as e:  # noqa: BLE001 - user code
         raise MappingError(f"--input {spec!r} raised {type(e).__name__}: {e} when called with no arguments; "
                            "it must return the models' input (a tensor, a tuple or a dict)") from None
-
-
-def _validation_dict(report: ValidationReport) -> dict[str, Any]:
-    return {
-        "ok": report.ok,
-        "missing_keys": list(report.missing_keys),
-        "unexpected_keys": list(report.unexpected_keys),
-        "mismatched": [{"key": k, "checkpoint_shape": list(got), "model_shape": list(want)}
-                       for k, got, want in report.mismatched],
-    }
 
 
 def _read_plan(path: Path) -> MappingPlan:
@@ -596,7 +469,7 @@ class _Outputs:
         self._staged: list[tuple[Path, Path]] = []
 
     def stage(self, path: Path, *, protected: Iterable[tuple[Path, str]] = ()) -> Path:
-        _refuse_overwrite(path, [*protected, *((final, "another output") for _, final in self._staged)])
+        refuse_overwrite(path, [*protected, *((final, "another output") for _, final in self._staged)])
         if not path.parent.is_dir():
             raise CheckpointError(f"Cannot save {path}: folder {path.parent} does not exist; create it first")
         if path.is_dir():
@@ -619,61 +492,16 @@ class _Outputs:
                 tmp.unlink()
 
 
-def _refuse_overwrite(output: Path, protected: Iterable[tuple[Path, str]]) -> None:
-    """Fail before any tensor is read if ``output`` is one of the inputs (save would refuse later)."""
-    for path, what in protected:
-        same = os.path.samefile(output, path) if output.exists() and path.exists() else \
-            output.resolve() == path.resolve()
-        if same:
-            raise CheckpointError(f"Refusing to overwrite {what} {path} with {output}; choose another output path")
-
-
-class _ReadCounter(Mapping[str, torch.Tensor]):
-    """The source tensors, calling ``on_read`` after every tensor read (drives the progress bar).
-
-    Anything else (``shards()``, ``shapes()``, ...) is passed through to the wrapped source.
-    """
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor], on_read: Callable[[], None]):
-        self._tensors = tensors
-        self._on_read = on_read
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        tensor = self._tensors[name]
-        self._on_read()
-        return tensor
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._tensors
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "_tensors":  # not set yet (copy, pickle): no recursion
-            raise AttributeError(name)
-        return getattr(self._tensors, name)
-
-
 @contextlib.contextmanager
-def _progress_over_reads(renamer: WeightRenamer, plan: MappingPlan, *, console: Console | None) -> Iterator[None]:
-    """Show a progress bar over the source tensors ``renamer`` reads inside the block; none without ``console``."""
+def _progress_bar(console: Console | None) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar over the source tensors read while saving: yields ``progress(done, total)``; None without ``console``."""
     if console is None:
-        yield
+        yield None
         return
-    n_reads = len({(e.source[0], e.transform) for e in plan.entries if e.source})  # each is read once
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    tensors = renamer.tensors
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("Converting", total=n_reads)
-        renamer.tensors = _ReadCounter(tensors, lambda: progress.advance(task))
-        try:
-            yield
-        finally:
-            renamer.tensors = tensors
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("Converting", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 # ------------------------------------------------------------------------------------ demo
@@ -907,6 +735,19 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"{_PROG}: warning: {message}", file=sys.stderr)
 
 
+# The library's errors name the keyword argument that fixes them; the CLI names its flag, here only.
+_OPTION2FLAG = {"trust_pickle": "--trust-pickle", "key": "--key"}
+
+
+def _flag_hint(exc: WeightMapperError) -> str:
+    """`` (CLI: --flag VALUE)`` for an error that a flag fixes, else ""."""
+    flag = _OPTION2FLAG.get(exc.option or "")
+    if flag is None:
+        return ""
+    value = "" if exc.option == "trust_pickle" else f" {exc.value or 'NAME'}"
+    return f" (CLI: {flag}{value})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the process exit code (0 success, 1 error, 2 usage error)."""
     parser = build_parser()
@@ -921,7 +762,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for stream in (sys.stdout, sys.stderr):  # a name that cannot be encoded is printed escaped, never a crash
         with contextlib.suppress(AttributeError, ValueError, OSError):
-            stream.reconfigure(errors="backslashreplace")
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     if getattr(args, "trust_pickle", False):
         _importable_from_cwd()  # a trusted pickle's classes are found where factories are
     with warnings.catch_warnings():
@@ -929,7 +770,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return int(args.func(args))
         except WeightMapperError as exc:
-            print(f"{_PROG}: error: {exc}", file=sys.stderr)
+            print(f"{_PROG}: error: {exc}{_flag_hint(exc)}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             print(f"{_PROG}: interrupted", file=sys.stderr)

@@ -22,12 +22,15 @@ import numpy as np
 from weight_mapper.assign import Assignment, _module_map, name_offset, pair_margins, solve_optimal
 from weight_mapper.names import name_indices, name_skeleton, name_tokens, split_name
 from weight_mapper.score import (
+    BASE_COMPONENTS,
+    CONTEXT,
     LINEAR_TYPES,
     TRANSPOSED_TYPES,
     Items,
     context_score,
     forbidden,
     score_edges,
+    weighted_base,
     with_context,
 )
 from weight_mapper.table import TensorTable
@@ -46,7 +49,8 @@ class Combination:
         transform: ``"concat"``, ``"stack"`` (along dim 0) or ``"stack_concat"`` (``parts``
             stacks along dim 0, concatenated along dim 1; ``src`` part-major).
         score, margin: As for 1:1 matches.
-        components: ``shape``, ``name``, ``hierarchy``, ``context`` of the representative.
+        components: The :data:`~weight_mapper.score.REPORTED_COMPONENTS` of the representative
+            (``shape`` is 1: the set fits the target exactly).
         parts: Number of parts of a ``stack_concat`` (1 otherwise).
         transposed: The single side is stored ``[in, out]`` (``Conv1D``) and the set are
             ``nn.Linear`` weights: the concat is transposed (a split slices the transpose).
@@ -268,7 +272,7 @@ def combine(
     *,
     weights: Mapping[str, float],
     threshold: float,
-    incompatible_pairs: Sequence[tuple[str, str]] = (),
+    incompatible_pairs: Sequence[tuple[Sequence[str], Sequence[str]]] = (),
 ) -> list[Combination]:
     """Propose concat / stack matches for targets the 1:1 assignment left unfilled.
 
@@ -318,7 +322,7 @@ def split(
     *,
     weights: Mapping[str, float],
     threshold: float,
-    incompatible_pairs: Sequence[tuple[str, str]] = (),
+    incompatible_pairs: Sequence[tuple[Sequence[str], Sequence[str]]] = (),
     taken: Sequence[Combination] = (),
 ) -> list[Combination]:
     """Propose splits: one fused source tensor the 1:1 assignment left unmatched into several targets.
@@ -352,7 +356,7 @@ def _propose(
     *,
     weights: Mapping[str, float],
     threshold: float,
-    incompatible_pairs: Sequence[tuple[str, str]],
+    incompatible_pairs: Sequence[tuple[Sequence[str], Sequence[str]]],
 ) -> list[Combination]:
     """Sets of ``left_src`` rows (concat / stack runs) matched one-to-one onto single ``left_tgt`` rows."""
     if len(left_src) < 2 or len(left_tgt) == 0:
@@ -389,7 +393,7 @@ def _propose(
     pair_t = np.concatenate([t for _, t in blocks]).astype(np.int64)
 
     # Score each (candidate set, target) like a 1:1 match of the set's first tensor.
-    src_tree, tgt_tree = ModuleTree(src_table), ModuleTree(tgt_table)
+    src_tree, tgt_tree = ModuleTree.of(src_table), ModuleTree.of(tgt_table)
     reps = np.array([rows[0] for rows, _, _, _ in candidates], dtype=np.int64)
     # Ranks are taken among the candidates of one shape, as in a 1:1 bucket: a set that fits no
     # target of its shape must not shift the order scores of those that compete. Overlapping
@@ -406,7 +410,7 @@ def _propose(
         t_bucket, (t_bucket >= 0) & unbalanced[np.maximum(t_bucket, 0)])
     scores = score_edges(s_items, t_items, pair_c, pair_t, weights=weights)
     scores["shape"] = np.ones(len(pair_c))  # the set fits the target exactly
-    base = weights["shape"] + weights["name"] * scores["name"] + weights["hierarchy"] * scores["hierarchy"]
+    base = weighted_base(weights, scores)
     matched_s = Items.of_tensors(src_table, src_tree, assignment.src)
     matched_t = Items.of_tensors(tgt_table, tgt_tree, assignment.tgt)
     module_map, _ = _module_map(matched_s, matched_t, np.arange(len(assignment.src)), np.arange(len(assignment.tgt)),
@@ -438,8 +442,7 @@ def _propose(
         out.append(Combination(
             src=tuple(int(r) for r in src_rows), tgt=int(left_tgt[j]), transform=transform,
             score=float(total[e]), margin=float(m),
-            components={"shape": 1.0, "name": float(scores["name"][e]),
-                        "hierarchy": float(scores["hierarchy"][e]), "context": float(ctx[e])},
+            components={**{c: float(scores[c][e]) for c in BASE_COMPONENTS}, CONTEXT: float(ctx[e])},
             parts=parts,
             transposed=bool(in_out[j]),
         ))

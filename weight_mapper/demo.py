@@ -71,9 +71,12 @@ def run_demo(workdir: str | Path | None = None, *, console=None) -> bool:
     """
     from rich.console import Console
 
+    from weight_mapper.checkpoint import load_checkpoint
     from weight_mapper.errors import CheckpointError
-    from weight_mapper.mapper import WeightMapper
+    from weight_mapper.matching import MatchOptions, match
     from weight_mapper.renamer import WeightRenamer
+    from weight_mapper.report import print_analysis
+    from weight_mapper.table import TensorTable
 
     console = console or Console()
     torch.manual_seed(0)
@@ -90,12 +93,13 @@ def run_demo(workdir: str | Path | None = None, *, console=None) -> bool:
         torch.save(old.state_dict(), src)
         console.print(f"[bold]1.[/] saved the old model's checkpoint to {src}")
         new = NewNet().eval()
-        mapper = WeightMapper.from_checkpoint(src, new)
-        mapper.suggest_mapping()
+        # The library core: two tables (the checkpoint's names and shapes, the new model's) -> a plan.
+        source_table = TensorTable.from_checkpoint(load_checkpoint(src), label=src.name)
+        plan = match(source_table, TensorTable.from_module(new), options=MatchOptions(strategy="best_match"))
         console.print("[bold]2.[/] inferred the mapping from the checkpoint's names and shapes:")
-        mapper.print_analysis(top_n=6, console=console)
+        print_analysis(plan, top_n=6, console=console)
         renamer = WeightRenamer(src)
-        renamer.rename_keys(mapper.get_plan())
+        renamer.rename_keys(plan)
         out = renamer.save(folder / "new_model.safetensors")
         report = renamer.validate(new)
         console.print(f"[bold]3.[/] converted and saved {out} ({report.message(type(new).__name__)})")

@@ -16,7 +16,17 @@ __all__ = [
 
 
 class WeightMapperError(Exception):
-    """Base class of every error weight_mapper raises on purpose."""
+    """Base class of every error weight_mapper raises on purpose.
+
+    The message names the Python keyword that fixes the problem (``trust_pickle=True``);
+    ``option`` and ``value`` say it again as data, so that a front end names its own flag
+    once, at its edge (the CLI adds ``--trust-pickle``), and inner messages stay short.
+    """
+
+    def __init__(self, *args: object, option: str | None = None, value: str | None = None):
+        super().__init__(*args)
+        self.option = option
+        self.value = value
 
 
 class CheckpointError(WeightMapperError):

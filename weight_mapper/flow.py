@@ -187,7 +187,32 @@ class _FlowRecorder(TorchFunctionMode):
             self.keep.append(t)
 
 
+_NO_TENSORS = (type(None), bool, int, float, complex, str, torch.dtype, torch.device, torch.layout,
+               torch.memory_format, torch.Size, slice, type(Ellipsis))
+
+
 def _tensors(tree: Any) -> list[torch.Tensor]:
+    """The tensors in an operation's arguments or result, in order.
+
+    Called twice per torch operation while recording, so the plain containers an operation
+    takes (tuples, lists, dicts of tensors and numbers) are walked directly; anything else
+    (a ``ModelOutput``, a named tuple) goes through ``tree_flatten``.
+    """
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    kind = type(tree)
+    if kind in _NO_TENSORS:
+        return []
+    if kind is tuple or kind is list:
+        out: list[torch.Tensor] = []
+        for x in tree:
+            if isinstance(x, torch.Tensor):
+                out.append(x)
+            elif type(x) not in _NO_TENSORS:
+                out += _tensors(x)
+        return out
+    if kind is dict:
+        return _tensors(list(tree.values()))
     leaves, _ = tree_flatten(tree)
     return [x for x in leaves if isinstance(x, torch.Tensor)]
 

@@ -4,33 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dataclasses import replace
 
-import numpy as np
 from torch import nn
 
-from weight_mapper.assign import MAX_ROUNDS, assign
-from weight_mapper.combine import combine, split
-from weight_mapper.storage import infer_storage
+from weight_mapper.assign import MAX_ROUNDS
 from weight_mapper.errors import MappingError
 from weight_mapper.mapping_dict import MappingDict
+from weight_mapper.matching import STRATEGIES, MatchOptions, PreparedTables, match_prepared, prepare_tables
 from weight_mapper.plan import MappingPlan
-from weight_mapper.planner import build_plan
-from weight_mapper.score import validate_incompatible_pairs, validate_weights
 from weight_mapper.flow import auto_execution_order, record_execution_order, trace_execution_order
 from weight_mapper.table import TensorTable
 
-__all__ = ["WeightMapper", "STRATEGIES"]
+if TYPE_CHECKING:
+    from weight_mapper.verify import VerificationReport
 
-# strategy -> (solver, hierarchy context, minimum threshold, withhold ambiguous, forced weights)
-STRATEGIES: dict[str, tuple[str, bool, float, bool, dict[str, float] | None]] = {
-    "best_match": ("optimal", True, 0.0, False, None),
-    "conservative": ("optimal", True, 0.75, True, None),
-    "shape_only": ("optimal", False, 0.0, False, {"shape": 1.0, "name": 0.0, "hierarchy": 0.0}),
-    "greedy": ("greedy", True, 0.0, False, None),
-}
+__all__ = ["WeightMapper", "STRATEGIES"]
 
 
 class WeightMapper:
@@ -80,10 +71,11 @@ class WeightMapper:
         trace: bool = True,
         source_model: nn.Module | None = None,
     ):
-        if not isinstance(shape_tolerance, (int, float)) or not 0 <= shape_tolerance < 1:
-            raise MappingError(f"shape_tolerance must be a number in [0, 1), got {shape_tolerance!r}")
-        self.shape_tolerance = float(shape_tolerance)
-        self.incompatible_pairs = validate_incompatible_pairs(incompatible_pairs)
+        # The options of matching that belong to the mapper (suggest_mapping adds the rest); validated here.
+        options = MatchOptions(shape_tolerance=shape_tolerance, incompatible_pairs=incompatible_pairs,
+                               source_prefix=source_prefix)
+        self.shape_tolerance = options.shape_tolerance
+        self.incompatible_pairs = options.incompatible_pairs
         self.dummy_input = dummy_input
         self.source_module = source_module if isinstance(source_module, nn.Module) else None
         self.target_module = target_module if isinstance(target_module, nn.Module) else None
@@ -95,14 +87,14 @@ class WeightMapper:
         if source_model is not None:
             self.source_table = self.source_table.with_module(source_model, exec_order=orders[0])
         self.target_table = _to_table(target_module, orders[1], "target")
-        self.source_prefix = _strip_prefix(self, source_prefix)
-        # Untyped sides (state dicts): read their [in, out] storage off the non-square weights.
-        self.source_table = infer_storage(self.source_table, self.target_table)
-        self.target_table = infer_storage(self.target_table, self.source_table)
+        # The tables as matching sees them (prefix stripped, storage inferred): views and explain read them too.
+        self.source_table, self.target_table, self.source_prefix = prepare_tables(
+            self.source_table, self.target_table, options=options)
+        self.options = replace(options, flow_sources=self.flow_sources)
         self.plan: MappingPlan | None = None
         self._source_code = source_model if source_model is not None else self.source_module  # for conventions
         self.notes: list[str] = []  # what the conventions and the layer-wise proof did to the last plan
-        self.verification = None  # the layer-wise proof suggest_mapping ran, when it could
+        self.verification: VerificationReport | None = None  # the layer-wise proof suggest_mapping ran, when it could
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -171,11 +163,15 @@ class WeightMapper:
         max_rounds: int = MAX_ROUNDS,
         progress: Callable[[str], None] | None = None,
         repair: bool = True,
+        options: MatchOptions | None = None,
     ) -> MappingDict:
         """Match source tensors to target tensors and return ``{source_name: target_name}``.
 
         The dict carries its plan (``mapping.plan``): ``WeightRenamer.rename_keys(mapping)``
         applies the plan's transposes, reshapes and concatenations, as ``rename_keys(plan)`` does.
+        Matching is :func:`weight_mapper.matching.match`'s core, with the options of this call and
+        of the mapper in one :class:`~weight_mapper.matching.MatchOptions` (kept as ``mapper.options``);
+        the convention catalogue and the layer-wise proof, which need the models, follow.
 
         Args:
             threshold: Minimum combined score of a match, in [0, 1].
@@ -192,78 +188,46 @@ class WeightMapper:
                 with ``repair=True``; the target's weights are restored afterwards). Entries'
                 ``provenance`` says ``proved`` or ``repaired``; ``mapper.verification`` keeps the
                 report and ``mapper.notes`` what was done. ``False`` keeps the matcher's plan.
+            options: Every matching option as one :class:`~weight_mapper.matching.MatchOptions`
+                (the CLI builds it from its flags), instead of ``threshold``, ``strategy``,
+                ``weights`` and ``max_rounds``; its ``shape_tolerance`` and
+                ``incompatible_pairs`` replace the mapper's. Its ``source_prefix``,
+                ``infer_storage`` and ``use_flow`` shaped the mapper's tables and must be the
+                mapper's (``mapper.options``); ``flow_sources`` is always the mapper's.
 
         Raises:
-            MappingError: On an unknown strategy, a threshold outside [0, 1] or bad weights.
+            MappingError: On an unknown strategy, a threshold outside [0, 1] or bad weights;
+                on ``options`` given beside the arguments it replaces, or disagreeing with the
+                mapper's tables.
         """
-        if strategy not in STRATEGIES:
-            raise MappingError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
-            raise MappingError(f"threshold must be a number in [0, 1], got {threshold!r}")
-        if not isinstance(max_rounds, int) or max_rounds < 1:
-            raise MappingError(f"max_rounds must be an integer >= 1, got {max_rounds!r}")
-        solver, use_context, min_threshold, withhold, forced = STRATEGIES[strategy]
-        weights = validate_weights(forced if forced is not None else weights)
-        threshold = max(float(threshold), min_threshold)
-        # Matching runs with every admissible pair (threshold 0); the threshold then filters the
-        # final scores, so that the score shown for a pair never depends on it.
-        options = dict(
-            weights=weights,
-            threshold=0.0,
-            solver=solver,
-            use_context=use_context,
-            tolerance=self.shape_tolerance,
-            incompatible_pairs=self.incompatible_pairs,
-            max_rounds=max_rounds,
-            progress=progress,
-        )
-        every = assign(self.source_table, self.target_table, **options)
-        if progress is not None:
-            progress("combined matches: looking for concat / stack / split candidates")
-        combinations = combine(
-            self.source_table,
-            self.target_table,
-            every,
-            weights=weights,
-            threshold=threshold,
-            incompatible_pairs=self.incompatible_pairs,
-        ) if strategy != "shape_only" else []
-        splits = split(
-            self.source_table,
-            self.target_table,
-            every,
-            weights=weights,
-            threshold=threshold,
-            incompatible_pairs=self.incompatible_pairs,
-            taken=combinations,
-        ) if strategy != "shape_only" else []
-        if combinations or splits:  # re-match 1:1 without the tensors the combinations and splits take
-            every = assign(
-                self.source_table, self.target_table, **options,
-                skip_src=np.array([r for c in combinations for r in c.src] + [c.tgt for c in splits], dtype=np.int64),
-                skip_tgt=np.array([c.tgt for c in combinations] + [r for c in splits for r in c.src], dtype=np.int64),
-            )
-        assignment = every.above(threshold)
-        self._assignment = assignment
-        self.plan = build_plan(
-            assignment,
-            self.source_table,
-            self.target_table,
-            strategy=strategy,
-            threshold=threshold,
-            weights=weights,
-            withhold_ambiguous=withhold,
-            source_prefix=self.source_prefix,
-            combinations=combinations,
-            splits=splits,
-            flow_sources=self.flow_sources,
-        )
+        if options is None:
+            options = replace(self.options, strategy=strategy, threshold=threshold, weights=weights,
+                              max_rounds=max_rounds, shape_tolerance=self.shape_tolerance,
+                              incompatible_pairs=self.incompatible_pairs)
+        else:
+            self._check_options(options, given=(threshold, strategy, weights, max_rounds))
+            options = replace(options, flow_sources=self.flow_sources)
+        self.options = options
+        tables = PreparedTables(self.source_table, self.target_table, self.source_prefix)
+        self.plan, self._assignment = match_prepared(tables, options=options, progress=progress)
         from weight_mapper.verify import settle_plan
 
         self.plan, self.notes, self.verification = settle_plan(
             self.plan, source=self.source_module, target=self.target_module, dummy_input=self.dummy_input,
             source_code=self._source_code, repair=repair, progress=progress)
         return self.get_mapping_dict()
+
+    def _check_options(self, options: MatchOptions, *, given: tuple) -> None:
+        if not isinstance(options, MatchOptions):
+            raise MappingError(f"options must be a MatchOptions, got {type(options).__name__}")
+        if given != (0.6, "best_match", None, MAX_ROUNDS):
+            raise MappingError("pass threshold, strategy, weights and max_rounds inside options, not beside it: "
+                               "suggest_mapping(options=dataclasses.replace(options, threshold=...))")
+        for name in ("source_prefix", "infer_storage", "use_flow"):
+            if getattr(options, name) != getattr(self.options, name):
+                raise MappingError(f"options.{name} is {getattr(options, name)!r}, but the mapper's tables were "
+                                   f"built with {getattr(self.options, name)!r}; build a new WeightMapper "
+                                   "(source_prefix=...) or call weight_mapper.match() on the tables")
 
     def _plan_of(self, mapping: Mapping[str, str]) -> MappingPlan:
         """The plan a (possibly edited) mapping dict stands for, against this mapper's tables."""
@@ -507,7 +471,10 @@ class WeightMapper:
         print_view(ScoreBreakdownView.from_plan(explanation, self._require_plan()), console=console)
 
 
-def _flow_orders(source: Any, target: Any, dummy_input: Any, trace: bool) -> tuple[tuple, tuple[str, str]]:
+_Orders = tuple[dict[str, float] | None, dict[str, float] | None]
+
+
+def _flow_orders(source: Any, target: Any, dummy_input: Any, trace: bool) -> tuple[_Orders, tuple[str, str]]:
     """Data-flow positions of both sides, and where they came from (keys of ``flow.FLOW_SOURCES``).
 
     From ``dummy_input`` if given; else from fx traces when both sides trace; else from a
@@ -515,20 +482,23 @@ def _flow_orders(source: Any, target: Any, dummy_input: Any, trace: bool) -> tup
     Without ``dummy_input`` a flow is only worth finding when both sides are modules and both
     get one: execution order is compared between the two sides, and one side alone says nothing.
     """
-    modules = [side if isinstance(side, nn.Module) else None for side in (source, target)]
+    src_module = source if isinstance(source, nn.Module) else None
+    tgt_module = target if isinstance(target, nn.Module) else None
     if dummy_input is not None:
-        orders = tuple(record_execution_order(m, dummy_input) if m is not None else None for m in modules)
-        return orders, tuple("dummy_input" if o is not None else "none" for o in orders)
-    if not trace or None in modules:
+        orders = (record_execution_order(src_module, dummy_input) if src_module is not None else None,
+                  record_execution_order(tgt_module, dummy_input) if tgt_module is not None else None)
+        return orders, ("dummy_input" if orders[0] is not None else "none",
+                        "dummy_input" if orders[1] is not None else "none")
+    if not trace or src_module is None or tgt_module is None:
         return (None, None), ("none", "none")
-    source_order = trace_execution_order(modules[0])
-    target_order = trace_execution_order(modules[1]) if source_order is not None else None
+    source_order = trace_execution_order(src_module)
+    target_order = trace_execution_order(tgt_module) if source_order is not None else None
     if target_order is not None:
         return (source_order, target_order), ("fx", "fx")
-    source_order, source_how = auto_execution_order(modules[0])
+    source_order, source_how = auto_execution_order(src_module)
     if source_order is None:
         return (None, None), ("none", "none")
-    target_order, target_how = auto_execution_order(modules[1])
+    target_order, target_how = auto_execution_order(tgt_module)
     if target_order is None:
         return (None, None), ("none", "none")
     return (source_order, target_order), (source_how, target_how)
@@ -545,18 +515,3 @@ def _to_table(side: Any, exec_order: Mapping[str, float] | None, which: str) -> 
         f"{which} must be an nn.Module, a state dict or a TensorTable, got {type(side).__name__}; "
         "for a file use WeightMapper.from_checkpoint"
     )
-
-
-def _strip_prefix(mapper: WeightMapper, given: str | None) -> str:
-    """Detect a wrapper prefix (``module.``) on the source that the target lacks, and strip it."""
-    from weight_mapper.checkpoint import detect_wrapper_prefix
-
-    src, tgt = mapper.source_table, mapper.target_table
-    prefix = given if given is not None else detect_wrapper_prefix(src.names)
-    if not prefix or detect_wrapper_prefix(tgt.names) == prefix:
-        return ""
-    if not all(n.startswith(prefix) for n in src.names):
-        raise MappingError(f"source_prefix {prefix!r} is not a prefix of every source key")
-    # A new table (not a copy of the old one's cached columns): every derived column follows the names.
-    mapper.source_table = replace(src, names=tuple(n[len(prefix):] for n in src.names))
-    return prefix

@@ -16,7 +16,7 @@ from typing import Any
 
 from weight_mapper.errors import PlanError
 from weight_mapper.plan import MappingPlan, PlanEntry
-from weight_mapper.planner import transform_for
+from weight_mapper.transforms import relate
 
 __all__ = ["MappingDict", "plan_from_mapping"]
 
@@ -146,7 +146,8 @@ def _manual_entry(src: str, tgt: str, source_shapes, target_shapes, matched: Pla
         # knows that a square Conv1D weight must still be transposed into an nn.Linear.
         transform, args = matched.transform, dict(matched.args)
     else:
-        transform, args = (None, {}) if t_shape is None else transform_for(s_shape, t_shape)
+        relation = None if t_shape is None else relate(s_shape, t_shape)
+        transform, args = (None, {}) if relation is None else (relation.transform, relation.args)
     if t_shape is not None and transform is None and s_shape != t_shape:
         raise PlanError(
             f"{src!r} {list(s_shape)} cannot fill {tgt!r} {list(t_shape)}: the shapes differ and no "

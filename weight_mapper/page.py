@@ -28,7 +28,15 @@ from typing import Any
 
 from weight_mapper.plan import AMBIGUITY_MARGIN, FLAG_DESCRIPTIONS, MappingPlan
 from weight_mapper.report import RISK_TIERS, risk_key, risk_tier
-from weight_mapper.score import CONTEXT_WEIGHT, HIERARCHY_WEIGHTS, HIERARCHY_WEIGHTS_EXEC, NAME_WEIGHTS
+from weight_mapper.score import (
+    BASE_COMPONENTS,
+    CONTEXT,
+    CONTEXT_WEIGHT,
+    REPORTED_COMPONENTS,
+    SCORE_COMPONENTS,
+    SUB_SCORE_LABELS,
+    SUB_SCORES,
+)
 from weight_mapper.table import TensorTable
 
 __all__ = ["review_data", "export_review_page", "breakdown_candidates", "PAGE_STATUSES", "MAX_BREAKDOWNS"]
@@ -38,8 +46,9 @@ __all__ = ["review_data", "export_review_page", "breakdown_candidates", "PAGE_ST
 PAGE_STATUSES = (RISK_TIERS[0], "unmatched", *RISK_TIERS[1:])
 #: Entries whose sub-scores and alternatives are embedded by default, riskiest first.
 MAX_BREAKDOWNS = 2000
-COMPONENTS = ("shape", "name", "hierarchy", "context")
-SUB_SCORES = ("tokens", "edit", "lcs", "index", "leaf", "depth", "sibling", "order", "exec")
+# Components and sub-scores travel in the order of the registry (score.SCORE_COMPONENTS).
+COMPONENTS = REPORTED_COMPONENTS
+_CONTEXT_SHORT = "ctx"  # the context's column head in the narrow alternatives table
 _SCALE = 1000  # scores travel as integers in thousandths: "812" is shorter than "0.8123"
 _NONE = None  # no value (NaN, not used, no score): null, which no value in thousandths can be
 _NO_ID = -1  # no tensor (an unmatched tensor's other side), no level or transform code
@@ -239,10 +248,11 @@ def review_data(
         "n_unmatched_source": len(plan.unmatched_source), "n_unmatched_target": len(plan.unmatched_target),
         "rounds": list(plan.rounds), "converged": plan.converged, "source_prefix": plan.source_prefix,
         "weights": {k: float(v) for k, v in plan.weights.items()},
-        "name_weights": dict(NAME_WEIGHTS), "hierarchy_weights": dict(HIERARCHY_WEIGHTS),
-        "hierarchy_weights_exec": dict(HIERARCHY_WEIGHTS_EXEC), "context_weight": CONTEXT_WEIGHT,
-        "ambiguity_margin": AMBIGUITY_MARGIN, "statuses": list(PAGE_STATUSES),
-        "components": list(COMPONENTS), "sub_scores": list(SUB_SCORES),
+        "context_weight": CONTEXT_WEIGHT, "ambiguity_margin": AMBIGUITY_MARGIN, "statuses": list(PAGE_STATUSES),
+        "components": list(COMPONENTS), "base_components": list(BASE_COMPONENTS),
+        "component_labels": {c.key: c.label for c in SCORE_COMPONENTS},
+        "component_short_labels": {**{c.key: c.short_label for c in SCORE_COMPONENTS}, CONTEXT: _CONTEXT_SHORT},
+        "sub_scores": list(SUB_SCORES), "sub_labels": dict(SUB_SCORE_LABELS), "shares": _shares(),
         "levels": list(levels), "transforms": list(transforms), "flags": list(flags),
         "flag_descriptions": {f: FLAG_DESCRIPTIONS.get(f, "") for f in flags},
         "n_breakdowns": len(breakdowns),
@@ -250,6 +260,13 @@ def review_data(
     return {"meta": meta, "source": source.to_dict(), "target": target.to_dict(), "rows": rows,
             "sources": sparse["sources"], "flags": sparse["flags"], "withheld": list(sparse["withheld"]),
             "breakdowns": breakdowns}
+
+
+def _shares() -> dict[str, list]:
+    """Each component's share tables, as the page picks them: ``[[sub-score or None, {key: share}], ...]``,
+    the first whose sub-score is available (None: always) in force (see ``Component.shares_for``)."""
+    return {c.key: [*([k, dict(t)] for k, t in c.shares_when), [None, dict(c.shares)]]
+            for c in SCORE_COMPONENTS if c.parts}
 
 
 def render_page(data: Mapping[str, Any], *, title: str) -> str:

@@ -9,7 +9,6 @@ this side; applying or inverting a plan never loads the matcher.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
@@ -18,10 +17,9 @@ import numpy as np
 from weight_mapper.assign import Assignment
 from weight_mapper.combine import Combination
 from weight_mapper.plan import MappingPlan, PlanEntry
-from weight_mapper.score import TRANSPOSED_TYPES
 from weight_mapper.storage import TransposeVote, transpose_votes
 from weight_mapper.table import TensorTable
-from weight_mapper.transforms import invert_entries
+from weight_mapper.transforms import invert_entries, relate
 
 __all__ = ["build_plan", "transform_for"]
 
@@ -196,6 +194,9 @@ def _combined_args(src_table: TensorTable, c: Combination) -> dict:
 def transform_for(s_shape, t_shape, s_type: str = "", t_type: str = "") -> tuple[str | None, dict]:
     """The transform (and its args) that turns a source tensor into a target tensor of a match.
 
+    The transform registry decides (:func:`weight_mapper.transforms.relate`), as it decides
+    the shape score the match was made with; ``(None, {})`` when no transform relates them.
+
     >>> transform_for((3, 2), (2, 3))
     ('transpose', {})
     >>> transform_for((8, 1, 1), (8,))
@@ -203,19 +204,8 @@ def transform_for(s_shape, t_shape, s_type: str = "", t_type: str = "") -> tuple
     >>> transform_for((16, 72), (16, 8, 3, 3))
     ('reshape', {'shape': [16, 8, 3, 3]})
     """
-    s_shape, t_shape = tuple(s_shape), tuple(t_shape)
-    if len(s_shape) == 2 and (s_type, t_type) in TRANSPOSED_TYPES:
-        return ("transpose", {}) if s_shape[::-1] == t_shape else (None, {})
-    if s_shape == t_shape:
-        return None, {}
-    if len(s_shape) == 2 and s_shape[::-1] == t_shape:
-        return "transpose", {}
-    if [d for d in s_shape if d != 1] == [d for d in t_shape if d != 1]:
-        return "reshape", {"shape": list(t_shape)}
-    if (min(len(s_shape), len(t_shape)) >= 2 and s_shape[0] == t_shape[0]
-            and math.prod(s_shape) == math.prod(t_shape)):  # flattened trailing dims
-        return "reshape", {"shape": list(t_shape)}
-    return None, {}
+    relation = relate(s_shape, t_shape, s_type, t_type)
+    return (None, {}) if relation is None else (relation.transform, relation.args)
 
 
 def _entry(src_table, tgt_table, s, t, score, margin, level, components, prefix,

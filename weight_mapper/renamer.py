@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,7 @@ class WeightRenamer:
             self.tensors: Mapping[str, torch.Tensor] = ckpt.tensors
             self.state_key, self.envelope, self.metadata = ckpt.state_key, dict(ckpt.envelope), dict(ckpt.metadata)
             self.source_name = str(checkpoint)
-            self._source_ordered = ckpt.format not in ("safetensors", "sharded-safetensors")  # sorted headers
+            self._source_ordered = ckpt.tensors.ordered  # a sorted safetensors header is not
         else:
             tensors, state_key, envelope, _ = unwrap_state_dict(checkpoint, key=key)
             self.source_path = None
@@ -139,6 +139,11 @@ class WeightRenamer:
             raise ConversionError("nothing to save yet: call rename_keys(mapping) first")
         return self.renamed
 
+    @property
+    def n_shards(self) -> int:
+        """How many files the source tensors are read from (1 for a single file or a state dict)."""
+        return len(self._shards())
+
     def _shards(self) -> list[tuple[Path | None, list[str]]]:
         shards = getattr(self.tensors, "shards", None)
         return shards() if shards is not None else [(None, list(self.tensors))]
@@ -217,7 +222,8 @@ class WeightRenamer:
             path: Output file or folder; never the source.
             keep_envelope: Write a torch file in the source's envelope (a safetensors output
                 holds tensors only, and warns that the envelope is dropped).
-            progress: Optional callable ``progress(done, total)`` called after each shard.
+            progress: Optional callable ``progress(done, total)``, called after each source
+                tensor read (``total`` counts the distinct source tensors the plan reads).
             training_state: With ``keep_envelope``: ``"convert"`` (default) or ``"drop"`` (leave
                 optimizer, LR scheduler and AMP scaler state out: weights only).
 
@@ -229,15 +235,14 @@ class WeightRenamer:
         path = Path(path)
         # Never the source, nor the plan being applied.
         protected = [*self.source_files, *([converted.plan.path] if converted.plan.path is not None else [])]
+        source = self.tensors if progress is None else _CountedReads(self.tensors, converted.plan, progress)
         if path.suffix == "":
-            return self._save_sharded(path, converted, progress)
-        tensors = apply_plan(converted.plan, self.tensors, source=self.source_name)
+            return self._save_sharded(path, converted, source)
+        tensors = apply_plan(converted.plan, source, source=self.source_name)
         if keep_envelope:  # a safetensors output warns that it cannot hold the envelope
             out = self.save_with_envelope(tensors, path, protected=protected, training_state=training_state)
         else:
             out = save_checkpoint(tensors, path, metadata=self.metadata or None, protected=protected)
-        if progress is not None:
-            progress(1, 1)
         return out
 
     def save_with_envelope(self, tensors: Mapping[str, torch.Tensor], path: str | Path, *,
@@ -257,7 +262,7 @@ class WeightRenamer:
         return save_checkpoint(tensors, path, envelope=envelope, state_key=self.state_key,
                                metadata=self.metadata or None, protected=protected)
 
-    def _save_sharded(self, folder: Path, converted: ConvertedTensors, progress: Any) -> Path:
+    def _save_sharded(self, folder: Path, converted: ConvertedTensors, source: Mapping[str, torch.Tensor]) -> Path:
         source_dirs = {p.resolve() for p in self.source_files} | {p.resolve().parent for p in self.source_files}
         if folder.resolve() in source_dirs:
             raise CheckpointError(f"Refusing to overwrite the source checkpoint {folder}; choose another output path")
@@ -265,25 +270,29 @@ class WeightRenamer:
             raise CheckpointError(f"{folder} already exists; choose a new folder for the sharded output")
         if not folder.parent.is_dir():
             raise CheckpointError(f"cannot write {folder}: folder {folder.parent} does not exist")
-        source2targets: dict[str, list[str]] = {}
-        for e in converted.plan.entries:
-            source2targets.setdefault(e.source[0], []).append(e.target)
-        shards = [[t for name in names for t in source2targets.get(name, [])] for _, names in self._shards()]
-        shards = [s for s in shards if s]
+        shards, needs = self._output_shards(converted.plan)
+        # The last output shard that reads each source shard: its memory map is let go after it.
+        last_use = {k: i for i, used in enumerate(needs) for k in used}
+        release, prefetch = getattr(self.tensors, "release", None), getattr(self.tensors, "prefetch", None)
         clean_stale_temporaries(folder.parent)
         tmp = temporary_path_for(folder)
         tmp.mkdir()
         try:
             weight_map, total_size = {}, 0
             for i, targets in enumerate(shards, start=1):
+                if prefetch is not None and i < len(shards):
+                    for k in sorted(needs[i] - needs[i - 1]):  # the next output shard's sources only
+                        prefetch(k)
                 shard_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                tensors = apply_plan(converted.plan, self.tensors, source=self.source_name, targets=targets)
+                tensors = apply_plan(converted.plan, source, source=self.source_name, targets=targets)
                 save_checkpoint(tensors, tmp / shard_name, metadata=self.metadata or None)
                 total_size += sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors.values()}.values())
                 weight_map.update({t: shard_name for t in targets})
                 del tensors
-                if progress is not None:
-                    progress(i, len(shards))
+                if release is not None:
+                    for k in sorted(needs[i - 1]):
+                        if last_use[k] == i - 1:
+                            release(k)
             index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
             os.rename(tmp, folder)
@@ -292,6 +301,26 @@ class WeightRenamer:
             raise
         return folder
 
+    def _output_shards(self, plan: MappingPlan) -> tuple[list[list[str]], list[set[int]]]:
+        """Target keys of each output shard, and the source shards each one reads.
+
+        Output shards follow the source shards: an entry goes with its first source's shard, in
+        the source's order, so a conversion reads the source front to back.
+        """
+        source_shards = self._shards()
+        name2shard = {name: k for k, (_, names) in enumerate(source_shards) for name in names}
+        source2entries: dict[str, list[PlanEntry]] = {}
+        for e in plan.entries:
+            source2entries.setdefault(e.source[0], []).append(e)
+        shards: list[list[str]] = []
+        needs: list[set[int]] = []
+        for _, names in source_shards:
+            entries = [e for name in names for e in source2entries.get(name, [])]
+            if entries:
+                shards.append([e.target for e in entries])
+                needs.append({name2shard[s] for e in entries for s in e.source if s in name2shard})
+        return shards, needs
+
     def validate(self, target_module: nn.Module, *, strict: bool = False) -> ValidationReport:
         """Compare the converted tensors with ``target_module``'s keys and shapes.
 
@@ -299,3 +328,28 @@ class WeightRenamer:
             ConversionError: With ``strict=True``, if keys are missing, unexpected or mis-shaped.
         """
         return validate_state_dict(self._require_renamed(), target_module, strict=strict)
+
+
+class _CountedReads(Mapping[str, torch.Tensor]):
+    """The source tensors, calling ``progress(done, total)`` after every tensor read (for :meth:`WeightRenamer.save`)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], plan: MappingPlan,
+                 progress: Callable[[int, int], Any]):
+        self._tensors, self._progress = tensors, progress
+        self._total = len({name for e in plan.entries for name in e.source})
+        self._done = 0
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensor = self._tensors[name]
+        self._done += 1
+        self._progress(self._done, max(self._total, self._done))
+        return tensor
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors  # never a read
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)

@@ -30,10 +30,14 @@ import heapq
 import re
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
 
 from weight_mapper.errors import MappingError
 from weight_mapper.names import natural_key
+
+if TYPE_CHECKING:
+    from weight_mapper.plan import MappingPlan
 
 __all__ = [
     "RenameRule",
@@ -43,6 +47,8 @@ __all__ = [
     "rules_to_key_mapping",
     "rules_to_revise_keys",
     "rules_to_torchtune_table",
+    "RuleForms",
+    "rule_forms",
 ]
 
 # Repair rounds before the remaining wrong keys get literal rules outright.
@@ -851,3 +857,70 @@ def _toposort(n: int, edges: set[tuple[int, int]]) -> list[int] | None:
             if indegree[b] == 0:
                 heapq.heappush(heap, b)
     return out if len(out) == n else None
+
+
+@dataclass(frozen=True)
+class RuleForms:
+    """A plan's renames as regex rules, in the forms transformers, mmengine and torchtune take.
+
+    Each form was checked against the plan's mapping under the way its tool applies it; a form
+    that would rename a key wrongly is None, and ``refused`` says why.
+
+    Attributes:
+        rules: the rules (first match wins).
+        key_mapping: transformers 4.x ``from_pretrained(key_mapping=...)``.
+        key_mapping_transformers5: the same for transformers 5 (one ``(\\d+)`` group per rule).
+        revise_keys: mmengine's ``load_checkpoint(revise_keys=...)`` pairs.
+        not_renames: entries that are not plain renames (several sources, or a transform).
+        refused: form -> why it was not written.
+    """
+
+    rules: tuple[RenameRule, ...]
+    key_mapping: dict[str, str] | None
+    key_mapping_transformers5: dict[str, str] | None
+    revise_keys: list[list[str]] | None
+    not_renames: tuple[dict[str, Any], ...] = ()
+    refused: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON ``weight-mapper map --rules`` writes (``refused`` only when a form was)."""
+        data: dict[str, Any] = {
+            "rules": [{"pattern": r.pattern, "replacement": r.replacement} for r in self.rules],
+            "key_mapping": self.key_mapping,
+            "key_mapping_transformers5": self.key_mapping_transformers5,
+            "revise_keys": self.revise_keys,
+            "not_renames": [dict(e) for e in self.not_renames],
+        }
+        if self.refused:
+            data["refused"] = dict(self.refused)
+        return data
+
+
+def rule_forms(plan: MappingPlan) -> RuleForms:
+    """The renames of ``plan`` (its 1:1 entries) as :class:`RuleForms`.
+
+    Raises:
+        MappingError: the renames cannot be written as rules at all (see :func:`infer_rules`).
+    """
+    mapping = {e.source[0]: e.target for e in plan.entries if len(e.source) == 1}
+    rules = infer_rules(mapping)
+    single_group = infer_rules(mapping, max_groups=1)
+    refused: dict[str, str] = {}
+
+    def checked(form: str, write: Callable[[], Any]) -> Any:
+        try:
+            return write()
+        except MappingError as exc:
+            refused[form] = str(exc)
+            return None
+
+    return RuleForms(
+        rules=tuple(rules),
+        key_mapping=checked("key_mapping", lambda: rules_to_key_mapping(rules, mapping)),
+        key_mapping_transformers5=checked(
+            "key_mapping_transformers5", lambda: rules_to_key_mapping(single_group, mapping, transformers5=True)),
+        revise_keys=checked("revise_keys", lambda: [list(p) for p in rules_to_revise_keys(rules, mapping)]),
+        not_renames=tuple({"target": e.target, "source": list(e.source), "transform": e.transform}
+                          for e in plan.entries if len(e.source) > 1 or e.transform),
+        refused=refused,
+    )

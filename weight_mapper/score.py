@@ -1,17 +1,20 @@
 """Stage 3: similarity of every source candidate to every target candidate, as matrices.
 
-Each scorer is a small pure function ``(src: Items, tgt: Items) -> ndarray[n_src, n_tgt]``
-answering one question with values in [0, 1]. :func:`score_matrices` combines them with the
-weights of one place, :data:`NAME_WEIGHTS`, :data:`HIERARCHY_WEIGHTS` and the user's
-component weights. Nothing here loops over source x target pairs in Python.
+Each scorer is a small pure function ``(src: Items, tgt: Items, si, ti) -> ndarray[n_edges]``
+answering one question with values in [0, 1]. The registry :data:`SCORE_COMPONENTS` says which
+scorers make each top-level component (shape, name, hierarchy), with which shares, its default
+weight and its label; :func:`score_edges` evaluates it and :func:`weighted_base` weighs the
+components with the user's weights, for the assignment and the combined matches alike. Nothing
+here loops over source x target pairs in Python.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from functools import cached_property
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -22,9 +25,29 @@ from scipy import sparse
 from weight_mapper.errors import MappingError
 from weight_mapper.names import name_indices, name_skeleton, name_tokens, pad_indices, semantic_chunks
 from weight_mapper.table import TensorTable
+from weight_mapper.transforms import (  # noqa: F401  (re-exported)
+    FLATTEN_SCORE,
+    INFERRED_IN_OUT,
+    LINEAR_TYPES,
+    RESHAPE_SCORE,
+    TRANSPOSED_SCORE,
+    TRANSPOSED_TYPES,
+    compared_shape,
+    relate,
+    stored_transposed,
+)
 from weight_mapper.tree import GroupTable, ModuleTree
 
 __all__ = [
+    "SubScore",
+    "Component",
+    "SCORE_COMPONENTS",
+    "KEY2COMPONENT",
+    "BASE_COMPONENTS",
+    "REPORTED_COMPONENTS",
+    "SUB_SCORES",
+    "SUB_SCORE_LABELS",
+    "CONTEXT",
     "DEFAULT_WEIGHTS",
     "NAME_WEIGHTS",
     "HIERARCHY_WEIGHTS",
@@ -50,42 +73,19 @@ __all__ = [
     "all_pairs",
     "rank_within",
     "score_edges",
+    "weighted_base",
     "score_matrices",
 ]
 
-# The user-facing component weights (documented defaults of the reference design).
-DEFAULT_WEIGHTS: dict[str, float] = {"shape": 0.5, "name": 0.3, "hierarchy": 0.2}
-# How the name score is made of its sub-scores.
-NAME_WEIGHTS: dict[str, float] = {"tokens": 0.3, "edit": 0.2, "lcs": 0.15, "index": 0.25, "leaf": 0.1, "ordinal": 0.2}
-# Sub-scores of the name that only some pairs have (both candidates in an ordinal series): a
-# pair without one is scored on the others, their weights rescaled.
-OPTIONAL_NAME_SCORES = ("ordinal",)
-# How the hierarchy score is made; with execution order known on both sides, what runs when
-# says more than where it was defined, so "exec" takes most of "order"'s weight.
-HIERARCHY_WEIGHTS: dict[str, float] = {"depth": 0.15, "sibling": 0.15, "order": 0.7}
-HIERARCHY_WEIGHTS_EXEC: dict[str, float] = {"depth": 0.15, "sibling": 0.15, "order": 0.2, "exec": 0.5}
+# The score components, their default weights, sub-scores and labels: :data:`SCORE_COMPONENTS`
+# (with the scorers, below). DEFAULT_WEIGHTS, NAME_WEIGHTS and HIERARCHY_WEIGHTS(_EXEC) are read off it.
+
 # Share of the hierarchy context in the score from the second round on (80 % base + 20 %).
 # Context only adds evidence: a parent mapped elsewhere (a regrouping refactor) or not yet
 # mapped counts as the base score itself, so context never pushes a match under threshold.
 CONTEXT_WEIGHT = 0.2
-TRANSPOSED_SCORE = 0.7  # shape score of a 2-D tensor whose target has the reversed shape
-# Module types that store a 2-D weight as [in, out] where the other stores [out, in]: for such
-# a pair the source shape is compared transposed, and the plan transposes the weight even when
-# it is square (the shapes alone cannot tell).
-# INFERRED_IN_OUT is not a class: it marks the modules of a state dict (no types) whose 2-D
-# weights its non-square ones show stored [in, out] against the other side's nn.Linear layers
-# (:func:`weight_mapper.storage.infer_storage`).
-INFERRED_IN_OUT = "[in, out]"
-LINEAR_TYPES = ("Linear", "NonDynamicallyQuantizableLinear")
-TRANSPOSED_TYPES: frozenset[tuple[str, str]] = frozenset(
-    {("Conv1D", "Linear"), ("Linear", "Conv1D")}
-    | {pair for t in LINEAR_TYPES for pair in ((INFERRED_IN_OUT, t), (t, INFERRED_IN_OUT))}
-)
-RESHAPE_SCORE = 0.6  # shape score of equal shapes up to size-1 dims ([C, 1, 1] vs [C])
-# Shape score of a flattened weight: the same first dim and size, other trailing dims. A
-# Linear over a flattened [C, H, W] feature map is a conv with an H x W kernel (torchvision's
-# VGG classifier [4096, 25088] vs timm's ConvMlp [4096, 512, 7, 7]).
-FLATTEN_SCORE = 0.55
+# Shape scores of 1:1 relations, and the module-type storage conventions they read, belong to
+# the transform registry (weight_mapper.transforms); they are re-exported here.
 NEAR_SCORE = 0.5  # shape score of a near shape accepted by shape_tolerance
 UNKNOWN_CONTEXT = 0.5  # context of a candidate whose parent has no mapped counterpart yet
 CONTEXT_LEVELS = 2  # parent and grandparent
@@ -160,8 +160,14 @@ class Items:
 
     # Derived columns for vectorised scoring, computed once per side.
     @cached_property
-    def shape_matrix(self) -> np.ndarray:
-        return _shape_matrix(self.shapes or [])
+    def shape_ids(self) -> tuple[np.ndarray, list[tuple[int, ...]]]:
+        """Each candidate's index into the list of distinct shapes, and that list."""
+        return _ids(self.shapes or ())
+
+    @cached_property
+    def type_ids(self) -> tuple[np.ndarray, list[str]]:
+        """Each candidate's index into the list of distinct module types, and that list."""
+        return _ids(self.module_types)
 
     @cached_property
     def containers(self) -> np.ndarray:
@@ -246,6 +252,13 @@ class Items:
         )
 
 
+def _ids(values: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
+    """Each value's index into the list of distinct values (first-seen order), and that list."""
+    index: dict[Any, int] = {}
+    ids = np.fromiter((index.setdefault(v, len(index)) for v in values), dtype=np.int64, count=len(values))
+    return ids, list(index)
+
+
 def _if_ordered(table: TensorTable, positions: np.ndarray) -> np.ndarray:
     """Positions derived from row order, or NaN where row order is not definition order."""
     return positions if table.ordered else np.full(len(positions), np.nan)
@@ -304,61 +317,61 @@ def _unique_pair_ids(a_keys: np.ndarray, b_keys: np.ndarray, si: np.ndarray, ti:
 def shape_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray, *, tolerance: float = 0.0) -> np.ndarray:
     """1.0 equal, 0.7 transposed 2-D, 0.6 equal but for size-1 dims, 0.55 flattened, 0.5 near, else 0.
 
-    A near shape has the same number of dimensions and every dimension within ``tolerance``
-    (relative). Groups (``shapes is None``) are bucketed by signature, so they score 1.
+    The transform registry owns these rules (:func:`weight_mapper.transforms.relate`); it is
+    asked once per distinct (source shape, target shape, stored-transposed) triple among the
+    edges, and the answers are spread to the edges. A near shape, which no transform relates,
+    has the same number of dimensions and every dimension within ``tolerance`` (relative).
+    Groups (``shapes is None``) are bucketed by signature, so they score 1.
     """
     if src.shapes is None or tgt.shapes is None:
         return np.ones(len(si))
-    width = max(src.shape_matrix.shape[1], tgt.shape_matrix.shape[1], 2)
-    a = _pad_cols(src.shape_matrix, width)[si]
-    b = _pad_cols(tgt.shape_matrix, width)[ti]
-    flip = _transposed_types(src, tgt, si, ti) & ((a >= 0).sum(1) == 2)
-    if flip.any():  # compare [in, out] storage as the [out, in] it stands for
-        a = a.copy()
-        a[flip, 0], a[flip, 1] = a[flip, 1], a[flip, 0].copy()
-    exact = (a == b).all(-1)
-    nd_a, nd_b = (a >= 0).sum(1), (b >= 0).sum(1)
-    transposed = (nd_a == 2) & (nd_b == 2) & (a[:, 0] == b[:, 1]) & (a[:, 1] == b[:, 0]) & ~exact
-    out = np.where(exact, 1.0, np.where(transposed, TRANSPOSED_SCORE, 0.0))
-    squeezed = (out == 0) & (_squeeze_rows(a) == _squeeze_rows(b)).all(-1)
-    out = np.where(squeezed, RESHAPE_SCORE, out)
-    numel_a, numel_b = np.where(a >= 0, a, 1).prod(1), np.where(b >= 0, b, 1).prod(1)
-    flattened = (out == 0) & (nd_a != nd_b) & (np.minimum(nd_a, nd_b) >= 2) & (a[:, 0] == b[:, 0]) & (numel_a == numel_b)
-    out = np.where(flattened, FLATTEN_SCORE, out)
-    if tolerance > 0:
-        fa, fb = a.astype(float), b.astype(float)
-        rel = np.abs(fa - fb) / np.maximum(np.maximum(fa, fb), 1.0)
-        near = (nd_a == nd_b) & (rel <= tolerance).all(-1) & (out == 0)
-        out = np.where(near, NEAR_SCORE, out)
-    return out
+    s_ids, s_shapes = src.shape_ids
+    t_ids, t_shapes = tgt.shape_ids
+    n_t = max(len(t_shapes), 1)
+    code = (s_ids[si] * n_t + t_ids[ti]) * 2 + _transposed_types(src, tgt, si, ti)
+    keys, inverse = _distinct(code, 2 * len(s_shapes) * n_t)
+    values = np.array([_pair_score(s_shapes[k // 2 // n_t], t_shapes[k // 2 % n_t], bool(k % 2), tolerance)
+                       for k in keys.tolist()], dtype=float)
+    return values[inverse] if len(keys) else np.zeros(len(si))
+
+
+def _pair_score(s_shape: tuple[int, ...], t_shape: tuple[int, ...], transposed_types: bool, tolerance: float) -> float:
+    """The shape score of one distinct pair: its transform relation's, else near, else 0."""
+    relation = relate(s_shape, t_shape, transposed_types=transposed_types)
+    if relation is not None:
+        return relation.score
+    a = compared_shape(s_shape, transposed_types)
+    if tolerance > 0 and len(a) == len(t_shape) and all(
+            abs(x - y) / max(x, y, 1.0) <= tolerance for x, y in zip(a, t_shape)):
+        return NEAR_SCORE
+    return 0.0
+
+
+def _distinct(code: np.ndarray, n_codes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of ``code`` (in ``[0, n_codes)``) and each element's index among them.
+
+    A dense lookup table when the code space is small against the edges (no sort), else
+    ``np.unique``.
+    """
+    if n_codes <= 4 * len(code) + (1 << 16):
+        present = np.zeros(n_codes, dtype=bool)
+        present[code] = True
+        keys = np.flatnonzero(present)
+        lookup = np.zeros(n_codes, dtype=np.int64)
+        lookup[keys] = np.arange(len(keys))
+        return keys, lookup[code]
+    keys, inverse = np.unique(code, return_inverse=True)
+    return keys, inverse.reshape(-1)
 
 
 def _transposed_types(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray) -> np.ndarray:
     """Per edge: do the owning module types store 2-D weights transposed from each other?"""
     if not src.module_types or not tgt.module_types:
-        return np.zeros(len(si), dtype=bool)
-    a = np.array(src.module_types, dtype=object)[si]
-    b = np.array(tgt.module_types, dtype=object)[ti]
-    out = np.zeros(len(si), dtype=bool)
-    for s_type, t_type in TRANSPOSED_TYPES:
-        out |= (a == s_type) & (b == t_type)
-    return out
-
-
-def _squeeze_rows(m: np.ndarray) -> np.ndarray:
-    """Each padded shape row with its size-1 dims removed (still padded with -1)."""
-    keep = (m != 1) & (m >= 0)
-    order = np.argsort(~keep, axis=1, kind="stable")  # kept dims first, in order
-    out = np.take_along_axis(np.where(keep, m, -1), order, axis=1)
-    return out
-
-
-def _shape_matrix(shapes: Sequence[tuple[int, ...]]) -> np.ndarray:
-    width = max((len(s) for s in shapes), default=0)
-    out = np.full((len(shapes), max(width, 1)), -1, dtype=np.int64)
-    for i, s in enumerate(shapes):
-        out[i, : len(s)] = s
-    return out
+        return np.zeros(len(si), dtype=np.int64)
+    s_ids, s_types = src.type_ids
+    t_ids, t_types = tgt.type_ids
+    table = np.array([[stored_transposed(a, b) for b in t_types] for a in s_types], dtype=np.int64)
+    return table[s_ids[si], t_ids[ti]]
 
 
 def _pad_cols(m: np.ndarray, width: int) -> np.ndarray:
@@ -633,10 +646,171 @@ def _alternatives(side: Any) -> tuple[str, ...] | None:
 
 
 # ---------------------------------------------------------------------------- combination
+def mean_of_known(scores: Mapping[str, np.ndarray], shares: Mapping[str, float], n: int) -> np.ndarray:
+    """Per edge, the share-weighted mean of the sub-scores it has (NaN: not available for that pair).
+
+    >>> mean_of_known({"a": np.array([1.0, 1.0]), "b": np.array([0.0, np.nan])}, {"a": 0.5, "b": 0.5}, 2).tolist()
+    [0.5, 1.0]
+    """
+    total, weight = np.zeros(n), np.zeros(n)
+    for key, w in shares.items():
+        value = scores[key]
+        known = ~np.isnan(value)
+        total += np.where(known, w * np.nan_to_num(value), 0.0)
+        weight += np.where(known, w, 0.0)
+    return total / np.maximum(weight, 1e-12)
+
+
+def share_weighted_sum(scores: Mapping[str, np.ndarray], shares: Mapping[str, float], n: int) -> np.ndarray:
+    """The sub-scores weighted by their shares, rescaled to sum to 1 (every edge has every sub-score).
+
+    Not :func:`mean_of_known` with no NaN: the two round differently, and each component keeps
+    the arithmetic its scores were tuned with.
+
+    >>> share_weighted_sum({"a": np.array([1.0]), "b": np.array([0.0])}, {"a": 0.3, "b": 0.1}, 1).round(3).tolist()
+    [0.75]
+    """
+    out, total = np.zeros(n), sum(shares.values())
+    for key, w in shares.items():
+        out = out + w / total * scores[key]  # 0 + x is x: the same floats as a plain sum
+    return out
+
+
+@dataclass(frozen=True)
+class SubScore:
+    """One sub-score of a component: its key, its scorer and how the views call it.
+
+    ``scorer(src, tgt, si, ti)`` returns one value per edge in [0, 1], NaN for a pair that has
+    no such score, or None when a whole side cannot provide it (no definition order).
+    """
+
+    key: str
+    scorer: Callable[[Items, Items, np.ndarray, np.ndarray], np.ndarray | None]
+    label: str
+
+
+@dataclass(frozen=True)
+class Component:
+    """One top-level score component: what it is made of, its default weight and its label.
+
+    A component is scored either directly, ``scorer(src, tgt, si, ti, tolerance=...)``, or as a
+    mean of its ``parts``: ``mean(sub_scores, shares, n_edges)`` over the sub-scores available,
+    with the shares of ``shares`` (or of the first ``shares_when`` table whose sub-score is
+    available).
+
+    Attributes:
+        key: The name in ``weights=`` and in every ``components`` dict.
+        weight: Default weight (:data:`DEFAULT_WEIGHTS`).
+        label: How the views and the review page call it.
+        short: A shorter label for narrow columns (the label by default).
+        scorer: The direct scorer, or None for a component made of parts.
+        parts: Sub-scores, in the order they are computed and shown.
+        shares: Share of each sub-score in the component (rescaled over the ones available).
+        shares_when: ``(sub-score key, shares)``: the table used instead when that sub-score is available.
+        mean: How the sub-scores are combined: :func:`mean_of_known` (per pair) or
+            :func:`share_weighted_sum` (a sub-score is available for a whole side or not at all).
+    """
+
+    key: str
+    weight: float
+    label: str
+    scorer: Callable[..., np.ndarray] | None = None
+    parts: tuple[SubScore, ...] = ()
+    shares: Mapping[str, float] = field(default_factory=dict)
+    shares_when: tuple[tuple[str, Mapping[str, float]], ...] = ()
+    mean: Callable[[Mapping[str, np.ndarray], Mapping[str, float], int], np.ndarray] = mean_of_known
+    short: str = ""
+
+    @property
+    def short_label(self) -> str:
+        return self.short or self.label
+
+    def shares_for(self, available: Collection[str]) -> dict[str, float]:
+        """Shares of the ``available`` sub-scores, from the table in force, not yet rescaled."""
+        table = next((t for key, t in self.shares_when if key in available), self.shares)
+        return {k: w for k, w in table.items() if k in available}
+
+    def rescaled_shares(self, available: Collection[str]) -> dict[str, float]:
+        """Each available sub-score's share of the component, summing to 1 (empty for a direct one).
+
+        >>> KEY2COMPONENT["hierarchy"].rescaled_shares({"depth", "order"})
+        {'depth': 0.17647058823529413, 'order': 0.8235294117647058}
+        """
+        shares = self.shares_for(available)
+        total = sum(shares.values())
+        return {k: w / total for k, w in shares.items()} if total else {}
+
+    def score(self, src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray, *, tolerance: float,
+              sub_scores: dict[str, np.ndarray]) -> np.ndarray:
+        """The component on each edge; its available sub-scores are added to ``sub_scores``."""
+        if self.scorer is not None:
+            return self.scorer(src, tgt, si, ti, tolerance=tolerance)
+        for part in self.parts:
+            value = part.scorer(src, tgt, si, ti)
+            if value is not None:  # a side cannot provide it: left out, the other shares rescaled
+                sub_scores[part.key] = value
+        available = [p.key for p in self.parts if p.key in sub_scores]
+        return self.mean(sub_scores, self.shares_for(available), len(si))
+
+
+# The registry of score components, in the order they are computed, weighed and shown. A new
+# component is one entry here (its scorer or sub-scores, default weight and label); score_edges,
+# weighted_base, validate_weights, the assignment, the explanations, the views and the review
+# page all iterate it.
+SCORE_COMPONENTS: tuple[Component, ...] = (
+    Component("shape", 0.5, "shape", scorer=shape_score),
+    Component(
+        "name", 0.3, "name",
+        parts=(SubScore("tokens", token_score, "token overlap"), SubScore("edit", edit_score, "edit distance"),
+               SubScore("lcs", lcs_score, "common subsequence"), SubScore("index", index_score, "numeric indices"),
+               SubScore("leaf", leaf_score, "leaf type"), SubScore("ordinal", ordinal_score, "ordinal position")),
+        # "ordinal" only for pairs in an ordinal series: a pair without one is scored on the others.
+        shares=MappingProxyType({"tokens": 0.3, "edit": 0.2, "lcs": 0.15, "index": 0.25, "leaf": 0.1, "ordinal": 0.2}),
+        mean=mean_of_known,
+    ),
+    Component(
+        "hierarchy", 0.2, "hierarchy", short="hier.",
+        parts=(SubScore("depth", depth_score, "depth"), SubScore("sibling", sibling_score, "sibling position"),
+               SubScore("order", order_score, "definition order"), SubScore("exec", exec_score, "execution order")),
+        shares=MappingProxyType({"depth": 0.15, "sibling": 0.15, "order": 0.7}),
+        # With execution order known on both sides, what runs when says more than where it was
+        # defined, so "exec" takes most of "order"'s share.
+        shares_when=(("exec", MappingProxyType({"depth": 0.15, "sibling": 0.15, "order": 0.2, "exec": 0.5})),),
+        mean=share_weighted_sum,
+    ),
+)
+KEY2COMPONENT: dict[str, Component] = {c.key: c for c in SCORE_COMPONENTS}
+#: The components weighed into the base score, in registry order.
+BASE_COMPONENTS: tuple[str, ...] = tuple(KEY2COMPONENT)
+#: The hierarchy context: not weighed into the base, it lifts the score from the second round on
+#: (:func:`with_context`, :data:`CONTEXT_WEIGHT`).
+CONTEXT = "context"
+#: The components every match reports (``Assignment.components``, ``PlanEntry.components``).
+REPORTED_COMPONENTS: tuple[str, ...] = (*BASE_COMPONENTS, CONTEXT)
+#: Every sub-score key, in registry order, and how the views call it.
+SUB_SCORES: tuple[str, ...] = tuple(p.key for c in SCORE_COMPONENTS for p in c.parts)
+SUB_SCORE_LABELS: dict[str, str] = {p.key: p.label for c in SCORE_COMPONENTS for p in c.parts}
+# The user-facing component weights (documented defaults of the reference design).
+DEFAULT_WEIGHTS: dict[str, float] = {c.key: c.weight for c in SCORE_COMPONENTS}
+# The share tables by their former names.
+NAME_WEIGHTS: Mapping[str, float] = KEY2COMPONENT["name"].shares
+HIERARCHY_WEIGHTS: Mapping[str, float] = KEY2COMPONENT["hierarchy"].shares
+HIERARCHY_WEIGHTS_EXEC: Mapping[str, float] = dict(KEY2COMPONENT["hierarchy"].shares_when)["exec"]
+
+
+def weighted_base(weights: Mapping[str, float], components: Mapping[str, Any]) -> Any:
+    """The base score: the components weighed by the user's weights (arrays or floats).
+
+    >>> weighted_base({"shape": 0.5, "name": 0.3, "hierarchy": 0.2}, {"shape": 1.0, "name": 0.5, "hierarchy": 0.0})
+    0.65
+    """
+    return sum(weights[key] * components[key] for key in BASE_COMPONENTS)
+
+
 def score_edges(
     src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray, *, weights: Mapping[str, float], tolerance: float = 0.0
 ) -> dict[str, np.ndarray]:
-    """Every sub-score, the three components and their weighted ``base``, one value per edge.
+    """Every sub-score, the components of :data:`SCORE_COMPONENTS` and their weighted ``base``, one value per edge.
 
     Args:
         src, tgt: Candidates of both sides, with ranks set by :meth:`Items.with_ranks`.
@@ -645,36 +819,15 @@ def score_edges(
         tolerance: ``shape_tolerance`` of the mapper.
 
     Returns:
-        Dict with the sub-scores (``tokens``, ``edit``, ``lcs``, ``index``, ``leaf``, ``depth``;
-        ``sibling``, ``order`` and ``exec`` when known), the components ``shape``, ``name``,
-        ``hierarchy`` and ``base``. ``shape == 0`` marks an infeasible pair.
+        Dict with the sub-scores (``tokens``, ``edit``, ``lcs``, ``index``, ``leaf``, ``ordinal``,
+        ``depth``; ``sibling``, ``order`` and ``exec`` when known), the components ``shape``,
+        ``name``, ``hierarchy`` and ``base``. ``shape == 0`` marks an infeasible pair.
     """
-    out: dict[str, np.ndarray] = {"shape": shape_score(src, tgt, si, ti, tolerance=tolerance)}
-    for key, scorer in (("tokens", token_score), ("edit", edit_score), ("lcs", lcs_score),
-                        ("index", index_score), ("leaf", leaf_score), ("ordinal", ordinal_score)):
-        out[key] = scorer(src, tgt, si, ti)
-    out["name"] = _weighted_known(out, NAME_WEIGHTS, len(si))
-    optional = {"depth": depth_score(src, tgt, si, ti), "sibling": sibling_score(src, tgt, si, ti),
-                "order": order_score(src, tgt, si, ti), "exec": exec_score(src, tgt, si, ti)}
-    out.update({k: v for k, v in optional.items() if v is not None})
-    # Sub-scores a side cannot provide are left out and the remaining weights rescaled.
-    table = HIERARCHY_WEIGHTS_EXEC if "exec" in out else HIERARCHY_WEIGHTS
-    hier_weights = {k: w for k, w in table.items() if k in out}
-    total = sum(hier_weights.values())
-    out["hierarchy"] = sum(w / total * out[k] for k, w in hier_weights.items())
-    out["base"] = weights["shape"] * out["shape"] + weights["name"] * out["name"] + weights["hierarchy"] * out["hierarchy"]
+    out: dict[str, np.ndarray] = {}
+    for component in SCORE_COMPONENTS:
+        out[component.key] = component.score(src, tgt, si, ti, tolerance=tolerance, sub_scores=out)
+    out["base"] = weighted_base(weights, out)
     return out
-
-
-def _weighted_known(scores: Mapping[str, np.ndarray], weights: Mapping[str, float], n: int) -> np.ndarray:
-    """Per edge, the weighted mean of the sub-scores it has (NaN: not available for that pair)."""
-    total, weight = np.zeros(n), np.zeros(n)
-    for key, w in weights.items():
-        value = scores[key]
-        known = ~np.isnan(value)
-        total += np.where(known, w * np.nan_to_num(value), 0.0)
-        weight += np.where(known, w, 0.0)
-    return total / np.maximum(weight, 1e-12)
 
 
 def score_matrices(

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from weight_mapper.checkpoint import storage_view
 from weight_mapper.errors import MappingError
 from weight_mapper.validate import Invalid, check_names
 from weight_mapper.names import name_indices, name_skeleton, name_tokens, natural_key, normalise_leaf, split_name
@@ -152,13 +153,14 @@ class TensorTable:
     def from_checkpoint(cls, checkpoint: Any, *, label: str | None = None) -> TensorTable:
         """Build the table of a :class:`~weight_mapper.checkpoint.Checkpoint` from shapes alone.
 
-        Safetensors files do not keep the order tensors were defined in (their header is
-        sorted), so their rows are put in natural order (``layers.2`` before ``layers.10``),
-        the closest stand-in for definition order.
+        The source says what its format means: tied names share a row's storage (``alias_of``),
+        and a source whose order means nothing (a safetensors header is sorted) has its rows
+        put in natural order (``layers.2`` before ``layers.10``), the closest stand-in for
+        definition order. No tensor data is read.
         """
-        unordered = checkpoint.format in ("safetensors", "sharded-safetensors")
+        source = checkpoint.tensors
         name = label if label is not None else (checkpoint.path.name if checkpoint.path else "checkpoint")
-        return cls.from_state_dict(checkpoint.tensors.meta(), label=name, natural_order=unordered)
+        return cls.from_state_dict(source.meta(), label=name, natural_order=not source.ordered)
 
     @classmethod
     def from_state_dict(
@@ -180,7 +182,7 @@ class TensorTable:
         ((3, 2),)
         """
         names, shapes, dtypes, identities, skipped = [], [], [], [], []
-        items = state_dict.items()
+        items: Any = state_dict.items()
         natural_order = natural_order or looks_sorted([str(k) for k in state_dict])
         if natural_order:
             items = sorted(items, key=lambda kv: natural_key(str(kv[0])))
@@ -309,16 +311,13 @@ def looks_sorted(names: list[str]) -> bool:
 
 
 def _storage_identity(t: torch.Tensor) -> Any:
-    """A key equal for two tensors that are the same view of the same storage."""
-    if t.device.type == "meta":
-        return ("id", id(t))
-    try:
-        ptr = t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):
-        return ("id", id(t))
-    if ptr == 0:  # empty storage: every empty tensor would look tied
-        return ("id", id(t))
-    return ("storage", ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+    """A key equal for two tensors that are tied: the checkpoint's rule, else the same object.
+
+    A source's meta tensors (:meth:`~weight_mapper.checkpoint.TensorSource.meta`) share one
+    object per tie group, so its ties survive here without any data.
+    """
+    view = storage_view(t)
+    return ("id", id(t)) if view is None else ("storage", *view)
 
 
 def _alias_rows(identities) -> np.ndarray:

@@ -8,6 +8,7 @@ shapes) under which groups are bucketed for matching.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -21,6 +22,7 @@ from weight_mapper.table import TensorTable
 __all__ = ["ModuleTree", "GroupTable", "ROOT"]
 
 ROOT = ""
+_TREES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # table -> its ModuleTree, while the table lives
 #: Most characters all module paths of one tree may hold (a 1M-tensor model needs < 10M).
 MAX_TREE_CHARS = 100_000_000
 
@@ -73,6 +75,17 @@ class ModuleTree:
         self.graph = graph
         self.paths: tuple[str, ...] = tuple(graph.nodes)
         self.path2id: dict[str, int] = {p: i for i, p in enumerate(self.paths)}
+
+    @classmethod
+    def of(cls, table: TensorTable) -> ModuleTree:
+        """The tree of ``table``, built once per table (matching asks for it several times).
+
+        A table is immutable, so its tree and the columns the tree caches are too.
+        """
+        tree = _TREES.get(table)
+        if tree is None:
+            tree = _TREES[table] = cls(table)
+        return tree
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -279,7 +279,12 @@ def _str_list(x: Any) -> bool:
     return isinstance(x, list) and all(isinstance(s, str) for s in x)
 
 
-def _axis(dim: int, ndim: int, what: str, *, extra: int = 0) -> int:
+def is_int(x: Any) -> bool:
+    """An integer that is not a bool (JSON's ``true`` is not a dimension)."""
+    return _is_int(x)
+
+
+def axis_index(dim: int, ndim: int, what: str, *, extra: int = 0) -> int:
     """``dim`` normalised against ``ndim`` (+ ``extra`` for stack's new axis), else Invalid."""
     n = ndim + extra
     if not -n <= dim < n:
@@ -287,25 +292,12 @@ def _axis(dim: int, ndim: int, what: str, *, extra: int = 0) -> int:
     return dim % n
 
 
-# transform -> (argument -> predicate) of required integer arguments; "dim" defaults to 0.
-_TRANSFORM_ARGS: dict[str, tuple[str, ...]] = {
-    "identity": (),
-    "transpose": (),
-    "reshape": ("shape",),
-    "concat": ("sizes",),
-    "slice": ("start", "length"),
-    "stack": (),
-    "index": ("index",),
-    "stack_concat": ("parts", "concat_dim", "sizes"),
-    "slice_index": ("index", "concat_dim", "start", "length"),
-}
-_MANY_SOURCES = {"concat", "stack", "stack_concat"}
-
-
-def _check_transform(op: str, args: Mapping[str, Any], n_src: int, src_shape: list | None,
+def _check_transform(op: str, transform: Any, args: Mapping[str, Any], n_src: int, src_shape: list | None,
                      tgt_shape: list | None) -> None:
-    """Transform arguments: types, ranges, and consistency with the shapes the entry claims."""
-    for name in _TRANSFORM_ARGS[op]:
+    """Transform arguments: types and ranges here; the transform's own ``required_args`` and
+    ``check_args`` (:mod:`weight_mapper.transforms`) say what it needs and how its arguments
+    must agree with the shapes the entry claims."""
+    for name in transform.required_args:
         if name not in args:
             raise Invalid(f"transform {op!r} needs args.{name}")
     for name in ("dim", "start", "length", "index", "concat_dim", "parts"):
@@ -320,7 +312,7 @@ def _check_transform(op: str, args: Mapping[str, Any], n_src: int, src_shape: li
                                         and len(args["source_shapes"]) == n_src
                                         and all(_shape(s) for s in args["source_shapes"])):
         raise Invalid(f"args.source_shapes must be one shape per source ({n_src})")
-    if op not in _MANY_SOURCES and n_src != 1:
+    if not transform.many_sources and n_src != 1:
         raise Invalid(f"transform {op!r} takes one source, the entry has {n_src}")
     dim = args.get("dim", 0)
     if not _is_int(dim):
@@ -329,64 +321,18 @@ def _check_transform(op: str, args: Mapping[str, Any], n_src: int, src_shape: li
         if not isinstance(args["transposed"], bool):
             raise Invalid(f"args.transposed is {short(args['transposed'])}: expected true or false")
         if args["transposed"]:
-            if op not in ("concat", "slice"):
+            if not transform.transposable:
                 raise Invalid(f"args.transposed applies to concat and slice, not {op!r}")
-            if op == "concat" and tgt_shape is not None:
+            if transform.many_sources and tgt_shape is not None:
                 if len(tgt_shape) != 2:
-                    raise Invalid(f"a transposed concat needs a 2-D target_shape, got {tgt_shape}")
+                    raise Invalid(f"a transposed {op} needs a 2-D target_shape, got {tgt_shape}")
                 tgt_shape = tgt_shape[::-1]
-            if op == "slice" and src_shape is not None:
+            if not transform.many_sources and src_shape is not None:
                 if len(src_shape) != 2:
-                    raise Invalid(f"a transposed slice needs a 2-D source_shape, got {src_shape}")
+                    raise Invalid(f"a transposed {op} needs a 2-D source_shape, got {src_shape}")
                 src_shape = src_shape[::-1]
-    if op == "transpose" and src_shape is not None and len(src_shape) > 2:
-        raise Invalid(f"transform 'transpose' needs a tensor of at most 2 dimensions, source_shape is {src_shape}")
-    if op == "reshape":
-        shape = args["shape"]
-        if not (isinstance(shape, list) and len(shape) <= MAX_NDIM and all(_is_int(d) and d >= -1 for d in shape)
-                and sum(d == -1 for d in shape) <= 1):
-            raise Invalid(f"args.shape is {short(shape)}: expected a list of integers >= 0 (at most one -1)")
-        if src_shape is not None and -1 not in shape and math.prod(shape) != math.prod(src_shape):
-            raise Invalid(f"args.shape {shape} does not hold the {math.prod(src_shape)} values of source_shape "
-                          f"{src_shape}")
-    elif op == "concat":
-        if len(args["sizes"]) != n_src:
-            raise Invalid(f"args.sizes has {len(args['sizes'])} sizes for {n_src} sources")
-        if tgt_shape:
-            d = _axis(dim, len(tgt_shape), "dim")
-            if sum(args["sizes"]) != tgt_shape[d]:
-                raise Invalid(f"args.sizes add up to {sum(args['sizes'])}, but target_shape {tgt_shape} has "
-                              f"{tgt_shape[d]} along dim {dim}")
-    elif op == "stack":
-        if tgt_shape:
-            d = _axis(dim, len(tgt_shape), "dim")
-            if tgt_shape[d] != n_src:
-                raise Invalid(f"stacking {n_src} sources along dim {dim} cannot give target_shape {tgt_shape}")
-    elif op == "stack_concat":
-        parts = args["parts"]
-        if parts < 1 or n_src % parts:
-            raise Invalid(f"args.parts = {parts} does not divide the {n_src} sources")
-        if len(args["sizes"]) != parts:
-            raise Invalid(f"args.sizes has {len(args['sizes'])} sizes for {parts} parts")
-        if tgt_shape:
-            _axis(dim, len(tgt_shape), "dim")
-            d = _axis(args["concat_dim"], len(tgt_shape), "concat_dim")
-            if sum(args["sizes"]) != tgt_shape[d]:
-                raise Invalid(f"args.sizes add up to {sum(args['sizes'])}, but target_shape {tgt_shape} has "
-                              f"{tgt_shape[d]} along concat_dim {args['concat_dim']}")
-    elif op in ("slice", "index", "slice_index") and src_shape is not None:
-        if op in ("slice", "slice_index"):
-            along = "concat_dim" if op == "slice_index" else "dim"
-            axis = args.get(along, 0)
-            d = _axis(axis, len(src_shape), along)
-            if args["start"] + args["length"] > src_shape[d]:
-                raise Invalid(f"args.start + args.length = {args['start'] + args['length']} is beyond the "
-                              f"{src_shape[d]} rows of source_shape {src_shape} along {along} {axis}")
-        if op in ("index", "slice_index"):
-            d = _axis(dim, len(src_shape), "dim")
-            if args["index"] >= src_shape[d]:
-                raise Invalid(f"args.index = {args['index']} is beyond the {src_shape[d]} rows of source_shape "
-                              f"{src_shape} along dim {dim}")
+    if transform.check_args is not None:
+        transform.check_args(args, n_src, src_shape, tgt_shape)
 
 
 def check_plan_entry(entry: Any, known_transforms: Any) -> None:
@@ -416,7 +362,8 @@ def check_plan_entry(entry: Any, known_transforms: Any) -> None:
            "an object of numbers")
     _field(entry, "flags", _str_list, "a list of strings")
     args = _field(entry, "args", lambda x: isinstance(x, dict), "an object") or {}
-    _check_transform(op or "identity", args, len(sources), src_shape, tgt_shape)
+    op = op or "identity"
+    _check_transform(op, known_transforms[op], args, len(sources), src_shape, tgt_shape)
 
 
 def check_plan_dict(data: Any, *, version: int, known_transforms: Any) -> None:

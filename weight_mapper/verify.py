@@ -40,7 +40,8 @@ from weight_mapper.apply import apply_plan
 from weight_mapper.errors import ConversionError, PlanError
 from weight_mapper.plan import MappingPlan, PlanEntry
 
-__all__ = ["VerificationReport", "ModuleCheck", "verify_conversion", "load_source_weights", "ENTRY_STATUSES"]
+__all__ = ["VerificationReport", "ModuleCheck", "verify_conversion", "verify_checkpoint", "load_source_weights",
+           "ENTRY_STATUSES"]
 
 #: What the layer-wise proof says of each entry.
 ENTRY_STATUSES = ("proved", "diverges", "not reached")
@@ -654,6 +655,35 @@ def verify_conversion(
         idle=idle, entry_status=statuses, first_divergence=first, modules=tuple(checks), source_weights=how,
         n_forward=proof.n_forward, repairs=tuple(repairs), plan=replace(plan, entries=tuple(entries)),
     )
+
+
+def verify_checkpoint(
+    plan: MappingPlan,
+    tensors: Mapping[str, torch.Tensor],
+    source: nn.Module,
+    target: nn.Module,
+    dummy_input: Any,
+    *,
+    label: str = "checkpoint",
+    atol: float = 1e-5,
+) -> VerificationReport:
+    """Prove the conversion of a checkpoint: load ``tensors`` into ``source``, then :func:`verify_conversion`.
+
+    ``tensors`` are the checkpoint's, under the plan's names (a wrapper prefix the plan strips,
+    ``plan.source_prefix``, is stripped before loading them into ``source``).
+
+    Raises:
+        ConversionError: as :func:`verify_conversion`; with ``option="source_model"`` when
+            ``tensors`` do not load into ``source`` (it is not the model they were saved from).
+    """
+    prefix = plan.source_prefix
+    state = {k[len(prefix):] if prefix and k.startswith(prefix) else k: tensors[k] for k in tensors}
+    try:
+        how = load_source_weights(source, state, label=label)
+    except ConversionError as e:
+        raise ConversionError(str(e), option="source_model") from None
+    report = verify_conversion(plan, source, target, dummy_input, atol=atol, source_tensors=tensors)
+    return replace(report, source_weights=how)
 
 
 # ---------------------------------------------------------------------------- repair

@@ -30,7 +30,7 @@ from rich.tree import Tree
 
 from weight_mapper.plan import AMBIGUITY_MARGIN, MappingPlan, PlanEntry
 from weight_mapper.report import flags_legend, plain, review_marks, risk_key, risk_tier, score_style
-from weight_mapper.score import CONTEXT_WEIGHT, HIERARCHY_WEIGHTS, HIERARCHY_WEIGHTS_EXEC, NAME_WEIGHTS
+from weight_mapper.score import BASE_COMPONENTS, CONTEXT, CONTEXT_WEIGHT, KEY2COMPONENT, SUB_SCORE_LABELS
 from weight_mapper.table import TensorTable
 from weight_mapper.tree import ROOT, ModuleTree
 
@@ -44,13 +44,7 @@ TRANSFORM2MARKER = {None: "exact", "identity": "exact"}
 # Normalised leaf -> badge of a tensor in the module trees; buffers get "buf", other parameters their name.
 LEAF2BADGE = {"weight": "W", "bias": "B"}
 BUFFER_BADGE = "buf"
-# How the sub-scores are called in a breakdown, in the order they are shown.
-SUB_SCORE_LABELS = {
-    "tokens": "token overlap", "edit": "edit distance", "lcs": "common subsequence", "index": "numeric indices",
-    "leaf": "leaf type", "depth": "depth", "sibling": "sibling position", "order": "definition order",
-    "exec": "execution order",
-}
-COMPONENTS = ("shape", "name", "hierarchy")
+# Score components, sub-scores and their labels come from the registry (score.SCORE_COMPONENTS).
 BAR_WIDTH = 20
 _MATCH_MARKS = {"all": ("✓", "bold green"), "some": ("◐", "bold yellow"), "none": ("✗", "bold red")}
 
@@ -604,10 +598,10 @@ class ScoreBreakdownView:
     def _score_table(self) -> tuple[Table, Text]:
         ex = self.explanation
         components, sub_scores = ex["components"], ex.get("sub_scores") or {}
-        weights = {c: float(ex.get("weights", {}).get(c, 0.0)) for c in COMPONENTS}
+        weights = {c: float(ex.get("weights", {}).get(c, 0.0)) for c in BASE_COMPONENTS}
         legend = "weight of a sub-score: its share of the component\n" if sub_scores else ""
         legend += "adds: its part of the score"
-        context = components.get("context")
+        context = components.get(CONTEXT)
         uses_context = not (context is None or (isinstance(context, float) and math.isnan(context)))
         if uses_context:
             legend += f"\nscore = {1 - CONTEXT_WEIGHT:.2f} × base + {CONTEXT_WEIGHT:.2f} × max(base, context)"
@@ -618,10 +612,10 @@ class ScoreBreakdownView:
         table.add_column("", no_wrap=True)
         table.add_column("adds", justify="right")
         base = 0.0
-        for component in COMPONENTS:
+        for component in BASE_COMPONENTS:
             value, weight = float(components[component]), weights[component]
             base += weight * value
-            table.add_row(Text(component, style="bold"), f"{weight:.2f}", _score(value), score_bar(value),
+            table.add_row(Text(_label(component), style="bold"), f"{weight:.2f}", _score(value), score_bar(value),
                           f"{weight * value:.3f}")
             for key, share in _sub_weights(component, sub_scores).items():
                 sub = sub_scores[key]
@@ -630,10 +624,10 @@ class ScoreBreakdownView:
         table.add_section()
         table.add_row(Text("base", style="bold"), "", _score(base), score_bar(base), f"{base:.3f}")
         if not uses_context:
-            table.add_row("context", "", Text("-", style="dim"), Text("not used (no hierarchy rounds)", "dim"), "")
+            table.add_row(CONTEXT, "", Text("-", style="dim"), Text("not used (no hierarchy rounds)", "dim"), "")
         else:
             lift = ex["score"] - base
-            table.add_row("context", f"{CONTEXT_WEIGHT:.2f}", _score(context), score_bar(context),
+            table.add_row(CONTEXT, f"{CONTEXT_WEIGHT:.2f}", _score(context), score_bar(context),
                           f"{'+' if lift >= 0 else ''}{lift:.3f}")
         table.add_section()
         table.add_row(Text("score", style="bold"), "", _score(ex["score"]), score_bar(ex["score"]),
@@ -649,13 +643,13 @@ class ScoreBreakdownView:
         table.add_column("score", justify="right")
         if ex["score"] is not None:
             table.add_column("vs chosen", justify="right")
-        for component in (*COMPONENTS, "context"):
-            table.add_column(component, justify="right")
+        for component in (*BASE_COMPONENTS, CONTEXT):
+            table.add_column(_label(component), justify="right")
         for alt in alternatives:
             cells: list[Any] = [plain(alt["label"] or "(root)"), _score(alt["score"])]
             if ex["score"] is not None:
                 cells.append(f"{alt['score'] - ex['score']:+.3f}")
-            cells += [_score(alt["components"].get(c)) for c in (*COMPONENTS, "context")]
+            cells += [_score(alt["components"].get(c)) for c in (*BASE_COMPONENTS, CONTEXT)]
             table.add_row(*cells)
         n_more = len(ex["alternatives"]) - len(alternatives)
         if n_more > 0:
@@ -665,15 +659,14 @@ class ScoreBreakdownView:
 
 def _sub_weights(component: str, sub_scores: Mapping[str, float]) -> dict[str, float]:
     """The share of each sub-score in its component, rescaled over the ones present (as score.py does)."""
-    if component == "name":
-        table = NAME_WEIGHTS
-    elif component == "hierarchy":
-        table = HIERARCHY_WEIGHTS_EXEC if "exec" in sub_scores else HIERARCHY_WEIGHTS
-    else:
-        return {}
-    present = {k: w for k, w in table.items() if k in sub_scores}
-    total = sum(present.values())
-    return {k: w / total for k, w in present.items()} if total else {}
+    spec = KEY2COMPONENT.get(component)
+    return spec.rescaled_shares(sub_scores) if spec is not None else {}
+
+
+def _label(component: str) -> str:
+    """How a score component is called (:data:`~weight_mapper.score.SCORE_COMPONENTS`)."""
+    spec = KEY2COMPONENT.get(component)
+    return spec.label if spec is not None else component
 
 
 # ------------------------------------------------------------------------------------ output

@@ -19,6 +19,7 @@ import argparse  # noqa: E402
 import cProfile  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import pstats  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
@@ -123,6 +124,12 @@ def _match(src: Any, tgt: Any, strategy: str) -> tuple[Any, float, float]:
     return mapper, t1 - t0, time.perf_counter() - t1
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process (user + system): on a shared machine the wall time also
+    counts the time other processes held the cores."""
+    return time.process_time()
+
+
 def _profiled(fn, top: int):
     """``(fn(), cProfile summary)``: the ``top`` functions by cumulative and by own time."""
     profiler = cProfile.Profile()
@@ -141,7 +148,7 @@ def _assignment_facts(mapper: Any) -> dict[str, Any]:
 
 def run_family(family: str, size: int, strategy: str, *, profile: int = 0) -> dict[str, Any]:
     """Generate one synthetic family at ``size`` tensors and time its matching."""
-    from benchmarks.scale.families import FAMILIES
+    from benchmarks.scale.families import FAMILIES, positional_baseline
 
     t0 = time.perf_counter()
     src, tgt, truth = FAMILIES[family](size)
@@ -150,12 +157,14 @@ def run_family(family: str, size: int, strategy: str, *, profile: int = 0) -> di
     _match(warm_src, warm_tgt, strategy)
     rss_before = _peak_rss_mib()
 
-    runs, profile_text = [], None
+    runs, profile_text, cpu = [], None, []
     while not runs or (len(runs) < _MAX_REPEATS and sum(r[1] + r[2] for r in runs) < _REPEAT_BUDGET_S and not profile):
         if profile:
             (mapper, setup_s, suggest_s), profile_text = _profiled(lambda: _match(src, tgt, strategy), profile)
         else:
+            c0 = _cpu_s()
             mapper, setup_s, suggest_s = _match(src, tgt, strategy)
+            cpu.append(_cpu_s() - c0)
         runs.append((mapper, setup_s, suggest_s))
     mapper, setup_s, suggest_s = min(runs, key=lambda r: r[1] + r[2])
     plan = mapper.get_plan()
@@ -164,7 +173,10 @@ def run_family(family: str, size: int, strategy: str, *, profile: int = 0) -> di
         "n_source": len(src), "n_target": len(tgt),
         "generate_s": generate_s, "setup_s": setup_s, "suggest_s": suggest_s, "match_s": setup_s + suggest_s,
         "match_runs_s": [r[1] + r[2] for r in runs],
+        "match_cpu_s": min(cpu) if cpu else None, "load_average_1min": os.getloadavg()[0],
         **_plan_scores(plan), **_assignment_facts(mapper), **evaluate(plan, truth),
+        "fraction_positional": positional_baseline(src, tgt, truth),
+        "n_order_only": sum("order_only" in e.flags for e in plan.entries),
         "rss_before_mib": rss_before,
     }
     del runs, mapper, plan
@@ -231,7 +243,7 @@ def _summarise_not_1to1(not_1to1: Mapping[str, Any]) -> list[dict[str, Any]]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scale.case", description=__doc__.splitlines()[0])
     parser.add_argument("kind", choices=["family", "full"])
-    parser.add_argument("name", help="family (cnn, transformer, moe, ambiguous) or full-size case (deepseek_v3, ...)")
+    parser.add_argument("name", help="family (cnn, transformer, moe, ambiguous, anonymous) or full-size case (deepseek_v3, ...)")
     parser.add_argument("rest", nargs="+", help="family: SIZE STRATEGY; full: STRATEGY")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="profile the matching with cProfile and keep the top N functions")

@@ -124,4 +124,36 @@ def ambiguous_stack(n_tensors: int, dim: int = 64) -> tuple[dict, dict, dict]:
     return src, tgt, truth
 
 
-FAMILIES = {"cnn": cnn_stack, "transformer": transformer_stack, "moe": moe_stack, "ambiguous": ambiguous_stack}
+def anonymous_stack(n_tensors: int, dim: int = 64) -> tuple[dict, dict, dict]:
+    """Blocks under hashed names, every tensor of one shape: nothing but order tells them apart.
+
+    Source blocks are ``net.blk_<hash>`` (eight hex digits of a hash of the block's number,
+    digits and letters mixed, sometimes digits only) with four Linear layers ``a``..``d``;
+    target blocks are ``model.layers.N`` with ``q``, ``k``, ``v``, ``o``. Every weight is
+    ``[dim, dim]`` and every bias ``[dim]``, so there is one module signature and no layer index
+    to split by: all ``n_tensors / 2`` modules compete in one bucket. Both sides list the blocks
+    and their layers in the same order, so zipping the two key lists is right for every tensor
+    (the positional baseline); the truth pairs the i-th source block's ``a, b, c, d`` with
+    ``layers.i.q, k, v, o``. The adversarial pair of issue 16.
+    """
+    import hashlib
+
+    src, tgt, truth = {}, {}, {}
+    n_blocks = max(1, n_tensors // 8)
+    for i in range(n_blocks):
+        h = hashlib.sha1(f"block {i}".encode()).hexdigest()[:8]
+        for a, z in zip("abcd", "qkvo"):
+            for leaf, shape in (("weight", (dim, dim)), ("bias", (dim,))):
+                sn, tn = f"net.blk_{h}.{a}.{leaf}", f"model.layers.{i}.{z}.{leaf}"
+                src[sn], tgt[tn], truth[sn] = shape, shape, tn
+    return src, tgt, truth
+
+
+def positional_baseline(source: dict, target: dict, truth: dict) -> float:
+    """Share of the truth that zipping the two key lists in definition order gets right."""
+    right = sum(truth.get(s) == t for s, t in zip(source, target))
+    return right / max(len(truth), 1)
+
+
+FAMILIES = {"cnn": cnn_stack, "transformer": transformer_stack, "moe": moe_stack, "ambiguous": ambiguous_stack,
+            "anonymous": anonymous_stack}

@@ -40,10 +40,12 @@ QUICK_SIZES = (100, 1_000)
 STRATEGIES = ("greedy", "best_match")
 DEFAULT_META = ("deepseek_v3", "deepseek_v3_hub", "llama_405b", "deepseek_v3_small", "llama_small")
 QUICK_META = ("deepseek_v3_small", "deepseek_v3_hub_small", "llama_small")
-# The ambiguous family cannot be split along its layers (that is its point): its largest
-# bucket holds every layer's tensors of one shape, 2 * size / 9 of them, scored densely.
-# Above this size the dense buckets would need hundreds of GB; the run skips and says so.
-MAX_SIZE = {"ambiguous": 10_000}
+# Families too large to run at some sizes (none since issue 16: the ambiguous and anonymous
+# families' undecomposable buckets are blocked, weight_mapper/candidates.py).
+MAX_SIZE: dict[str, int] = {}
+
+# issue 16's measurements (benchmarks/scale/convert.py, reads.py, flow.py), run by --extras.
+EXTRAS = ("convert", "reads", "flow")
 
 # Targets of issue 5, on this 2-core machine.
 TARGET_100K_S, TARGET_100K_RSS_MIB, TARGET_EXPONENT = 30.0, 4096.0, 1.3
@@ -125,6 +127,11 @@ def target_checks(records: Sequence[dict], exponents: Sequence[dict], gaps: Sequ
         lines.append(f"- 100,000 tensors, best_match, `{r['case']}`: {r['match_s']:.1f} s (< {TARGET_100K_S:.0f} s: "
                      f"{mark(r['match_s'] < TARGET_100K_S)}), peak RSS {r['peak_rss_mib']:.0f} MiB "
                      f"(< {TARGET_100K_RSS_MIB:.0f} MiB: {mark(r['peak_rss_mib'] < TARGET_100K_RSS_MIB)})")
+    for r in top:
+        if r["case"] in ("ambiguous", "anonymous") and "fraction_positional" in r:
+            ok = r["fraction_correct"] >= r["fraction_positional"]
+            lines.append(f"- 100,000 tensors, best_match, `{r['case']}` (issue 16): {r['fraction_correct']:.2%} correct, "
+                         f"zipping the key lists {r['fraction_positional']:.2%} (at least as right: {mark(ok)})")
     for e in exponents:
         if e["strategy"] == "best_match":
             lines.append(f"- growth exponent, best_match, `{e['family']}` ({e['from_size']:,} -> {e['to_size']:,}): "
@@ -184,25 +191,35 @@ def _mib(x: float) -> str:
     return f"{x:,.0f}"
 
 
+def _num(x: float | None, digits: int) -> str:
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+def _share(x: float | None) -> str:
+    return "" if x is None else f"{x:.1%}"
+
+
 def _bucket(b: Sequence[int]) -> str:
     return f"{b[0]:,}x{b[1]:,}"
 
 
 def family_table(records: Sequence[dict]) -> str:
     lines = [
-        "| family | size | tensors src/tgt | strategy | setup s | suggest s | match s | peak RSS MiB | correct | total score | largest bucket | rounds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| family | size | tensors src/tgt | strategy | setup s | suggest s | match s | match CPU s | load | peak RSS MiB | correct | zip correct | order_only | total score | largest bucket | rounds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         if r.get("kind") != "family":
             continue
         head = f"| {r['case']} | {r['size']:,} |"
         if "skipped" in r or "error" in r:
-            lines.append(f"{head} | {r['strategy']} | {r.get('skipped') or r.get('error')} | | | | | | | |")
+            lines.append(f"{head} | {r['strategy']} | {r.get('skipped') or r.get('error')} | | | | | | | | | | | |")
             continue
         lines.append(
             f"{head} {r['n_source']:,}/{r['n_target']:,} | {r['strategy']} | {r['setup_s']:.3f} | {r['suggest_s']:.2f} "
-            f"| {r['match_s']:.2f} | {_mib(r['peak_rss_mib'])} | {r['fraction_correct']:.1%} | {r['total_score']:,.2f} "
+            f"| {r['match_s']:.2f} | {_num(r.get('match_cpu_s'), 2)} | {_num(r.get('load_average_1min'), 1)} "
+            f"| {_mib(r['peak_rss_mib'])} | {r['fraction_correct']:.1%} "
+            f"| {_share(r.get('fraction_positional'))} | {r.get('n_order_only', '')} | {r['total_score']:,.2f} "
             f"| {_bucket(r['largest_bucket'])} | {r['rounds'][0]}+{r['rounds'][1]}{'' if r['converged'] else ' (not converged)'} |"
         )
     return "\n".join(lines)
@@ -272,7 +289,10 @@ def render(report: dict) -> str:
         f"Command: `{m['command']}`",
         "",
         "Synthetic families (`match s` = `WeightMapper(src, tgt)` + `suggest_mapping`, fastest of up to 3 runs"
-        " within 5 s, after a warm-up on 100 tensors; peak RSS of the whole process, python + torch included):",
+        " within 5 s, after a warm-up on 100 tensors; `match CPU s` the CPU seconds of that run and `load` the"
+        " 1-minute load average after it (on a shared machine the wall time also counts other processes);"
+        " `zip correct` what zipping the two key lists in definition order gets right; `order_only` entries"
+        " flagged so; peak RSS of the whole process, python + torch included):",
         "",
         family_table(recs),
         "",
@@ -292,7 +312,7 @@ def render(report: dict) -> str:
     if nt:
         parts += ["", "Left out of the 1:1 ground truth (no 1:1 counterpart; `recovered` = one plan entry builds the"
                       " target with this op from exactly these sources, in order):", "", nt]
-    parts += ["", "Targets (issue 5):", "", *report["targets"]]
+    parts += ["", "Targets (issues 5 and 16):", "", *report["targets"]]
     return "\n".join(parts)
 
 
@@ -328,6 +348,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"where to write results (default {DEFAULT_JSON.relative_to(REPO_ROOT)})")
     parser.add_argument("--timeout", type=float, default=_TIMEOUT_S, help="seconds per case before it is stopped")
     parser.add_argument("--update-readme", action="store_true", help="rewrite the table in benchmarks/README.md")
+    parser.add_argument("--extras", nargs="+", choices=[*EXTRAS, "none"], default=["none"],
+                        help="also run issue 16's measurements, each in its own interpreter: convert (a 2.4 GB "
+                             "sharded conversion beside a plain copy), reads (converted reads at DeepSeek size), "
+                             "flow (full-size meta flow and the 45,395-tensor mapping)")
     parser.add_argument("--from-json", type=Path, default=None, metavar="PATH",
                         help="run nothing: render (and with --update-readme, paste) the results of an earlier run")
     args = parser.parse_args(argv)
@@ -344,6 +368,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.update_readme:
         _update_readme(text)
         print(f"updated {README}")
+    for extra in [e for e in args.extras if e != "none"]:
+        print(f"\n$ {_interpreter()} -m benchmarks.scale.{extra}", flush=True)
+        subprocess.run([sys.executable, "-m", f"benchmarks.scale.{extra}"], cwd=REPO_ROOT, check=False)
     return 0
 
 

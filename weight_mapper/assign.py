@@ -694,6 +694,7 @@ class Assignment:
         levels: ``{"group": LevelDetail, "tensor": LevelDetail}`` for explanations.
         flags: Per pair, a tuple of flag names (``"order_only"``, ``"names_disagree"``): why
             it needs a review besides its margin.
+        offset: The wrapper prefixes (:func:`name_offset`) of the two tables, found once.
     """
 
     src: np.ndarray
@@ -707,6 +708,7 @@ class Assignment:
     largest_bucket: tuple[int, int] = field(default=(0, 0))
     levels: dict = field(default_factory=dict)
     flags: np.ndarray | None = None
+    offset: tuple[str, str] | None = None
 
     def above(self, threshold: float) -> Assignment:
         """The matches whose final score reaches ``threshold`` (a group's tensors share its score).
@@ -822,6 +824,7 @@ def assign(
         largest_bucket=max(sizes, key=lambda s: s[0] * s[1], default=(0, 0)),
         levels={"group": groups.detail, "tensor": tensors.detail},
         flags=np.concatenate([groups.flags[expand_idx], tensors.flags]) if n_group + n_tensor else np.zeros(0, object),
+        offset=offset,
     )
 
 

@@ -305,7 +305,8 @@ def same_name_matches(src_table: TensorTable, tgt_table: TensorTable, assignment
     """
     if not len(assignment.src):
         return np.zeros(0, np.int64)
-    src_prefix, tgt_prefix = name_offset(src_table.names, tgt_table.names)
+    src_prefix, tgt_prefix = (assignment.offset if assignment.offset is not None
+                              else name_offset(src_table.names, tgt_table.names))
 
     def bare(name: str, prefix: str) -> str:
         return name[len(prefix):] if prefix and name.startswith(prefix) else name

@@ -42,6 +42,7 @@ from weight_mapper.plan import MappingPlan
 from weight_mapper.renamer import WeightRenamer
 from weight_mapper.report import report_dict
 from weight_mapper.rules import rule_forms
+from weight_mapper.score import DEFAULT_WEIGHTS
 from weight_mapper.summary import summarize_checkpoint
 from weight_mapper.table import TensorTable
 from weight_mapper.tree import ROOT
@@ -530,9 +531,13 @@ def _parse_weights(text: str) -> dict[str, float]:
                 raise ValueError
             name2weight[name.strip()] = float(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT pairs such as shape=0.5,name=0.3,hierarchy=0.2; "
+            raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT pairs such as {_DEFAULT_WEIGHTS}; "
                                              f"got {part!r}") from None
     return name2weight
+
+
+#: The default weights as --weights takes them (from the score component registry).
+_DEFAULT_WEIGHTS = ",".join(f"{name}={weight:g}" for name, weight in DEFAULT_WEIGHTS.items())
 
 
 def _unit_interval(text: str) -> float:
@@ -650,7 +655,7 @@ for a command's options and examples.""",
     mapping.add_argument("--threshold", type=_unit_interval, default=0.6, metavar="T",
                          help="minimum score of a match, in [0, 1] (default: %(default)s)")
     mapping.add_argument("--weights", type=_parse_weights, default=None, metavar="W",
-                         help="score component weights, e.g. shape=0.5,name=0.3,hierarchy=0.2 (the default)")
+                         help=f"score component weights, e.g. {_DEFAULT_WEIGHTS} (the default)")
     mapping.add_argument("--top", type=_non_negative_int, default=10, metavar="N",
                          help="matches (lowest scores first) and unmatched tensors to list (default: %(default)s)")
     mapping.add_argument("--source-model", metavar="FACTORY", default=None,

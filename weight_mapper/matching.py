@@ -30,7 +30,7 @@ from weight_mapper.errors import MappingError
 from weight_mapper.flow import FLOW_SOURCES
 from weight_mapper.plan import MappingPlan
 from weight_mapper.planner import build_plan
-from weight_mapper.score import validate_incompatible_pairs, validate_weights
+from weight_mapper.score import DEFAULT_WEIGHTS, validate_incompatible_pairs, validate_weights
 from weight_mapper.storage import infer_storage
 from weight_mapper.table import TensorTable
 
@@ -62,7 +62,7 @@ class Strategy(NamedTuple):
 STRATEGIES: dict[str, Strategy] = {
     "best_match": Strategy("optimal", True, 0.0, False, None, True),
     "conservative": Strategy("optimal", True, 0.75, True, None, True),
-    "shape_only": Strategy("optimal", False, 0.0, False, {"shape": 1.0, "name": 0.0, "hierarchy": 0.0}, False),
+    "shape_only": Strategy("optimal", False, 0.0, False, {c: float(c == "shape") for c in DEFAULT_WEIGHTS}, False),
     "greedy": Strategy("greedy", True, 0.0, False, None, True),
 }
 

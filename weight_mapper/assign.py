@@ -694,7 +694,8 @@ class Assignment:
         levels: ``{"group": LevelDetail, "tensor": LevelDetail}`` for explanations.
         flags: Per pair, a tuple of flag names (``"order_only"``, ``"names_disagree"``): why
             it needs a review besides its margin.
-        offset: The wrapper prefixes (:func:`name_offset`) of the two tables, found once.
+        offset: The wrapper prefixes (:func:`name_offset`) of the two tables, found once by
+            :func:`assign`.
     """
 
     src: np.ndarray
@@ -708,7 +709,7 @@ class Assignment:
     largest_bucket: tuple[int, int] = field(default=(0, 0))
     levels: dict = field(default_factory=dict)
     flags: np.ndarray | None = None
-    offset: tuple[str, str] | None = None
+    offset: tuple[str, str] = ("", "")
 
     def above(self, threshold: float) -> Assignment:
         """The matches whose final score reaches ``threshold`` (a group's tensors share its score).

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from weight_mapper.assign import Assignment, _module_map, name_offset, pair_margins, solve_optimal
+from weight_mapper.assign import Assignment, _module_map, pair_margins, solve_optimal
 from weight_mapper.names import name_indices, name_skeleton, name_tokens, split_name
 from weight_mapper.score import (
     BASE_COMPONENTS,
@@ -297,7 +297,7 @@ def combine(
 
 def same_name_matches(src_table: TensorTable, tgt_table: TensorTable, assignment: Assignment) -> np.ndarray:
     """Source rows the 1:1 assignment gave the target of the same name (after a wrapper prefix one
-    side adds, :func:`~weight_mapper.assign.name_offset`).
+    side adds, ``assignment.offset``).
 
     Identical names are decisive (they were pinned): no combination may take such a row. A
     detector's backbone ``layer2.0.bn1.weight`` stays ``backbone.body.layer2.0.bn1.weight`` although
@@ -305,8 +305,7 @@ def same_name_matches(src_table: TensorTable, tgt_table: TensorTable, assignment
     """
     if not len(assignment.src):
         return np.zeros(0, np.int64)
-    src_prefix, tgt_prefix = (assignment.offset if assignment.offset is not None
-                              else name_offset(src_table.names, tgt_table.names))
+    src_prefix, tgt_prefix = assignment.offset
 
     def bare(name: str, prefix: str) -> str:
         return name[len(prefix):] if prefix and name.startswith(prefix) else name

@@ -1,4 +1,10 @@
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from fixture_models import BatchNormed, OldModel
+from weight_mapper.names import name_indices, name_skeleton, name_tokens
+from weight_mapper.score import Items
 from weight_mapper.table import TensorTable
 from weight_mapper.tree import GroupTable, ModuleTree
 
@@ -56,3 +62,52 @@ def test_a_tables_tree_is_built_once():
     tree = ModuleTree.of(table)
     assert ModuleTree.of(table) is tree and ModuleTree.of(other) is not tree
     assert ModuleTree.of(other).paths == tree.paths
+
+
+def test_the_graph_reads_like_a_networkx_digraph():
+    tree = ModuleTree(TensorTable.from_module(OldModel()))
+    graph = tree.graph
+    assert list(graph) == list(tree.paths) and len(graph) == graph.number_of_nodes() == len(tree.paths)
+    assert "backbone.0" in graph and graph.has_node("classifier") and "nope" not in graph
+    assert list(graph.successors("")) == ["backbone", "classifier"]
+    assert list(graph.predecessors("backbone.2")) == ["backbone"] and list(graph.predecessors("")) == []
+    assert graph.out_degree("backbone") == 2 and graph.out_degree("backbone.0") == 0
+    assert graph.nodes["backbone.0"] == {"type": "Conv2d", "depth": 2}
+    assert graph.nodes[""] == {"type": "", "depth": 0} and graph.nodes["backbone"]["type"] == ""  # owns no tensor
+    with pytest.raises(KeyError, match="nope"):
+        list(graph.successors("nope"))
+
+
+@given(st.lists(st.lists(st.sampled_from(["0", "1", "12", "layers", "conv2", "q_proj", "self_attn", "bn_1",
+                                          "ffn_norm", "attention", "wq", "block3-1", "b2", ""]),
+                         min_size=1, max_size=5).map(".".join), min_size=1, max_size=30, unique=True))
+def test_name_columns_of_the_tree_equal_the_name_functions(names):
+    """The tree builds each path's tokens, skeleton and indices from its parent's: the same as reading
+    the whole path, and as the table's own columns of the same names."""
+    table = TensorTable.from_state_dict({f"{n}.weight": (1,) for n in names})
+    tree = ModuleTree(table)
+    for i, path in enumerate(tree.paths):
+        assert tree.tokens[i] == name_tokens(path)
+        assert tree.skeletons[i] == name_skeleton(path)
+        assert tree.indices[i] == name_indices(path)
+        assert tree.path_indices[i] == tuple(int(p) for p in path.split(".") if p.isdecimal())
+        assert tree.parent_id[i] == (tree.path2id[path.rpartition(".")[0]] if path else 0)
+    assert table.skeletons == tuple(name_skeleton(n) for n in table.names)
+
+
+def test_items_read_the_name_columns_of_their_own_tree():
+    """Two tables of different names never share a tree, so never each other's name columns."""
+    a = TensorTable.from_state_dict({"layers.0.attn.wq.weight": (2, 2), "layers.1.attn.wq.weight": (2, 2)})
+    b = TensorTable.from_state_dict({"model.layers.0.self_attn.q_proj.weight": (2, 2),
+                                     "model.layers.1.self_attn.q_proj.weight": (2, 2)})
+    for table in (a, b, a):
+        tree = ModuleTree.of(table)
+        groups = GroupTable.from_table(table, tree)
+        items = Items.of_groups(table, tree, groups)
+        assert items.tokens == tuple(name_tokens(p) for p in groups.paths)
+        assert items.skeletons == tuple(name_skeleton(p) for p in groups.paths)
+        assert items.indices == tuple(name_indices(p) for p in groups.paths)
+        assert items.numeric_components == ((0,), (1,))
+        tensors = Items.of_tensors(table, tree, [1, 0])
+        assert tensors.tokens == tuple(name_tokens(table.names[r]) for r in (1, 0))
+        assert tensors.numeric_components == ((1,), (0,))

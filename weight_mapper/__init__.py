@@ -6,7 +6,7 @@ thin facades over it.
 
 The matcher (``WeightMapper``, ``STRATEGIES``, ``match``, ``MatchOptions``) is imported on first use (PEP 562), so that a
 program which only applies or inverts a plan (``weight_mapper.apply``, ``renamer``,
-``transforms``) loads none of scipy, rapidfuzz, networkx or rich.
+``transforms``) loads none of scipy, rapidfuzz or rich.
 """
 
 from typing import TYPE_CHECKING, Any

@@ -142,11 +142,6 @@ def _buckets_by_key(src_keys: Sequence, tgt_keys: Sequence) -> list[tuple[object
     ]
 
 
-def _path_indices(label: str) -> tuple[int, ...]:
-    """The purely numeric components of a dotted name: ModuleList / Sequential positions."""
-    return tuple(int(p) for p in label.split(".") if p.isdecimal())
-
-
 def _dense_ranks(keys: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
     """Replace each position's values by their rank among that position's distinct values.
 
@@ -181,8 +176,7 @@ def split_by_indices(
     the bucket stays whole. Each sub-bucket is solved optimally on its own, so tens of
     thousands of same-shaped experts cost many tiny problems instead of one dense one.
     """
-    src_path = [_path_indices(lab) for lab in src_items.labels]
-    tgt_path = [_path_indices(lab) for lab in tgt_items.labels]
+    src_path, tgt_path = src_items.numeric_components, tgt_items.numeric_components
     readings = (  # (source keys, target keys, must the counts per key agree too?)
         (src_path, tgt_path, True),
         (list(src_items.indices), list(tgt_items.indices), True),

@@ -25,6 +25,8 @@ __all__ = [
     "split_name",
     "name_tokens",
     "name_indices",
+    "component_tokens",
+    "component_indices",
     "name_skeleton",
     "normalise_leaf",
     "semantic_chunks",
@@ -268,6 +270,25 @@ def repeat_key(component: str) -> str:
     if ordinal is not None and ordinal[1] != 0:  # an ordinal word: ``conv_a`` .. ``conv_c`` repeat too
         return ordinal[0]
     return "_".join(TOKEN_SYNONYMS.get(t, t) for t in _raw_tokens(component) if not t.isdecimal())
+
+
+def component_tokens(component: str) -> tuple[str, ...]:
+    """The :func:`name_tokens` of one dotted component: a name's tokens are its components' in turn.
+
+    >>> component_tokens("self_attn") + component_tokens("q_proj") == name_tokens("self_attn.q_proj")
+    True
+    """
+    return _component_tokens(component)
+
+
+@functools.lru_cache(maxsize=65536)
+def component_indices(component: str) -> tuple[int, ...]:
+    """The :func:`name_indices` of one dotted component (a digit run never spans a dot).
+
+    >>> component_indices("layer3") + component_indices("2") == name_indices("layer3.2")
+    True
+    """
+    return tuple(int(d) for d in _DIGITS.findall(component))
 
 
 def name_indices(name: str) -> tuple[int, ...]:

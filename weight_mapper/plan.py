@@ -2,8 +2,8 @@
 
 Matching produces a :class:`MappingPlan` (:func:`weight_mapper.planner.build_plan` builds it
 from the matcher's output); applying it (:mod:`weight_mapper.apply`) never scores anything.
-This module is data only: it imports nothing of the matcher (no numpy, scipy, rapidfuzz or
-networkx), so reading, inverting and applying a plan loads none of them. Entries carry source keys (a tuple, so that fused tensors can come later),
+This module is data only: it imports nothing of the matcher (no numpy, scipy or
+rapidfuzz), so reading, inverting and applying a plan loads none of them. Entries carry source keys (a tuple, so that fused tensors can come later),
 the target key, a transform from :mod:`weight_mapper.transforms`, the score and its margin.
 """
 

@@ -23,7 +23,7 @@ from rapidfuzz.distance import LCSseq, Levenshtein
 from scipy import sparse
 
 from weight_mapper.errors import MappingError
-from weight_mapper.names import name_indices, name_skeleton, name_tokens, pad_indices, semantic_chunks
+from weight_mapper.names import pad_indices, semantic_chunks
 from weight_mapper.table import TensorTable
 from weight_mapper.transforms import (  # noqa: F401  (re-exported)
     FLATTEN_SCORE,
@@ -119,6 +119,9 @@ class Items:
         ordinal: The owning module's rank in its series of ordinal siblings (``conv_a``..``c``,
             ``norm1``/``norm2``), in [0, 1]; NaN outside a series
             (:attr:`~weight_mapper.tree.ModuleTree.ordinal_rank`).
+        path_indices: The purely numeric components of each label (``layers.3.experts.7.w1``
+            -> ``(3, 7)``), read off the module tree; ``()`` for items not made from one
+            (:attr:`numeric_components` then reads the labels).
     """
 
     labels: tuple[str, ...]
@@ -140,9 +143,17 @@ class Items:
     order_rank: np.ndarray | None = None
     exec_rank: np.ndarray | None = None
     ordinal: np.ndarray | None = None
+    path_indices: tuple[tuple[int, ...], ...] = ()
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def numeric_components(self) -> tuple[tuple[int, ...], ...]:
+        """:attr:`path_indices`, or the same read off the labels when the items were made without."""
+        if len(self.path_indices) == len(self.labels):
+            return self.path_indices
+        return tuple(tuple(int(p) for p in label.split(".") if p.isdecimal()) for label in self.labels)
 
     def with_ranks(self, bucket_of: np.ndarray, unbalanced: np.ndarray | None = None) -> Items:
         """A copy whose ranks are taken within each bucket (``bucket_of[i]``: item i's bucket).
@@ -206,11 +217,12 @@ class Items:
         """One candidate per module group."""
         first = np.array([m[0] for m in groups.members], dtype=np.int64)
         paths = groups.paths
+        ids = groups.module_ids.tolist()
         return cls(
             labels=paths,
-            tokens=tuple(name_tokens(p) for p in paths),
-            skeletons=tuple(name_skeleton(p) for p in paths),
-            indices=tuple(name_indices(p) for p in paths),
+            tokens=tuple(tree.tokens[m] for m in ids),
+            skeletons=tuple(tree.skeletons[m] for m in ids),
+            indices=tuple(tree.indices[m] for m in ids),
             leaves=("",) * len(paths),
             shapes=None,
             depth=np.array([p.count(".") + 1 if p else 0 for p in paths], dtype=np.int64),
@@ -222,23 +234,27 @@ class Items:
             chain=tree.ancestor_ids(groups.module_ids, VOTE_LEVELS),
             rows=np.arange(len(paths), dtype=np.int64),
             module_types=tuple(table.module_types[r] for r in first),
-            positions=tuple(tree.repeat_ranks[m] for m in groups.module_ids),
+            positions=tuple(tree.repeat_ranks[m] for m in ids),
             ordinal=tree.ordinal_rank[groups.module_ids] if len(paths) else np.zeros(0),
+            path_indices=tuple(tree.path_indices[m] for m in ids),
         )
 
     @classmethod
     def of_tensors(cls, table: TensorTable, tree: ModuleTree, rows: Sequence[int] | np.ndarray) -> Items:
         """One candidate per tensor row."""
         rows = np.asarray(rows, dtype=np.int64)
-        module_ids = np.array([tree.path2id[table.modules[r]] for r in rows], dtype=np.int64)
+        listed = rows.tolist()
+        module_ids = np.array([tree.path2id[table.modules[r]] for r in listed], dtype=np.int64)
+        ids = module_ids.tolist()
+        names = table.names
         return cls(
-            labels=tuple(table.names[r] for r in rows),
-            tokens=tuple(table.tokens[r] for r in rows),
-            skeletons=tuple(table.skeletons[r] for r in rows),
-            indices=tuple(table.indices[r] for r in rows),
-            leaves=tuple(table.leaves[r] for r in rows),
-            shapes=tuple(table.shapes[r] for r in rows),
-            depth=np.array([table.names[r].count(".") + 1 for r in rows], dtype=np.int64),
+            labels=tuple(names[r] for r in listed),
+            tokens=tuple(table.tokens[r] for r in listed),
+            skeletons=tuple(table.skeletons[r] for r in listed),
+            indices=tuple(table.indices[r] for r in listed),
+            leaves=tuple(table.leaves[r] for r in listed),
+            shapes=tuple(table.shapes[r] for r in listed),
+            depth=np.array([names[r].count(".") + 1 for r in listed], dtype=np.int64),
             sibling_pos=_if_ordered(table, tree.sibling_pos[module_ids] if len(rows) else np.zeros(0)),
             order=rows,
             global_pos=_if_ordered(table, rows / max(len(table) - 1, 1)),
@@ -246,10 +262,17 @@ class Items:
             ancestors=tree.ancestor_ids(module_ids, CONTEXT_LEVELS),
             chain=tree.ancestor_ids(module_ids, VOTE_LEVELS),
             rows=rows,
-            module_types=tuple(table.module_types[r] for r in rows),
-            positions=tuple(tree.repeat_ranks[m] for m in module_ids),
+            module_types=tuple(table.module_types[r] for r in listed),
+            positions=tuple(tree.repeat_ranks[m] for m in ids),
             ordinal=tree.ordinal_rank[module_ids] if len(rows) else np.zeros(0),
+            path_indices=tuple(_with_leaf_index(tree.path_indices[m], names[r]) for m, r in zip(ids, listed)),
         )
+
+
+def _with_leaf_index(module_indices: tuple[int, ...], name: str) -> tuple[int, ...]:
+    """A tensor's numeric path components: its module's, and its leaf's if that is a number."""
+    leaf = name.rpartition(".")[2]
+    return (*module_indices, int(leaf)) if leaf.isdecimal() else module_indices
 
 
 def _ids(values: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:

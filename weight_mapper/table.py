@@ -19,7 +19,7 @@ from torch import nn
 from weight_mapper.checkpoint import storage_view
 from weight_mapper.errors import MappingError
 from weight_mapper.validate import Invalid, check_names
-from weight_mapper.names import name_indices, name_skeleton, name_tokens, natural_key, normalise_leaf, split_name
+from weight_mapper.names import name_indices, name_tokens, natural_key, normalise_leaf, split_name
 
 __all__ = ["TensorTable", "looks_sorted"]
 
@@ -277,7 +277,8 @@ class TensorTable:
 
     @cached_property
     def skeletons(self) -> tuple[str, ...]:
-        return tuple(name_skeleton(n) for n in self.names)
+        """:func:`~weight_mapper.names.name_skeleton` of each name: its :attr:`tokens` joined."""
+        return tuple(".".join(t) for t in self.tokens)
 
     @cached_property
     def indices(self) -> tuple[tuple[int, ...], ...]:

@@ -246,3 +246,38 @@ def test_the_cli_checks_its_matching_options_before_reading_any_file(tmp_path, c
                  "--weights", "colour=1"]) == 1
     err = capsys.readouterr().err
     assert "unknown score component(s) ['colour']" in err and "missing.pt" not in err
+
+
+def test_the_collector_is_paused_while_matching_and_restored_after():
+    import gc
+
+    from weight_mapper import matching
+
+    seen = []
+    real_build_plan = matching.build_plan
+
+    def spy(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real_build_plan(*args, **kwargs)
+
+    old, new = TensorTable.from_module(OldModel()), TensorTable.from_module(NewModel())
+    assert gc.isenabled()
+    try:
+        matching.build_plan = spy
+        plan = match(old, new)
+    finally:
+        matching.build_plan = real_build_plan
+    assert seen == [False] and gc.isenabled() and plan.entries
+    # Nested uses and errors restore it; a caller's own gc.disable() is kept.
+    with pytest.raises(ZeroDivisionError), matching._collector_paused():
+        with matching._collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+        1 / 0  # noqa: B018
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        match(old, new)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

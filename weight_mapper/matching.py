@@ -17,7 +17,9 @@ does what needs the models themselves (the convention catalogue and the layer-wi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import gc
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -210,6 +212,27 @@ def strip_source_prefix(source_table: TensorTable, target_table: TensorTable, *,
     return replace(src, names=tuple(n[len(found):] for n in src.names)), found
 
 
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while the matcher runs (restored after, also on error).
+
+    Matching allocates millions of small tuples and lists (names' tokens, candidate keys) and
+    makes no reference cycles of its own; each time those allocations trip the collector's
+    thresholds, a full collection walks every tracked object of the process, the caller's model
+    too. With a 671B DeepSeek-V3 on the meta device alive (460,000 tracked objects) the 45,395-tensor
+    mapping spent 1.0 of its 3.4 s of CPU in five full collections. Nested uses are harmless: the
+    collector is re-enabled only by the use that paused it, and never if the caller had disabled it.
+    """
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
+
+
+@_collector_paused()
 def prepare_tables(source_table: TensorTable, target_table: TensorTable, *,
                    options: MatchOptions = MatchOptions()) -> PreparedTables:
     """Both tables as matching sees them (new tables; the given ones are not modified).
@@ -271,6 +294,7 @@ def match(
                           progress=progress).plan
 
 
+@_collector_paused()
 def match_prepared(
     tables: PreparedTables,
     *,

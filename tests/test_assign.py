@@ -109,3 +109,39 @@ def test_batched_two_by_two_buckets_solve_exactly_as_one_by_one(w, solve):
         mine = bucket == b
         assert row[mine].tolist() == rows.tolist() and col[mine].tolist() == cols.tolist()
         assert np.allclose(margin[mine], expected)
+
+
+def test_the_wrapper_offset_is_found_once_per_pair_of_tables_and_never_shared():
+    from weight_mapper.assign import _table_offset, name_offset
+
+    bare = TensorTable.from_state_dict({"layer1.conv.weight": (2, 2), "layer2.conv.weight": (2, 2), "fc.weight": (1, 2)})
+    wrapped = TensorTable.from_state_dict({f"backbone.body.{n}": s for n, s in
+                                           (("layer1.conv.weight", (2, 2)), ("layer2.conv.weight", (2, 2)))})
+    other = TensorTable.from_state_dict({"layer1.conv.weight": (2, 2), "layer2.conv.weight": (2, 2)})
+    assert _table_offset(bare, wrapped) == name_offset(bare.names, wrapped.names) == ("", "backbone.body.")
+    assert _table_offset(bare, wrapped) is _table_offset(bare, wrapped)  # found once
+    # Another pair, even of equal names, gets its own answer: the cache is keyed by the tables.
+    assert _table_offset(bare, other) == ("", "") and _table_offset(wrapped, bare) == ("backbone.body.", "")
+    weights = validate_weights(None)
+    a = assign(bare, wrapped, weights=weights, threshold=0.5)
+    assert a.offset == ("", "backbone.body.")
+
+
+def test_leaf_ids_of_a_level_equal_across_sides_and_skip_bare_positions():
+    from weight_mapper.assign import Level, _buckets_by_key
+    from weight_mapper.score import Items
+    from weight_mapper.tree import GroupTable, ModuleTree
+
+    src = TensorTable.from_state_dict({"enc.0.q_proj.weight": (2, 2), "enc.0.k_proj.weight": (2, 2), "enc.1.weight": (2, 2)})
+    tgt = TensorTable.from_state_dict({"model.0.q_proj.weight": (2, 2), "model.0.k_proj.weight": (2, 2), "x.weight": (2, 2)})
+    items = []
+    for t in (src, tgt):
+        tree = ModuleTree.of(t)
+        items.append(Items.of_groups(t, tree, GroupTable.from_table(t, tree)))
+    buckets = _buckets_by_key(["a"] * 3, ["a"] * 3)
+    level = Level.build(items[0], items[1], buckets, weights=validate_weights(None), tolerance=0.0, incompatible_pairs=())
+    s_leaf, t_leaf = level.leaf_ids
+    assert level.leaf_ids is level.leaf_ids  # once per level, not per round
+    assert s_leaf[0] == t_leaf[0] and s_leaf[1] == t_leaf[1] and s_leaf[0] != s_leaf[1]
+    assert s_leaf[2] == -1  # "enc.1": a bare position has no leaf path
+    assert t_leaf[2] == -1  # "x": a top-level module has no parent to pin under

@@ -13,8 +13,10 @@ the strategy's own solver.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -308,6 +310,26 @@ class Level:
     def __len__(self) -> int:
         return len(self.keys)
 
+    @cached_property
+    def leaf_ids(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each source and target candidate's leaf path as an id equal across the sides, -1 for none.
+
+        A group's leaf path is its module's own name (``q_proj``), a single tensor's its module's
+        name and its leaf (``q_proj.weight``); bare positions (``0``) do not count. Read by
+        :func:`_leaf_pins` in every context round, computed once per level.
+        """
+        depth = 0 if self.src.shapes is None else 1  # tensors: ancestors[:, 0] is the owning module itself
+
+        def leaf_paths(labels: Sequence[str]) -> list[str]:
+            parts = [lab.split(".") for lab in labels]
+            return [".".join(p[-1 - depth:]) if len(p) > depth + 1 and not p[-1 - depth].isdecimal() else ""
+                    for p in parts]
+
+        vocab: dict[str, int] = {"": -1}
+        s_leaf = np.array([vocab.setdefault(x, len(vocab)) for x in leaf_paths(self.src.labels)], dtype=np.int64)
+        t_leaf = np.array([vocab.setdefault(x, len(vocab)) for x in leaf_paths(self.tgt.labels)], dtype=np.int64)
+        return s_leaf, t_leaf
+
     def block(self, values: np.ndarray, k: int) -> np.ndarray:
         """Bucket ``k``'s slice of a per-edge array, as its dense matrix (a blocked bucket's as a
         :class:`~weight_mapper.candidates.SparseBlock`, read row by row)."""
@@ -367,6 +389,19 @@ def name_offset(src_names: Sequence[str], tgt_names: Sequence[str]) -> tuple[str
     return best[0]
 
 
+_OFFSETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # source table -> {target table: offset}
+
+
+def _table_offset(src_table: TensorTable, tgt_table: TensorTable) -> tuple[str, str]:
+    """:func:`name_offset` of two tables' names, found once per pair of tables while both live
+    (matching assigns the same two tables twice; tables are immutable)."""
+    by_target = _OFFSETS.setdefault(src_table, weakref.WeakKeyDictionary())
+    offset = by_target.get(tgt_table)
+    if offset is None:
+        offset = by_target[tgt_table] = name_offset(src_table.names, tgt_table.names)
+    return offset
+
+
 def _label_ids(src_labels: Sequence[str], tgt_labels: Sequence[str], offset: tuple[str, str]):
     """Integer ids of the labels, equal where the names are (one side's ``offset`` prefix removed)."""
     vocab: dict[str, int] = {}
@@ -390,22 +425,9 @@ def _pin(allowed: np.ndarray, pinned: np.ndarray, si: np.ndarray, ti: np.ndarray
 
 
 def _leaf_pins(level: Level, module_map: np.ndarray) -> np.ndarray:
-    """Pairs with the same leaf path under parents the module map already pairs.
-
-    A group's leaf path is its module's own name (``q_proj``), a single tensor's its module's
-    name and its leaf (``q_proj.weight``); bare positions (``0``) do not count.
-    """
+    """Pairs with the same leaf path (:attr:`Level.leaf_ids`) under parents the module map already pairs."""
     src, tgt = level.src, level.tgt
-    depth = 0 if src.shapes is None else 1  # tensors: ancestors[:, 0] is the owning module itself
-
-    def leaf_paths(labels: Sequence[str]) -> list[str]:
-        parts = [lab.split(".") for lab in labels]
-        return [".".join(p[-1 - depth:]) if len(p) > depth + 1 and not p[-1 - depth].isdecimal() else ""
-                for p in parts]
-
-    vocab: dict[str, int] = {"": -1}
-    s_leaf = np.array([vocab.setdefault(x, len(vocab)) for x in leaf_paths(src.labels)], dtype=np.int64)
-    t_leaf = np.array([vocab.setdefault(x, len(vocab)) for x in leaf_paths(tgt.labels)], dtype=np.int64)
+    s_leaf, t_leaf = level.leaf_ids
     if not len(level.si):
         return np.zeros(len(level.si), dtype=bool)
     s_parent, t_parent = src.chain[:, 1], tgt.chain[:, 1]  # the module's parent, for groups and tensors
@@ -761,7 +783,7 @@ def assign(
     src_groups = GroupTable.from_table(src_table, src_tree, skip=skip_src)
     tgt_groups = GroupTable.from_table(tgt_table, tgt_tree, skip=skip_tgt)
     g_src, g_tgt = Items.of_groups(src_table, src_tree, src_groups), Items.of_groups(tgt_table, tgt_tree, tgt_groups)
-    offset = name_offset(src_table.names, tgt_table.names)
+    offset = _table_offset(src_table, tgt_table)
 
     def solve_level(src: Items, tgt: Items, buckets, *, name: str, prior_votes=None):
         level = Level.build(src, tgt, buckets, weights=weights, tolerance=tolerance,

@@ -13,6 +13,7 @@ choice is made with ``linear_sum_assignment``.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -20,7 +21,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from weight_mapper.assign import Assignment, _module_map, pair_margins, solve_optimal
-from weight_mapper.names import name_indices, name_skeleton, name_tokens, split_name
+from weight_mapper.names import name_indices, name_tokens, split_name
 from weight_mapper.score import (
     BASE_COMPONENTS,
     CONTEXT,
@@ -113,7 +114,13 @@ def part_role(module: str) -> tuple[str, int] | None:
     >>> part_role("model.layers.0.self_attn.k_proj"), part_role("attention.self.query"), part_role("mlp.fc1")
     (('attn', 1), ('attn', 0), None)
     """
-    roles = {PART_ROLES[w] for w in _WORD.findall(module.rpartition(".")[2].lower()) if w in PART_ROLES}
+    return _component_role(module.rpartition(".")[2])
+
+
+@functools.lru_cache(maxsize=65536)
+def _component_role(component: str) -> tuple[str, int] | None:
+    # Names of big models repeat a few components thousands of times: read each once.
+    roles = {PART_ROLES[w] for w in _WORD.findall(component.lower()) if w in PART_ROLES}
     return roles.pop() if len(roles) == 1 else None
 
 
@@ -197,8 +204,10 @@ def _stacked_runs(table: TensorTable, runs) -> list[tuple[tuple[int, ...], tuple
     experts' ``(w1, w3)`` give ``(e0.w1, ..., eN.w1, e0.w3, ..., eN.w3)`` for ``[N, 2I, H]``.
     """
     groups: dict[tuple, dict[int, tuple[int, ...]]] = {}
+    item_keys: dict[int, tuple[str, int] | None] = {}  # a row is in several runs: its key is read once
     for members, shape in runs:
-        keys = [_item_key(table.names[r]) for r in members]
+        keys = [item_keys[r] if r in item_keys else item_keys.setdefault(r, _item_key(table.names[r]))
+                for r in members]
         if None in keys or len({k[1] for k in keys}) != 1:
             continue
         pattern = (tuple(k[0] for k in keys), tuple(table.shapes[r] for r in members))
@@ -238,12 +247,15 @@ def _named_as_sets(items: Items, table: TensorTable, candidates) -> Items:
     Scored by its first tensor alone, the run ``(k, v, o)`` looks as much like ``qkv`` as
     ``(q, k, v)`` does; named as a set, ``kvo`` does not.
     """
-    labels = list(items.labels)
+    labels, tokens = list(items.labels), list(items.tokens)
+    skeletons, indices = list(items.skeletons), list(items.indices)
     for k, (rows, _, transform, _) in enumerate(candidates):
-        if transform == "concat":
+        if transform == "concat":  # the others keep their first tensor's name, already read
             labels[k] = fused_name([table.names[r] for r in rows])
-    return replace(items, labels=tuple(labels), tokens=tuple(name_tokens(n) for n in labels),
-                   skeletons=tuple(name_skeleton(n) for n in labels), indices=tuple(name_indices(n) for n in labels))
+            tokens[k], indices[k] = name_tokens(labels[k]), name_indices(labels[k])
+            skeletons[k] = ".".join(tokens[k])
+    return replace(items, labels=tuple(labels), tokens=tuple(tokens), skeletons=tuple(skeletons),
+                   indices=tuple(indices), path_indices=())
 
 
 def _joint(total: np.ndarray, candidates, pair_c: np.ndarray, src_table: TensorTable, tgt_table: TensorTable,
@@ -254,10 +266,11 @@ def _joint(total: np.ndarray, candidates, pair_c: np.ndarray, src_table: TensorT
     A fused ``qkv`` weight and bias must come from the same three modules; scored alone, the
     bias run ``k, v, o`` can edge out ``q, k, v`` on noise.
     """
-    keys = [
-        (tuple(src_table.modules[r] for r in candidates[c][0]), tgt_table.modules[t])
-        for c, t in zip(pair_c.tolist(), tgt_rows.tolist())
-    ]
+    modules: dict[int, tuple[str, ...]] = {}  # a candidate is in many pairs: its modules are read once
+    for c in pair_c.tolist():
+        if c not in modules:
+            modules[c] = tuple(src_table.modules[r] for r in candidates[c][0])
+    keys = [(modules[c], tgt_table.modules[t]) for c, t in zip(pair_c.tolist(), tgt_rows.tolist())]
     key_ids = {}
     ids = np.array([key_ids.setdefault(k, len(key_ids)) for k in keys], dtype=np.int64)
     sums = np.bincount(ids, weights=total, minlength=len(key_ids))

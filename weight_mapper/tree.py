@@ -8,6 +8,7 @@ shapes) under which groups are bucketed for matching.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -46,7 +47,11 @@ def _numeric(component: str) -> tuple[int, ...]:
 def _series_key(path: str) -> tuple:
     """Sort key of a repeated sibling: its ordinal word's rank (``before`` < ``after``), else
     its digits read as numbers (``layer2`` < ``layer10``)."""
-    last = path.rpartition(".")[2]
+    return _component_series_key(path.rpartition(".")[2])
+
+
+@functools.lru_cache(maxsize=65536)
+def _component_series_key(last: str) -> tuple:
     ordinal = component_ordinal(last)
     if ordinal is not None and ordinal[1] != 0:
         return (0, ordinal[2], ())

@@ -145,3 +145,12 @@ def test_leaf_ids_of_a_level_equal_across_sides_and_skip_bare_positions():
     assert s_leaf[0] == t_leaf[0] and s_leaf[1] == t_leaf[1] and s_leaf[0] != s_leaf[1]
     assert s_leaf[2] == -1  # "enc.1": a bare position has no leaf path
     assert t_leaf[2] == -1  # "x": a top-level module has no parent to pin under
+
+
+@given(st.lists(st.lists(st.integers(0, 12), max_size=3).map(tuple), max_size=40))
+@example([(2**70, 1), (3, 1), (2**70,)])
+def test_dense_ranks_equal_the_plain_python_ranking(keys):
+    from weight_mapper.assign import _dense_ranks, _dense_ranks_exact
+
+    assert _dense_ranks(keys) == _dense_ranks_exact(keys)
+    assert _dense_ranks([(2**70, 1), (3, 1), (2**70,)]) == [(1, 0), (0, 0), (0,)]

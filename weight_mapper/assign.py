@@ -153,6 +153,27 @@ def _dense_ranks(keys: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
     >>> _dense_ranks([(1, 5), (2, 5), (), (3,)])
     [(0, 0), (1, 0), (), (0,)]
     """
+    by_length: dict[int, list[int]] = {}
+    for i, k in enumerate(keys):
+        by_length.setdefault(len(k), []).append(i)
+    out: list[tuple[int, ...]] = [()] * len(keys)
+    for length, members in by_length.items():
+        if not length:
+            continue
+        try:
+            values = np.array([keys[i] for i in members], dtype=np.int64)
+        except OverflowError:  # a digit run past int64 (a hash in a name): rank them one by one
+            return _dense_ranks_exact(keys)
+        ranks = np.empty_like(values)
+        for p in range(length):  # np.unique sorts: the inverse is the rank among distinct values
+            ranks[:, p] = np.unique(values[:, p], return_inverse=True)[1].reshape(-1)
+        for i, ranked in zip(members, map(tuple, ranks.tolist())):
+            out[i] = ranked
+    return out
+
+
+def _dense_ranks_exact(keys: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """:func:`_dense_ranks` in plain Python, for integers of any size."""
     values: dict[tuple[int, int], set[int]] = {}
     for k in keys:
         for p, v in enumerate(k):

@@ -1,10 +1,15 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 from fixture_models import BatchNormed, Tied
 from weight_mapper import MappingError
+from weight_mapper.names import name_indices, name_skeleton, name_tokens
 from weight_mapper.table import TensorTable
 
 
@@ -109,3 +114,26 @@ def test_with_module_names_what_does_not_fit():
     with pytest.raises(MappingError, match=r"state_dict is not a state dict of BatchNormed: missing: fc.bias; "
                                            r"shape conflicts: conv1.weight \[1\] vs \[8, 3, 3, 3\]"):
         TensorTable.from_state_dict(state_dict).with_module(BatchNormed())
+
+
+_COMPONENTS = ["0", "3", "12", "layers", "layer2", "conv_b", "q_proj", "self_attn", "LayerNorm", "ln_1", "wq", "gamma",
+               "block3-1", "", "weight", "bias"]
+
+
+@given(st.lists(st.lists(st.sampled_from(_COMPONENTS), min_size=1, max_size=6).map(".".join), min_size=1, max_size=25))
+def test_name_columns_equal_the_name_functions(names):
+    """The table reads each module path once, from its parent's pieces: the same as reading every name whole."""
+    table = TensorTable.from_state_dict({n: (1,) for n in names})
+    assert table.tokens == tuple(name_tokens(n) for n in table.names)
+    assert table.skeletons == tuple(name_skeleton(n) for n in table.names)
+    assert table.indices == tuple(name_indices(n) for n in table.names)
+    assert table.module_skeletons == tuple(name_skeleton(m) for m in table.modules)
+    assert table.signature_keys == tuple(f"{leaf}:1" for leaf in table.leaves)
+
+
+def test_name_columns_belong_to_their_table():
+    a = TensorTable.from_state_dict({"layers.0.wq.weight": (2, 3), "layers.1.wq.weight": (2, 3)})
+    b = dataclasses.replace(a, names=("model.layers.0.self_attn.q_proj.weight", "h.1.attn.bias"))
+    assert a.tokens[0] == name_tokens("layers.0.wq.weight") and b.tokens[0] == name_tokens(b.names[0])
+    assert b.indices == ((0,), (1,)) and b.module_skeletons[1] == name_skeleton("h.1.attn")
+    assert a.signature_keys == ("weight:2x3", "weight:2x3") and b.signature_keys == ("weight:2x3", "bias:2x3")

@@ -882,7 +882,7 @@ def _report(progress: Callable[[str], None] | None, message: str) -> None:
 
 def _sorted_members(table: TensorTable, rows: np.ndarray) -> np.ndarray:
     """Members ordered by (leaf, shape), the order their signature lists them in."""
-    keys = [f"{table.leaves[r]}:{'x'.join(map(str, table.shapes[r]))}" for r in rows]
+    keys = [table.signature_keys[r] for r in rows.tolist()]
     return rows[np.argsort(keys, kind="stable")]
 
 

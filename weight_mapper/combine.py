@@ -74,13 +74,16 @@ def _concat_runs(table: TensorTable, rows: np.ndarray) -> list[tuple[tuple[int, 
     w3`` gives the run ``(w1, w3)`` (gate and up, fused into ``gate_up_proj``).
     """
     groups: dict[tuple[str, str, str, tuple[int, ...]], list[int]] = {}
-    for r in rows:
-        shape = table.shapes[r]
+    shapes, modules, leaves, types = table.shapes, table.modules, table.leaves, table.module_types
+    for r in np.asarray(rows).tolist():
+        shape = shapes[r]
         if shape:  # like layers only: q/k/v are all Linear, a conv's bias never fuses with a norm's
-            key = (split_name(table.modules[r])[0], table.leaves[r], table.module_types[r], shape[1:])
-            groups.setdefault(key, []).append(int(r))
+            key = (split_name(modules[r])[0], leaves[r], types[r], shape[1:])
+            groups.setdefault(key, []).append(r)
     out = []
     for (*_, trailing), members in groups.items():
+        if len(members) < 2:  # a lone sibling makes no run
+            continue
         members = _in_part_order(table, sorted(members))
         for i in range(len(members)):
             total = table.shapes[members[i]][0]
@@ -204,13 +207,24 @@ def _stacked_runs(table: TensorTable, runs) -> list[tuple[tuple[int, ...], tuple
     experts' ``(w1, w3)`` give ``(e0.w1, ..., eN.w1, e0.w3, ..., eN.w3)`` for ``[N, 2I, H]``.
     """
     groups: dict[tuple, dict[int, tuple[int, ...]]] = {}
+    names, shapes = table.names, table.shapes
     item_keys: dict[int, tuple[str, int] | None] = {}  # a row is in several runs: its key is read once
-    for members, shape in runs:
-        keys = [item_keys[r] if r in item_keys else item_keys.setdefault(r, _item_key(table.names[r]))
-                for r in members]
+
+    def item_key(row: int) -> tuple[str, int] | None:
+        if row not in item_keys:
+            item_keys[row] = _item_key(names[row])
+        return item_keys[row]
+
+    for members, _ in runs:
+        if len(members) == 1:  # most runs: one tensor, a plain stack's item
+            key = item_key(members[0])
+            if key is not None:
+                groups.setdefault(((key[0],), (shapes[members[0]],)), {})[key[1]] = members
+            continue
+        keys = [item_key(r) for r in members]
         if None in keys or len({k[1] for k in keys}) != 1:
             continue
-        pattern = (tuple(k[0] for k in keys), tuple(table.shapes[r] for r in members))
+        pattern = (tuple(k[0] for k in keys), tuple(shapes[r] for r in members))
         groups.setdefault(pattern, {})[keys[0][1]] = members
     out = []
     for (_, shapes), items in groups.items():
@@ -376,7 +390,7 @@ def _propose(
         return []
     runs = _concat_runs(src_table, left_src)
     # 0-d tensors (num_batches_tracked) are counters, never parts of a stack.
-    singles = [((int(r),), src_table.shapes[r]) for r in left_src if src_table.shapes[r]]
+    singles = [((r,), src_table.shapes[r]) for r in left_src.tolist() if src_table.shapes[r]]
     candidates = [(rows, shape, "concat", 1) for rows, shape in runs]
     candidates += [(rows, shape, "stack" if parts == 1 else "stack_concat", parts)
                    for rows, shape, parts in _stacked_runs(src_table, singles + runs)]

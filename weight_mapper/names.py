@@ -272,13 +272,9 @@ def repeat_key(component: str) -> str:
     return "_".join(TOKEN_SYNONYMS.get(t, t) for t in _raw_tokens(component) if not t.isdecimal())
 
 
-def component_tokens(component: str) -> tuple[str, ...]:
-    """The :func:`name_tokens` of one dotted component: a name's tokens are its components' in turn.
-
-    >>> component_tokens("self_attn") + component_tokens("q_proj") == name_tokens("self_attn.q_proj")
-    True
-    """
-    return _component_tokens(component)
+#: The :func:`name_tokens` of one dotted component (cached): a name's tokens are its components'
+#: in turn, ``component_tokens("self_attn") + component_tokens("q_proj") == name_tokens("self_attn.q_proj")``.
+component_tokens = _component_tokens
 
 
 @functools.lru_cache(maxsize=65536)

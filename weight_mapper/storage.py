@@ -22,7 +22,6 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
-from weight_mapper.names import name_skeleton
 from weight_mapper.score import INFERRED_IN_OUT, LINEAR_TYPES
 from weight_mapper.table import TensorTable
 
@@ -32,7 +31,7 @@ __all__ = ["TransposeVote", "infer_storage", "needs_vote", "square_decision", "t
 def _kind(table: TensorTable, row: int) -> str:
     """What a tensor's storage convention is shared with: its module type, else its digit-free module name."""
     mtype = table.module_types[row]
-    return mtype if mtype and mtype != INFERRED_IN_OUT else name_skeleton(table.modules[row])
+    return mtype if mtype and mtype != INFERRED_IN_OUT else table.module_skeletons[row]
 
 
 def infer_storage(table: TensorTable, other: TensorTable) -> TensorTable:

@@ -19,7 +19,7 @@ from torch import nn
 from weight_mapper.checkpoint import storage_view
 from weight_mapper.errors import MappingError
 from weight_mapper.validate import Invalid, check_names
-from weight_mapper.names import name_indices, name_tokens, natural_key, normalise_leaf, split_name
+from weight_mapper.names import component_indices, component_tokens, natural_key, normalise_leaf, split_name
 
 __all__ = ["TensorTable", "looks_sorted"]
 
@@ -272,8 +272,34 @@ class TensorTable:
         return self.alias_of == _CANONICAL
 
     @cached_property
+    def _module_names(self) -> tuple[tuple[tuple[str, ...], ...], tuple[tuple[int, ...], ...]]:
+        """:func:`~weight_mapper.names.name_tokens` and :func:`~weight_mapper.names.name_indices`
+        of each row's module path. A name's pieces are its components' in turn, so each module
+        path is read once, as its parent's pieces and its own last component's (cached per
+        component): a big model's names share their prefixes.
+        """
+        memo: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {"": ((), ())}
+        for module in self.modules:
+            if module in memo:
+                continue
+            chain = []
+            path = module
+            while path not in memo:
+                chain.append(path)
+                path = path.rpartition(".")[0]
+            tokens, indices = memo[path]
+            for path in reversed(chain):
+                last = path.rpartition(".")[2]
+                tokens, indices = tokens + component_tokens(last), indices + component_indices(last)
+                memo[path] = (tokens, indices)
+        pieces = [memo[m] for m in self.modules]
+        return tuple(t for t, _ in pieces), tuple(i for _, i in pieces)
+
+    @cached_property
     def tokens(self) -> tuple[tuple[str, ...], ...]:
-        return tuple(name_tokens(n) for n in self.names)
+        """:func:`~weight_mapper.names.name_tokens` of each name."""
+        module_tokens = self._module_names[0]
+        return tuple(m + component_tokens(split_name(n)[1]) for m, n in zip(module_tokens, self.names))
 
     @cached_property
     def skeletons(self) -> tuple[str, ...]:
@@ -281,8 +307,20 @@ class TensorTable:
         return tuple(".".join(t) for t in self.tokens)
 
     @cached_property
+    def module_skeletons(self) -> tuple[str, ...]:
+        """:func:`~weight_mapper.names.name_skeleton` of each row's module path."""
+        return tuple(".".join(t) for t in self._module_names[0])
+
+    @cached_property
+    def signature_keys(self) -> tuple[str, ...]:
+        """``leaf:shape`` of each row (``weight:3x2``): a module group's signature lists its members'."""
+        return tuple(f"{leaf}:{'x'.join(map(str, shape))}" for leaf, shape in zip(self.leaves, self.shapes))
+
+    @cached_property
     def indices(self) -> tuple[tuple[int, ...], ...]:
-        return tuple(name_indices(n) for n in self.names)
+        """:func:`~weight_mapper.names.name_indices` of each name."""
+        module_indices = self._module_names[1]
+        return tuple(m + component_indices(split_name(n)[1]) for m, n in zip(module_indices, self.names))
 
     @cached_property
     def n_parameters(self) -> int:

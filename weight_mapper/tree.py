@@ -222,11 +222,13 @@ class ModuleTree:
     @cached_property
     def sibling_pos(self) -> np.ndarray:
         """Position of each module among its parent's children, scaled to [0, 1]."""
-        out = np.zeros(len(self.paths))
+        out = [0.0] * len(self.paths)
         for children in self._children:
             if len(children) > 1:
-                out[children] = np.arange(len(children)) / (len(children) - 1)
-        return out
+                last = len(children) - 1
+                for i, child in enumerate(children):
+                    out[child] = i / last
+        return np.array(out, dtype=float)
 
     @cached_property
     def repeat_ranks(self) -> tuple[tuple[int, ...], ...]:
@@ -326,14 +328,13 @@ class GroupTable:
         rows = np.flatnonzero(table.is_canonical)
         if skip is not None and len(skip):
             rows = np.setdiff1d(rows, skip)
-        for row in rows:
-            rows_of.setdefault(table.modules[row], []).append(int(row))
+        modules = table.modules
+        for row in rows.tolist():
+            rows_of.setdefault(modules[row], []).append(row)
         paths = tuple(rows_of)
         members = tuple(np.asarray(rows, dtype=np.int64) for rows in rows_of.values())
-        signatures = tuple(
-            "|".join(sorted(f"{table.leaves[r]}:{'x'.join(map(str, table.shapes[r]))}" for r in rows))
-            for rows in rows_of.values()
-        )
+        keys = table.signature_keys
+        signatures = tuple("|".join(sorted([keys[r] for r in rows])) for rows in rows_of.values())
         module_ids = np.array([tree.path2id[p] for p in paths], dtype=np.int64)
         return cls(paths=paths, members=members, signatures=signatures, module_ids=module_ids)
 

@@ -292,7 +292,8 @@ def render(report: dict) -> str:
         " within 5 s, after a warm-up on 100 tensors; `match CPU s` the CPU seconds of that run and `load` the"
         " 1-minute load average after it (on a shared machine the wall time also counts other processes);"
         " `zip correct` what zipping the two key lists in definition order gets right; `order_only` entries"
-        " flagged so; peak RSS of the whole process, python + torch included):",
+        " flagged so; peak RSS of the whole process, python + torch included, over one matching: the plan is"
+        " read from the first run and its mapper released before the repeats):",
         "",
         family_table(recs),
         "",

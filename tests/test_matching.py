@@ -281,3 +281,18 @@ def test_the_collector_is_paused_while_matching_and_restored_after():
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_tables_of_the_mapper_are_built_with_the_collector_paused(monkeypatch):
+    import gc
+
+    seen = []
+    real_build = TensorTable._build.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(gc.isenabled())
+        return real_build(cls, *args, **kwargs)
+
+    monkeypatch.setattr(TensorTable, "_build", classmethod(spy))
+    WeightMapper({"fc.weight": (3, 2)}, {"head.weight": (3, 2)})
+    assert seen == [False, False] and gc.isenabled()

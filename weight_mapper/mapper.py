@@ -13,7 +13,14 @@ from torch import nn
 from weight_mapper.assign import MAX_ROUNDS
 from weight_mapper.errors import MappingError
 from weight_mapper.mapping_dict import MappingDict
-from weight_mapper.matching import STRATEGIES, MatchOptions, PreparedTables, match_prepared, prepare_tables
+from weight_mapper.matching import (
+    STRATEGIES,
+    MatchOptions,
+    PreparedTables,
+    _collector_paused,
+    match_prepared,
+    prepare_tables,
+)
 from weight_mapper.plan import MappingPlan
 from weight_mapper.flow import auto_execution_order, record_execution_order, trace_execution_order
 from weight_mapper.table import TensorTable
@@ -504,6 +511,7 @@ def _flow_orders(source: Any, target: Any, dummy_input: Any, trace: bool) -> tup
     return (source_order, target_order), (source_how, target_how)
 
 
+@_collector_paused()  # a big model's table is many small objects, as matching's are
 def _to_table(side: Any, exec_order: Mapping[str, float] | None, which: str) -> TensorTable:
     if isinstance(side, TensorTable):
         return side

@@ -220,8 +220,9 @@ def _collector_paused() -> Iterator[None]:
     makes no reference cycles of its own; each time those allocations trip the collector's
     thresholds, a full collection walks every tracked object of the process, the caller's model
     too. With a 671B DeepSeek-V3 on the meta device alive (460,000 tracked objects) the 45,395-tensor
-    mapping spent 1.0 of its 3.4 s of CPU in five full collections. Nested uses are harmless: the
-    collector is re-enabled only by the use that paused it, and never if the caller had disabled it.
+    mapping spent 1.0 of its 3.4 s of CPU in five full collections. The mapper builds its tables
+    under it too. Nested uses are harmless: the collector is re-enabled only by the use that paused
+    it, and never if the caller had disabled it.
     """
     paused = gc.isenabled()
     gc.disable()

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 from reference_encoders import ExpertList, FusedExperts, LinearGPT2, StackedExperts, TorchBert
@@ -368,3 +370,13 @@ def test_a_combination_never_takes_a_tensor_matched_to_its_own_name():
     for key in source.state_dict():
         assert mapping.get(key) == f"backbone.body.{key}", key
     assert "head.bias" in plan.unmatched_target
+
+
+@given(st.lists(st.sampled_from(["0", "7", "12", "experts", "w1", "layers", "a", ""]), min_size=1, max_size=6).map(".".join))
+def test_item_key_stars_the_last_numeric_component(name):
+    from weight_mapper.combine import _item_key
+
+    parts = name.split(".")
+    numeric = [i for i, p in enumerate(parts) if p.isdecimal()]
+    want = None if not numeric else (".".join(parts[:numeric[-1]] + ["*"] + parts[numeric[-1] + 1:]), int(parts[numeric[-1]]))
+    assert _item_key(name) == want

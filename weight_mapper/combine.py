@@ -191,11 +191,11 @@ def _as_spelled(table: TensorTable, rows: tuple[int, ...], fused_module: str) ->
 def _item_key(name: str) -> tuple[str, int] | None:
     """``(name with its last numeric path component as *, that number)``: a ModuleList item."""
     parts = name.split(".")
-    numeric = [i for i, p in enumerate(parts) if p.isdecimal()]
-    if not numeric:
-        return None
-    k = numeric[-1]
-    return ".".join(parts[:k] + ["*"] + parts[k + 1:]), int(parts[k])
+    for k in range(len(parts) - 1, -1, -1):
+        if parts[k].isdecimal():
+            number, parts[k] = int(parts[k]), "*"
+            return ".".join(parts), number
+    return None
 
 
 def _stacked_runs(table: TensorTable, runs) -> list[tuple[tuple[int, ...], tuple[int, ...], int]]:

@@ -64,7 +64,9 @@ def infer_storage(table: TensorTable, other: TensorTable) -> TensorTable:
         if table.module_types[r] or len(shape) != 2 or table.leaves[r] != "weight":
             continue
         kind = kinds[r] = _kind(table, r)
-        counter = votes.setdefault(kind, Counter())
+        counter = votes.get(kind)
+        if counter is None:
+            counter = votes[kind] = Counter()
         as_is, flipped = shape in linear, shape[::-1] in linear
         if shape[0] != shape[1] and as_is != flipped:
             counter["transposed" if flipped else "copied"] += 1

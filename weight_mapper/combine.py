@@ -300,6 +300,7 @@ def combine(
     weights: Mapping[str, float],
     threshold: float,
     incompatible_pairs: Sequence[tuple[Sequence[str], Sequence[str]]] = (),
+    skip_src: np.ndarray | None = None,
 ) -> list[Combination]:
     """Propose concat / stack matches for targets the 1:1 assignment left unfilled.
 
@@ -311,13 +312,15 @@ def combine(
     Args:
         src_table, tgt_table: The two sides.
         assignment: The 1:1 assignment (its matches give the module map used as context).
-        weights, threshold, incompatible_pairs: As for :func:`weight_mapper.assign.assign`.
+        weights, threshold, incompatible_pairs, skip_src: As for :func:`weight_mapper.assign.assign`.
 
     Returns:
         Non-overlapping combinations scoring at least ``threshold``.
     """
     left_tgt = np.setdiff1d(np.flatnonzero(tgt_table.is_canonical), assignment.tgt)
     left_src = np.setdiff1d(np.flatnonzero(src_table.is_canonical), same_name_matches(src_table, tgt_table, assignment))
+    if skip_src is not None and len(skip_src):
+        left_src = np.setdiff1d(left_src, skip_src)
     return _propose(src_table, tgt_table, assignment, left_src, left_tgt,
                     weights=weights, threshold=threshold, incompatible_pairs=incompatible_pairs)
 
@@ -351,6 +354,7 @@ def split(
     threshold: float,
     incompatible_pairs: Sequence[tuple[Sequence[str], Sequence[str]]] = (),
     taken: Sequence[Combination] = (),
+    skip_src: np.ndarray | None = None,
 ) -> list[Combination]:
     """Propose splits: one fused source tensor the 1:1 assignment left unmatched into several targets.
 
@@ -360,6 +364,8 @@ def split(
     every target tensor not ``taken`` by a combination; the caller re-runs the 1:1 assignment
     without the rows the splits take.
 
+    ``skip_src`` rows (a losing tower, see :mod:`weight_mapper.towers`) are never split.
+
     Returns:
         Non-overlapping splits scoring at least ``threshold``, each as the :class:`Combination`
         that would rebuild the source: ``src`` are **target** rows (in the source's part order),
@@ -368,10 +374,28 @@ def split(
     taken_src = np.array([r for c in taken for r in c.src], dtype=np.int64)
     taken_tgt = np.array([c.tgt for c in taken], dtype=np.int64)
     left_src = np.setdiff1d(np.flatnonzero(src_table.is_canonical), np.concatenate([assignment.src, taken_src]))
+    if skip_src is not None and len(skip_src):
+        left_src = np.setdiff1d(left_src, skip_src)
     tgt_rows = np.setdiff1d(np.flatnonzero(tgt_table.is_canonical), taken_tgt)
     mirrored = replace(assignment, src=assignment.tgt, tgt=assignment.src)
     return _propose(tgt_table, src_table, mirrored, tgt_rows, left_src, weights=weights, threshold=threshold,
                     incompatible_pairs=[(b, a) for a, b in incompatible_pairs])
+
+
+def _held_better(assignment: Assignment, candidates: list, pair_c: np.ndarray, total: np.ndarray,
+                 n_rows: int) -> np.ndarray:
+    """Per (set, target) pair: True where most of the set's tensors hold 1:1 matches that score at
+    least as well as the set would.
+
+    A set may take tensors the 1:1 assignment used, but only to rescue them from worse matches:
+    T5's encoder ``q``, ``k`` and ``v``, each matched 1:1 at 0.9 by their own names, are no split
+    of the embedding whose row count their sum happens to equal (score 0.73).
+    """
+    held = np.full(n_rows, -np.inf)
+    held[assignment.src] = assignment.score
+    # The (n // 2 + 1)-th best 1:1 score of each set: a majority scores at least that.
+    kth = np.array([np.sort(held[list(rows)])[::-1][len(rows) // 2] for rows, _, _, _ in candidates])
+    return kth[pair_c] >= total
 
 
 def _propose(
@@ -445,6 +469,7 @@ def _propose(
     ctx = context_score(s_items, t_items, pair_c, pair_t, module_map)
     total = _joint(with_context(base, ctx), candidates, pair_c, src_table, tgt_table, left_tgt[pair_t])
     allowed = ~forbidden(s_items, t_items, pair_c, pair_t, incompatible_pairs)
+    allowed &= ~_held_better(assignment, candidates, pair_c, total, len(src_table))
     fits = {(c, t): _fits_roles(src_table, candidates[c][0], tgt_table.modules[left_tgt[t]])
             for c, t in set(zip(pair_c.tolist(), pair_t.tolist())) if candidates[c][2] == "concat"}
     if fits:

@@ -3,7 +3,8 @@
 ``match(source_table, target_table, *, options)`` runs the whole matcher on two
 :class:`~weight_mapper.table.TensorTable` objects: the wrapper prefix and the ``[in, out]``
 storage of untyped sides are settled first (:func:`prepare_tables`), then the 1:1 assignment
-(:func:`~weight_mapper.assign.assign`), the concat / stack / split proposals
+(:func:`~weight_mapper.assign.assign`), the choice between twin source towers
+(:func:`~weight_mapper.towers.tower_exclusions`), the concat / stack / split proposals
 (:func:`~weight_mapper.combine.combine`, :func:`~weight_mapper.combine.split`), the 1:1
 assignment again without the tensors those take, and the plan
 (:func:`~weight_mapper.planner.build_plan`). Every option travels in one frozen
@@ -32,9 +33,14 @@ from weight_mapper.errors import MappingError
 from weight_mapper.flow import FLOW_SOURCES
 from weight_mapper.plan import MappingPlan
 from weight_mapper.planner import build_plan
-from weight_mapper.score import DEFAULT_WEIGHTS, validate_incompatible_pairs, validate_weights
+from weight_mapper.score import (
+    DEFAULT_WEIGHTS,
+    validate_incompatible_pairs,
+    validate_weights,
+)
 from weight_mapper.storage import infer_storage
 from weight_mapper.table import TensorTable
+from weight_mapper.towers import tower_exclusions
 
 __all__ = [
     "STRATEGIES",
@@ -322,16 +328,26 @@ def match_prepared(
                       skip_src=skip_src, skip_tgt=skip_tgt, progress=progress)
 
     every = assign_all()
+    # Two source towers that could each supply the whole target (T5's encoder and decoder for
+    # an encoder): the target draws from one of them (weight_mapper/towers.py).
+    towers = tower_exclusions(src, tgt, every.src)
+    left_out = towers.rows if towers is not None else np.zeros(0, np.int64)
+    if towers is not None:
+        if progress is not None:
+            progress(f"towers: {towers.describe()}")
+        every = assign_all(skip_src=left_out)
     combinations, splits = [], []
     if rule.combined:
         if progress is not None:
             progress("combined matches: looking for concat / stack / split candidates")
-        combinations = combine(src, tgt, every, weights=weights, threshold=threshold, incompatible_pairs=pairs)
+        combinations = combine(src, tgt, every, weights=weights, threshold=threshold, incompatible_pairs=pairs,
+                               skip_src=left_out)
         splits = split(src, tgt, every, weights=weights, threshold=threshold, incompatible_pairs=pairs,
-                       taken=combinations)
+                       taken=combinations, skip_src=left_out)
     if combinations or splits:  # re-match 1:1 without the tensors the combinations and splits take
         every = assign_all(
-            skip_src=np.array([r for c in combinations for r in c.src] + [c.tgt for c in splits], dtype=np.int64),
+            skip_src=np.concatenate([left_out, np.array([r for c in combinations for r in c.src]
+                                                        + [c.tgt for c in splits], dtype=np.int64)]),
             skip_tgt=np.array([c.tgt for c in combinations] + [r for c in splits for r in c.src], dtype=np.int64),
         )
     assignment = every.above(threshold)

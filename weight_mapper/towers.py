@@ -21,6 +21,7 @@ This runs on the tables and one assignment only: no tensor data.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 
@@ -74,6 +75,7 @@ def source_towers(names: tuple[str, ...] | list[str]) -> list[str]:
     return [".".join(p[:common + 1]) + ("." if len(p) > common + 1 else "") for p in parts]
 
 
+@functools.lru_cache(maxsize=4096)
 def _shape_key(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sorted(shape))  # transposed storage ([in, out] Conv1D) supplies the same tensor
 
@@ -95,8 +97,11 @@ def tower_exclusions(src: TensorTable, tgt: TensorTable, assigned_src: np.ndarra
     towers = source_towers(src.names)
     needed = Counter(_shape_key(tgt.shapes[r]) for r in canon_t)
     by_tower: dict[str, Counter] = {}
-    for r in canon_s:
-        by_tower.setdefault(towers[r], Counter())[_shape_key(src.shapes[r])] += 1
+    for r in canon_s.tolist():
+        counts = by_tower.get(towers[r])
+        if counts is None:  # one Counter per tower, not one per row
+            counts = by_tower[towers[r]] = Counter()
+        counts[_shape_key(src.shapes[r])] += 1
     size = sum(needed.values())
     cover = {t: sum((c & needed).values()) for t, c in by_tower.items() if t.endswith(".")}
     suppliers = [t for t, n in cover.items() if n >= SUPPLY_SHARE * size]

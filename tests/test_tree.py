@@ -111,3 +111,26 @@ def test_items_read_the_name_columns_of_their_own_tree():
         tensors = Items.of_tensors(table, tree, [1, 0])
         assert tensors.tokens == tuple(name_tokens(table.names[r]) for r in (1, 0))
         assert tensors.numeric_components == ((1,), (0,))
+
+
+@given(st.lists(st.lists(st.sampled_from(["0", "1", "10", "2", "layers", "conv1", "conv2", "bn", "f", "a", "b"]),
+                         min_size=1, max_size=5).map(".".join), min_size=1, max_size=40, unique=True))
+def test_the_graph_equals_the_networkx_digraph_it_replaced(modules):
+    nx = pytest.importorskip("networkx")
+    table = TensorTable.from_state_dict({f"{m}.weight": (1,) for m in modules})
+    reference = nx.DiGraph()
+    reference.add_node("", type="", depth=0)
+    for module in table.modules:  # the construction ModuleTree used before
+        chain, path = [], module
+        while path != "" and path not in reference:
+            chain.append(path)
+            path = path.rpartition(".")[0]
+        for node in reversed(chain):
+            reference.add_node(node, type="", depth=node.count(".") + 1)
+            reference.add_edge(node.rpartition(".")[0], node)
+    tree = ModuleTree(table)
+    assert tree.paths == tuple(reference.nodes)
+    for path in tree.paths:
+        assert list(tree.graph.successors(path)) == list(reference.successors(path))
+        assert list(tree.graph.predecessors(path)) == list(reference.predecessors(path))
+        assert tree.graph.nodes[path] == reference.nodes[path]

@@ -20,6 +20,8 @@ __all__ = [
     "COMPONENT_SYNONYMS",
     "ORDINALS",
     "VOCABULARY",
+    "CONTESTED",
+    "contested_rows",
     "component_ordinal",
     "repeat_key",
     "split_name",
@@ -221,6 +223,31 @@ def _well_formed(component: str) -> bool:
         return False
     raw = _raw_tokens(component)
     return not (len(raw) == 1 and len(raw[0]) >= 4)
+
+
+#: Module-name components whose meaning depends on a sibling: component -> the siblings beside
+#: which it means something else (``post_attention_layernorm`` beside ``pre_feedforward_layernorm``
+#: is Gemma's attention-output norm, not Llama's MLP norm). Entries naming one are flagged.
+CONTESTED: dict[str, frozenset[str]] = {
+    entry["name"]: frozenset(entry["beside"]) for entry in VOCABULARY.get("contested", ())
+}
+
+
+def contested_rows(modules: Sequence[str]) -> set[int]:
+    """Rows whose module is a :data:`CONTESTED` component with one of its siblings beside it.
+
+    >>> sorted(contested_rows(["l.0.post_attention_layernorm", "l.0.pre_feedforward_layernorm",
+    ...                        "l.1.post_attention_layernorm"]))
+    [0]
+    """
+    present = set(modules)
+    out = set()
+    for row, module in enumerate(modules):
+        parent, _, component = module.rpartition(".")
+        beside = CONTESTED.get(component)
+        if beside and any((f"{parent}.{b}" if parent else b) in present for b in beside):
+            out.add(row)
+    return out
 
 
 # Module-name components that name one thing (``attention_norm`` ~ ``input_layernorm`` ~

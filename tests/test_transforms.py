@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from weight_mapper import MappingPlan, PlanEntry, PlanError, apply_plan
-from weight_mapper.transforms import TRANSFORMS, get_transform, invert_entries
+from weight_mapper.transforms import TRANSFORMS, get_transform, invert_entries, relate
 
 _E, _I, _H = 3, 4, 5  # experts, hidden, model dims
 
@@ -122,3 +122,30 @@ def test_a_new_one_to_one_transform_is_one_registry_entry(monkeypatch):
     there = apply_plan(plan, {"a": a})
     assert torch.equal(there["b"], torch.cat([a, a]))
     assert torch.equal(apply_plan(plan.inverse(), there)["a"], a)
+
+
+@pytest.mark.parametrize(("src", "tgt", "dims"), [
+    ((3, 3, 8, 16), (16, 8, 3, 3), [3, 2, 0, 1]),  # TensorFlow / JAX HWIO kernel into PyTorch OIHW
+    ((16, 8, 3, 3), (3, 3, 8, 16), [2, 3, 1, 0]),  # and back
+    ((1, 1, 8, 8), (8, 8, 1, 1), [3, 2, 0, 1]),  # a 1x1 kernel is no reshape: in and out swap
+])
+def test_conv_kernels_in_the_other_framework_layout_are_permuted(src, tgt, dims):
+    rel = relate(src, tgt)
+    assert (rel.transform, rel.args) == ("permute", {"dims": dims})
+    w = torch.randn(*src)
+    entry = PlanEntry(("k",), "w", "permute", 1.0, 1.0, "tensor", src, tgt, args=rel.args)
+    plan = MappingPlan.from_json(MappingPlan((entry,)).to_json())
+    there = apply_plan(plan, {"k": w})["w"]
+    assert torch.equal(there, w.permute(*dims))
+    if src == (3, 3, 8, 16):  # element [h, w, i, o] lands at [o, i, h, w]
+        assert there[5, 2, 1, 0] == w[1, 0, 2, 5]
+    assert torch.equal(apply_plan(plan.inverse(), {"w": there})["k"], w)
+
+
+def test_a_permute_entry_checks_its_dims():
+    bad = PlanEntry(("k",), "w", "permute", 1.0, 1.0, "tensor", (3, 3, 8, 16), (16, 8, 3, 3),
+                    args={"dims": [0, 1, 2, 3]})
+    with pytest.raises(PlanError, match="dims"):
+        MappingPlan.from_json(MappingPlan((bad,)).to_json())
+    assert relate((64, 8, 3, 3), (3, 3, 64, 8)) is None  # [H, W, O, I] is no layout the rule knows
+    assert relate((64, 8, 32, 32), (32, 32, 8, 64)) is None  # 32 x 32 is no kernel

@@ -207,6 +207,7 @@ def main() -> None:
         "mined_components": [{"pair": list(k), "sources": sorted(v)} for k, v in sorted(miner.components.items())],
         "mined_tokens": [{"pair": list(k), "sources": sorted(v)} for k, v in sorted(miner.tokens.items())],
         "distinct": [list(d) for d in distinct],
+        "contested": curated.get("contested", []),
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")

@@ -52,6 +52,10 @@ _UNMATCHED = -1
 MAX_ROUNDS = 10  # bound on hierarchy-context rounds
 _TIE_EPS = 1e-7  # breaks exact ties by relative order, never outweighs a real difference
 _NAME_DISAGREES = 0.05  # an alternative whose name score is this much better flags the match
+#: A match that a doubtful match could be exchanged with, losing less than this of their summed
+#: score, is itself doubtful (:func:`_swap_partners`).
+SWAP_PARTNER_MARGIN = 0.05
+_SWAP_BUCKET_MAX = 64  # buckets up to this many pairs: every pair is a possible swap partner
 _VOTE_FLOOR = 1e-3  # a match's vote for its modules' mapping weighs this plus its margin
 # Solver of the context-free round that only seeds the first module map (see _solve_level).
 # An exact assignment of the base scores alone is a poor seed where many candidates nearly tie
@@ -649,9 +653,84 @@ def _solve_level(
         bucket_sizes=[(len(s), len(t)) for s, t in zip(level.bucket_src, level.bucket_tgt)],
         rounds=rounds, converged=converged,
         detail=LevelDetail(level, total, ctx, src, tgt),
-        flags=_edge_flags(level, edges, allowed, pinned),
+        flags=_swap_partners(level, edges, margin, total, allowed, pinned, _edge_flags(level, edges, allowed, pinned)),
     )
     return result, votes
+
+
+def _swap_partners(level: Level, edges: np.ndarray, margin: np.ndarray, total: np.ndarray, allowed: np.ndarray,
+                   pinned: np.ndarray, flags: np.ndarray) -> np.ndarray:
+    """``flags`` with ``swap_partner`` added to the chosen pairs a doubtful pair could be swapped with.
+
+    Wrong matches come in swaps: two norms exchanged, or a cycle of three. When a chosen pair
+    ``a -> x`` is doubtful (margin under :data:`AMBIGUITY_MARGIN`, or flagged), look at the pairs
+    holding its runner-ups (``b -> y`` where ``y`` is ``a``'s best other target, or ``b`` is
+    ``x``'s best other source; in a bucket of at most 64 pairs, every other pair). Exchanging the two (``a -> y``, ``b -> x``) is a real alternative
+    when both crossed pairs are admissible and the exchange loses less than
+    :data:`SWAP_PARTNER_MARGIN` of their summed score: then ``b -> y`` is doubtful too. Repeated
+    until nothing changes (a cycle). Pinned pairs (identical names) are never flagged.
+    """
+    if not len(edges):
+        return flags
+    s, t = level.si[edges], level.ti[edges]
+    n_tgt = len(level.tgt)
+    holder_of_src = np.full(len(level.src), -1, dtype=np.int64)
+    holder_of_tgt = np.full(n_tgt, -1, dtype=np.int64)
+    holder_of_src[s] = np.arange(len(edges))
+    holder_of_tgt[t] = np.arange(len(edges))
+    is_chosen = np.zeros(len(level.si), dtype=bool)
+    is_chosen[edges] = True
+    others = allowed & ~is_chosen
+    row_edge = _best_edge(level.si, total, others, len(level.src))[s]  # the source's best other target
+    col_edge = _best_edge(level.ti, total, others, n_tgt)[t]  # the target's best other source
+    partners = np.stack([np.where(row_edge >= 0, holder_of_tgt[level.ti[np.maximum(row_edge, 0)]], -1),
+                         np.where(col_edge >= 0, holder_of_src[level.si[np.maximum(col_edge, 0)]], -1)], 1)
+    # Admissible edges by (source, target) key, to score the crossed pairs of an exchange.
+    keys = level.si * n_tgt + level.ti
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+
+    def crossed(a: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Score of ``a -> y`` where admissible, else -inf."""
+        want = a * n_tgt + y
+        at = np.minimum(np.searchsorted(sorted_keys, want), len(sorted_keys) - 1)
+        e = order[at] if len(order) else np.zeros(len(want), np.int64)
+        ok = (len(order) > 0) & (sorted_keys[at] == want) if len(order) else np.zeros(len(want), bool)
+        return np.where(ok & allowed[e], total[e], -np.inf)
+
+    # Every other chosen pair of the same (small) bucket is a possible partner too: a doubtful
+    # pair's runner-up can be a third pair, while the swap that matters is with a fourth.
+    bucket = np.searchsorted(level.offsets, edges, side="right") - 1
+    by_bucket: dict[int, np.ndarray] = {}
+    order_b = np.argsort(bucket, kind="stable")
+    ids, starts, counts = np.unique(bucket[order_b], return_index=True, return_counts=True)
+    for b, start, count in zip(ids.tolist(), starts.tolist(), counts.tolist()):
+        if 2 < count <= _SWAP_BUCKET_MAX:
+            by_bucket[b] = order_b[start:start + count]
+    doubtful = (margin < AMBIGUITY_MARGIN) | np.array([bool(f) for f in flags], dtype=bool)
+    can_flag = ~pinned[edges]
+    marked = np.zeros(len(edges), dtype=bool)
+    frontier = np.flatnonzero(doubtful)
+    chosen_score = total[edges]
+    while len(frontier):
+        ks, ps = [np.repeat(frontier, 2)], [partners[frontier].ravel()]
+        for f in frontier.tolist():
+            members = by_bucket.get(int(bucket[f]))
+            if members is not None:
+                ks.append(np.full(len(members), f))
+                ps.append(members)
+        k, p = np.concatenate(ks), np.concatenate(ps)
+        keep = (p >= 0) & (p != k)
+        k, p = k[keep], p[keep]
+        loss = chosen_score[k] + chosen_score[p] - crossed(s[k], t[p]) - crossed(s[p], t[k])
+        hit = np.unique(p[loss < SWAP_PARTNER_MARGIN])
+        hit = hit[can_flag[hit] & ~doubtful[hit] & ~marked[hit]]
+        marked[hit] = True
+        frontier = hit
+    out = flags.copy()
+    for k in np.flatnonzero(marked):
+        out[k] = (*flags[k], "swap_partner")
+    return out
 
 
 def _edge_flags(level: Level, edges: np.ndarray, allowed: np.ndarray, pinned: np.ndarray) -> np.ndarray:

@@ -20,6 +20,9 @@ __all__ = [
     "COMPONENT_SYNONYMS",
     "ORDINALS",
     "VOCABULARY",
+    "CONTESTED",
+    "POLAR_FAMILIES",
+    "contested_rows",
     "component_ordinal",
     "repeat_key",
     "split_name",
@@ -69,6 +72,12 @@ ORDINALS: dict[str, tuple[int, int]] = {
     for family, entry in enumerate(VOCABULARY["ordinals"], start=1)
     for rank, word in enumerate(entry["family"])
 }
+
+#: Ordinal families of exactly two words (``before``/``after``, ``pre``/``post``, ``in``/``out``):
+#: one of them says "first" or "last" without a sibling to compare with.
+POLAR_FAMILIES: frozenset[int] = frozenset(
+    family for family, entry in enumerate(VOCABULARY["ordinals"], start=1) if len(entry["family"]) == 2
+)
 
 _CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 _SPLIT = re.compile(r"[._\-/:\s]+")
@@ -223,6 +232,39 @@ def _well_formed(component: str) -> bool:
         return False
     raw = _raw_tokens(component)
     return not (len(raw) == 1 and len(raw[0]) >= 4)
+
+
+#: Module-name components whose meaning depends on a sibling: component -> the siblings beside
+#: which it means something else (``post_attention_layernorm`` beside ``pre_feedforward_layernorm``
+#: is Gemma's attention-output norm, not Llama's MLP norm). Entries naming one are flagged.
+CONTESTED: dict[str, frozenset[str]] = {
+    entry["name"]: frozenset(entry["beside"]) for entry in VOCABULARY.get("contested", ())
+}
+
+
+def contested_rows(modules: Sequence[str]) -> set[int]:
+    """Rows whose module is a :data:`CONTESTED` component with one of its siblings beside it.
+
+    >>> sorted(contested_rows(["l.0.post_attention_layernorm", "l.0.pre_feedforward_layernorm",
+    ...                        "l.1.post_attention_layernorm"]))
+    [0]
+    """
+    out: set[int] = set()
+    ends = tuple(CONTESTED)
+    if not ends:
+        return out
+    present: set[str] | None = None
+    for row, module in enumerate(modules):
+        if not module.endswith(ends):  # the common case, decided in C
+            continue
+        parent, _, component = module.rpartition(".")
+        beside = CONTESTED.get(component)
+        if not beside:
+            continue
+        present = set(modules) if present is None else present
+        if any((f"{parent}.{b}" if parent else b) in present for b in beside):
+            out.add(row)
+    return out
 
 
 # Module-name components that name one thing (``attention_norm`` ~ ``input_layernorm`` ~

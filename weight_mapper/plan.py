@@ -34,6 +34,11 @@ FLAG_DESCRIPTIONS = {
                    "while the target module still has tensors to fill (a BatchNorm's running statistics "
                    "without its weight and bias); map the rest or none of it",
     "names_disagree": "another candidate's name fits clearly better: order or context overrode the names",
+    "contested_name": "one side's module name means different layers in different architectures "
+                      "(data/vocabulary.json 'contested': post_attention_layernorm beside a pre_feedforward_layernorm "
+                      "is Gemma's attention-output norm, not Llama's MLP norm): check it",
+    "swap_partner": "a doubtful entry (ambiguous or flagged) could be exchanged with this one at a cost under "
+                    "0.1 of their summed score: the two may be swapped, review them together",
     "convention:rotary": "one side may keep its rotary q/k rows interleaved (Meta, torchtune) and the other "
                          "half-split (Hugging Face); nothing but a forward pass can tell, so the rows were copied "
                          "as they are: confirm with verify(..., repair=True)",

@@ -16,6 +16,7 @@ import numpy as np
 
 from weight_mapper.assign import Assignment
 from weight_mapper.combine import Combination
+from weight_mapper.names import contested_rows
 from weight_mapper.plan import MappingPlan, PlanEntry
 from weight_mapper.storage import TransposeVote, transpose_votes
 from weight_mapper.table import TensorTable
@@ -60,6 +61,7 @@ def build_plan(
     src_aliases = _alias_lists(src_table)
     tgt_aliases = _alias_lists(tgt_table)
     votes = transpose_votes(src_table, tgt_table, zip(assignment.src.tolist(), assignment.tgt.tolist()))
+    contested = (contested_rows(src_table.modules), contested_rows(tgt_table.modules))
     for k in range(len(assignment.src)):
         s, t = int(assignment.src[k]), int(assignment.tgt[k])
         components = {c: float(v[k]) for c, v in assignment.components.items()}
@@ -67,6 +69,9 @@ def build_plan(
                        str(assignment.level[k]), components, source_prefix, votes.get((s, t)))
         if assignment.flags is not None and assignment.flags[k]:
             entry = replace(entry, flags=(*entry.flags, *assignment.flags[k]))
+        if ((s in contested[0] or t in contested[1])
+                and src_table.modules[s].rpartition(".")[2] != tgt_table.modules[t].rpartition(".")[2]):
+            entry = replace(entry, flags=(*entry.flags, "contested_name"))
         if withhold_ambiguous and entry.flagged:
             withheld.append(entry)
             continue

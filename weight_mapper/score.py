@@ -23,7 +23,7 @@ from rapidfuzz.distance import LCSseq, Levenshtein
 from scipy import sparse
 
 from weight_mapper.errors import MappingError
-from weight_mapper.names import pad_indices, semantic_chunks
+from weight_mapper.names import contested_rows, pad_indices, semantic_chunks
 from weight_mapper.table import TensorTable
 from weight_mapper.transforms import (  # noqa: F401  (re-exported)
     FLATTEN_SCORE,
@@ -207,6 +207,15 @@ class Items:
     def skeleton_ids(self) -> np.ndarray:
         """Position of each candidate's skeleton in :attr:`skeleton_list`."""
         return self._skeletons[1]
+
+    @cached_property
+    def contested(self) -> np.ndarray:
+        """True for candidates whose module name means different layers in different architectures
+        (:data:`~weight_mapper.names.CONTESTED`, with the sibling that decides it among these candidates)."""
+        modules = self.labels if self.shapes is None else [lab.rpartition(".")[0] for lab in self.labels]
+        out = np.zeros(len(self.labels), dtype=bool)
+        out[list(contested_rows(modules))] = True
+        return out
 
     @cached_property
     def leaf_array(self) -> np.ndarray:
@@ -830,6 +839,10 @@ def weighted_base(weights: Mapping[str, float], components: Mapping[str, Any]) -
     return sum(weights[key] * components[key] for key in BASE_COMPONENTS)
 
 
+#: The name score of every pair with a contested name (:attr:`Items.contested`).
+CONTESTED_NAME_SCORE = 0.5
+
+
 def score_edges(
     src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray, *, weights: Mapping[str, float], tolerance: float = 0.0
 ) -> dict[str, np.ndarray]:
@@ -849,6 +862,11 @@ def score_edges(
     out: dict[str, np.ndarray] = {}
     for component in SCORE_COMPONENTS:
         out[component.key] = component.score(src, tgt, si, ti, tolerance=tolerance, sub_scores=out)
+    # A contested name (Gemma's post_attention_layernorm) says nothing about its partner: every
+    # pair with one gets the same name score, so that the data flow, order and context decide.
+    contested = src.contested[si] | tgt.contested[ti]
+    if contested.any():
+        out["name"] = np.where(contested, CONTESTED_NAME_SCORE, out["name"])
     out["base"] = weighted_base(weights, out)
     return out
 

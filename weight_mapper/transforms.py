@@ -100,6 +100,10 @@ RESHAPE_SCORE = 0.6  # equal shapes up to size-1 dims ([C, 1, 1] vs [C])
 # flattened [C, H, W] feature map is a conv with an H x W kernel (torchvision's VGG classifier
 # [4096, 25088] vs timm's ConvMlp [4096, 512, 7, 7]).
 FLATTEN_SCORE = 0.55
+# A 4-D conv kernel in TensorFlow / JAX layout [H, W, in, out] against PyTorch's [out, in, H, W]
+# (or back): between a transpose and a reshape.
+PERMUTE_SCORE = 0.65
+_SPATIAL_MAX = 11  # kernel sizes: the dims a conv layout keeps its spatial extent in
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,35 @@ def _flattened(s: Shape, t: Shape) -> dict | None:
 
 
 # ---------------------------------------------------------------------------- argument checks
+def _conv_layout(s: Shape, t: Shape) -> dict | None:
+    """A conv kernel in the other framework's layout: ``[H, W, I, O]`` -> ``[O, I, H, W]`` (dims
+    ``(3, 2, 0, 1)``) or back (``(2, 3, 1, 0)``). The side whose spatial dims lead is read as HWIO."""
+    if len(s) != 4 or len(t) != 4 or s == t:
+        return None
+    spatial = [d for d in (s[0], s[1], t[2], t[3])]
+    if all(d <= _SPATIAL_MAX for d in spatial) and (s[3], s[2], s[0], s[1]) == t:
+        return {"dims": [3, 2, 0, 1]}
+    if all(d <= _SPATIAL_MAX for d in (s[2], s[3], t[0], t[1])) and (s[2], s[3], s[1], s[0]) == t:
+        return {"dims": [2, 3, 1, 0]}
+    return None
+
+
+def _check_permute(args: Mapping[str, Any], n_src: int, src_shape: list | None, tgt_shape: list | None) -> None:
+    dims = args["dims"]
+    if not (isinstance(dims, list) and all(is_int(d) for d in dims) and sorted(dims) == list(range(len(dims)))):
+        raise Invalid(f"args.dims is {short(dims)}: expected a permutation of 0..n-1")
+    if src_shape is not None and len(src_shape) != len(dims):
+        raise Invalid(f"args.dims {dims} does not permute the {len(src_shape)} dims of source_shape {src_shape}")
+    if src_shape is not None and tgt_shape is not None and [src_shape[d] for d in dims] != list(tgt_shape):
+        raise Invalid(f"args.dims {dims} turns source_shape {src_shape} into "
+                      f"{[src_shape[d] for d in dims]}, not target_shape {tgt_shape}")
+
+
+def _permute_back(e: PlanEntry) -> dict[str, Any]:
+    dims = list(e.args["dims"])
+    return {"dims": [dims.index(i) for i in range(len(dims))]}
+
+
 def _check_reshape(args: Mapping[str, Any], n_src: int, src_shape: list | None, tgt_shape: list | None) -> None:
     shape = args["shape"]
     if not (isinstance(shape, list) and len(shape) <= MAX_NDIM and all(is_int(d) and d >= -1 for d in shape)
@@ -394,6 +427,9 @@ TRANSFORMS: dict[str, Transform] = {
         Transform("reshape", lambda ts, a: ts[0].reshape(tuple(a["shape"])).contiguous(), "reshape",
                   rules=(ShapeRule(RESHAPE_SCORE, _squeezed), ShapeRule(FLATTEN_SCORE, _flattened)),
                   inverse_args=_reshape_back, required_args=("shape",), check_args=_check_reshape),
+        Transform("permute", lambda ts, a: ts[0].permute(*a["dims"]).contiguous(), "permute",
+                  rules=(ShapeRule(PERMUTE_SCORE, _conv_layout),), inverse_args=_permute_back,
+                  required_args=("dims",), check_args=_check_permute),
         Transform("concat", lambda ts, a: _maybe_t(torch.cat(list(ts), dim=a.get("dim", 0)), a), "slice", True,
                   invert=_slices_of_concat, required_args=("sizes",), check_args=_check_concat, transposable=True),
         Transform(

@@ -201,7 +201,7 @@ def run_zoo_pair(pair: ZooPair, ways: Sequence[str], *, seed: int = 0, strategy:
         "converter_extra_keys": gt["extra"][:20], "n_converter_extra": len(gt["extra"]),
         "converter_bad_shapes": gt["bad_shape"][:20], "tied_source_keys": tied,
         "source_order": "rebuilt from the target" if ordered else "source model's",
-        "truth": {t: o.to_list() for t, o in truth.items()},
+        "truth": {t: o.to_list() for t, o in truth.items()}, "errata": list(case.errata),
         "build_s": time.perf_counter() - t0,
     })
     with tempfile.TemporaryDirectory(prefix="zoo_") as tmp:
@@ -279,6 +279,12 @@ def pairs_table(records: Sequence[dict]) -> str:
         lines.append(f"| {p['name']} | {p['source']} -> {p['target']} | `{p['truth_from']}` "
                      f"| {p['n_source']}/{p['n_target']} | {p['n_filled']}{check} | {p.get('n_same_name', '?')} | {kinds} |")
     return "\n".join(lines)
+
+
+def errata(records: Sequence[dict]) -> list[str]:
+    """Converters the zoo corrects, with the evidence measured in this run (lines, or none)."""
+    lines = [f"- `{p['name']}`: {e}" for p in records for e in p.get("errata", ())]
+    return ["Errata (where a converter is wrong and the zoo's truth corrects it):", "", *lines, ""] if lines else []
 
 
 def results_table(records: Sequence[dict]) -> str:
@@ -395,6 +401,7 @@ def render(report: dict) -> str:
         "",
         pairs_table(report["pairs"]),
         "",
+        *errata(report["pairs"]),
         f"Totals per way (`{strategy}`; baseline `{BASELINE}`):",
         "",
         summary(report["pairs"]),

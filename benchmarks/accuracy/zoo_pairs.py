@@ -57,6 +57,9 @@ class ZooCase:
     # target keys the converter leaves to the target's own init although they are not heads
     # (buffers recomputed at load); informational only
     notes: list[str] = field(default_factory=list)
+    # Where the converter is demonstrably wrong and ``convert`` corrects it: what was corrected,
+    # and the forward-pass evidence measured when the case was built (see _tt_gemma2).
+    errata: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -364,8 +367,56 @@ def _tt_gemma2() -> ZooCase:
     target = gemma2(vocab_size=_TT["vocab_size"], num_layers=_TT["num_layers"], num_heads=_TT["num_heads"],
                     head_dim=head_dim, num_kv_heads=_TT["num_kv_heads"], embed_dim=_TT["embed_dim"],
                     intermediate_dim=48, max_seq_len=64, sliding_window_size=16).eval()
-    return ZooCase(dict(hf.state_dict()), target,
-                   lambda sd: gemma2_hf_to_tune(dict(sd), head_dim=head_dim, **_HEADS), hf)
+    def convert(sd):
+        return gemma2_hf_to_tune(dict(sd), head_dim=head_dim, **_HEADS)
+
+    erratum = _gemma2_ffn_norms_erratum(hf, target, convert)
+    return ZooCase(dict(hf.state_dict()), target, lambda sd: _swap_ffn_norms(convert(sd)), hf, errata=[erratum])
+
+
+def _swap_ffn_norms(converted: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each layer's ``mlp_norm`` and ``mlp_scale`` exchanged."""
+    out = dict(converted)
+    for key in converted:
+        if key.endswith(".mlp_norm.scale"):
+            other = key.replace(".mlp_norm.", ".mlp_scale.")
+            out[key], out[other] = converted[other], converted[key]
+    return out
+
+
+def _gemma2_ffn_norms_erratum(hf: nn.Module, target: nn.Module, convert) -> str:
+    """torchtune 0.6.1's ``gemma2_hf_to_tune`` swaps the feed-forward norms; prove it, or fail.
+
+    Its table sends ``post_feedforward_layernorm`` to ``mlp_norm`` and ``pre_feedforward_layernorm``
+    to ``mlp_scale``; torchtune's own layer applies ``mlp_norm`` *before* the MLP and ``mlp_scale``
+    to its output (``TransformerSelfAttentionLayer.forward``), as Hugging Face applies
+    ``pre_feedforward_layernorm`` before and ``post_feedforward_layernorm`` after. With the norms
+    given distinct values, the logits of both models are compared under the converter's table and
+    under the table with the two norms exchanged; the zoo's truth is the exchanged one only while
+    that is the one that computes what the source computes (this raises otherwise, e.g. once
+    torchtune fixes its table).
+    """
+    import copy
+
+    src, tgt = copy.deepcopy(hf).eval(), copy.deepcopy(target).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in src.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        ids = torch.randint(0, _TT["vocab_size"], (1, 12), generator=gen)
+        reference = src(ids).logits
+        diffs = {}
+        for label, sd in (("converter", dict(convert(src.state_dict()))),
+                          ("norms exchanged", _swap_ffn_norms(convert(src.state_dict())))):
+            tgt.load_state_dict({k: v for k, v in sd.items() if k in tgt.state_dict()}, strict=False)
+            diffs[label] = float((tgt(ids) - reference).abs().max())
+    if not diffs["norms exchanged"] * 10 < diffs["converter"]:
+        raise RuntimeError(f"the Gemma-2 feed-forward norm erratum no longer holds: {diffs}")
+    return ("torchtune's gemma2_hf_to_tune maps post_feedforward_layernorm -> mlp_norm (applied before the MLP) "
+            "and pre_feedforward_layernorm -> mlp_scale (applied after it); the truth here exchanges them. "
+            f"Max |logit difference| to the source model: {diffs['converter']:.3g} with the converter's table, "
+            f"{diffs['norms exchanged']:.3g} with the norms exchanged (measured at build time, norms randomised)")
 
 
 def _tt_clip_text() -> ZooCase:
@@ -451,7 +502,8 @@ def zoo_pairs() -> list[ZooPair]:
                 "torchtune phi3 (separate q/k/v, w1/w3)",
                 "torchtune.models.phi3._convert_weights.phi3_hf_to_tune (splits)", _tt_phi3, tt),
         ZooPair("tt_gemma2_hf_to_tune", "torchtune", "HF Gemma2ForCausalLM", "torchtune gemma2",
-                "torchtune.models.gemma2._convert_weights.gemma2_hf_to_tune (q/k rotary permutation)", _tt_gemma2, tt),
+                "torchtune.models.gemma2._convert_weights.gemma2_hf_to_tune (q/k rotary permutation; its feed-forward "
+                "norms exchanged back: see the errata)", _tt_gemma2, tt),
         ZooPair("tt_clip_text_hf_to_tune", "torchtune", "HF CLIPModel (text and vision towers, projections)",
                 "torchtune CLIP text encoder (partial source: the vision tower is dropped)",
                 "torchtune.models.clip._convert_weights.clip_text_hf_to_tune", _tt_clip_text, tt),

@@ -173,6 +173,11 @@ _TV = [
     ("tv_deeplabv3_mbv3", "mobilenet_v3_large", "MobileNet_V3_Large_Weights", "deeplabv3_mobilenet_v3_large", {}),
     ("tv_lraspp_mbv3", "mobilenet_v3_large", "MobileNet_V3_Large_Weights", "lraspp_mobilenet_v3_large", {}),
     ("tv_ssdlite_mbv3", "mobilenet_v3_large", "MobileNet_V3_Large_Weights", "ssdlite320_mobilenet_v3_large", {}),
+    # added after the matcher was tuned (not tuned on): the v2 builders keep trainable BatchNorm
+    # (running statistics and num_batches_tracked in the target) and add convs / norms to the heads
+    ("tv_fasterrcnn_r50_v2", "resnet50", "ResNet50_Weights", "fasterrcnn_resnet50_fpn_v2", {}),
+    ("tv_maskrcnn_r50_v2", "resnet50", "ResNet50_Weights", "maskrcnn_resnet50_fpn_v2", {}),
+    ("tv_retinanet_r50_v2", "resnet50", "ResNet50_Weights", "retinanet_resnet50_fpn_v2", {}),
 ]
 
 
@@ -266,6 +271,21 @@ _HF = [
      {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
           "tie_word_embeddings": False},
      "`embed_out` -> `lm_head`: one rename"),
+    # added after the matcher was tuned (not tuned on)
+    ("hf_glm4_moe", "Glm4MoeConfig", "Glm4MoeForCausalLM",
+     dict(_MOE, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
+          topk_group=1, head_dim=8),
+     "per-expert -> fused experts, one dense layer first, a shared expert"),
+    ("hf_ernie4_5_moe", "Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM",
+     dict(_MOE, moe_num_experts=4, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1),
+     "per-expert -> fused experts; `gate.moe_statics.e_score_correction_bias` moved"),
+    ("hf_videomae", "VideoMAEConfig", "VideoMAEModel", dict(_VIT, num_frames=4, tubelet_size=2),
+     "`attention.attention.q_bias` / `v_bias` (bare parameters) -> `query.bias` / `value.bias` (the key has no bias)"),
+    ("hf_llava", "LlavaConfig", "LlavaForConditionalGeneration",
+     {"text_config": dict(_LM, model_type="llama"), "image_token_index": 95, "tie_word_embeddings": False,
+      "vision_config": dict(_VIT, model_type="clip_vision_model", intermediate_size=64, projection_dim=16)},
+     "`language_model.model.*` -> `model.language_model.*`, `language_model.lm_head` -> `lm_head`, "
+     "`vision_tower` -> `model.vision_tower` (two towers of the same width)"),
 ]
 
 
@@ -419,6 +439,56 @@ def _gemma2_ffn_norms_erratum(hf: nn.Module, target: nn.Module, convert) -> str:
             f"{diffs['norms exchanged']:.3g} with the norms exchanged (measured at build time, norms randomised)")
 
 
+def _tt_gemma() -> ZooCase:
+    """HF Gemma (tied embedding, head_dim given) -> torchtune gemma, through the generic ``hf_to_tune``
+    with ``head_dim`` (what torchtune's checkpointer calls for Gemma 1). The HF checkpoint on disk has
+    no ``lm_head.weight`` (tied), so the source holds none."""
+    import transformers
+    from torchtune.models.convert_weights import hf_to_tune
+    from torchtune.models.gemma._component_builders import gemma
+
+    head_dim = 16  # not embed_dim / num_heads (8): Gemma's head_dim is its own
+    cfg = transformers.GemmaConfig(
+        vocab_size=_TT["vocab_size"], hidden_size=_TT["embed_dim"], intermediate_size=48,
+        num_hidden_layers=_TT["num_layers"], num_attention_heads=_TT["num_heads"],
+        num_key_value_heads=_TT["num_kv_heads"], head_dim=head_dim)
+    torch.manual_seed(0)
+    hf = transformers.GemmaForCausalLM(cfg).eval()
+    torch.manual_seed(0)
+    target = gemma(vocab_size=_TT["vocab_size"], num_layers=_TT["num_layers"], num_heads=_TT["num_heads"],
+                   head_dim=head_dim, num_kv_heads=_TT["num_kv_heads"], embed_dim=_TT["embed_dim"],
+                   intermediate_dim=48, max_seq_len=64).eval()
+    source_sd = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    return ZooCase(source_sd, target, lambda sd: hf_to_tune(dict(sd), head_dim=head_dim, **_HEADS), hf)
+
+
+def _tt_mistral() -> ZooCase:
+    from torchtune.models.convert_weights import hf_to_tune
+    from torchtune.models.mistral._component_builders import mistral
+
+    hf = _tt_llama("MistralForCausalLM", "MistralConfig")
+    torch.manual_seed(0)
+    target = mistral(intermediate_dim=48, **_TT).eval()
+    return ZooCase(dict(hf.state_dict()), target, lambda sd: hf_to_tune(dict(sd), **_HEADS), hf)
+
+
+def _tt_phi3_tune_to_hf() -> ZooCase:
+    """torchtune phi3 (separate q / k / v, w1 / w3) -> HF Phi3 (fused ``qkv_proj``, ``gate_up_proj``): merges."""
+    import transformers
+    from torchtune.models.phi3 import phi3
+    from torchtune.models.phi3._convert_weights import phi3_tune_to_hf
+
+    cfg = transformers.Phi3Config(
+        vocab_size=_TT["vocab_size"], hidden_size=_TT["embed_dim"], intermediate_size=48,
+        num_hidden_layers=_TT["num_layers"], num_attention_heads=_TT["num_heads"],
+        num_key_value_heads=_TT["num_kv_heads"], tie_word_embeddings=False, pad_token_id=0)
+    torch.manual_seed(0)
+    hf = transformers.Phi3ForCausalLM(cfg).eval()
+    torch.manual_seed(0)
+    tune = phi3(intermediate_dim=48, **_TT).eval()
+    return ZooCase(dict(tune.state_dict()), hf, lambda sd: phi3_tune_to_hf(dict(sd)), tune)
+
+
 def _tt_clip_text() -> ZooCase:
     """A whole HF CLIP (text and vision towers, projections) -> torchtune's CLIP text encoder."""
     import transformers
@@ -510,6 +580,15 @@ def zoo_pairs() -> list[ZooPair]:
         ZooPair("tt_t5_hf_to_tune", "torchtune", "HF T5ForConditionalGeneration (encoder and decoder, gated GELU)",
                 "torchtune T5 encoder (the decoder's blocks have the encoder's names)",
                 "torchtune.models.t5._convert_weights.t5_encoder_hf_to_tune", _tt_t5_encoder, tt),
+        # added after the matcher was tuned (not tuned on)
+        ZooPair("tt_gemma_hf_to_tune", "torchtune", "HF GemmaForCausalLM (tied embedding, head_dim 16 != dim / heads)",
+                "torchtune gemma", "torchtune.models.convert_weights.hf_to_tune(head_dim=16) (q/k rotary permutation)",
+                _tt_gemma, tt),
+        ZooPair("tt_mistral_hf_to_tune", "torchtune", "HF MistralForCausalLM", "torchtune mistral",
+                "torchtune.models.convert_weights.hf_to_tune (q/k rotary permutation)", _tt_mistral, tt),
+        ZooPair("tt_phi3_tune_to_hf", "torchtune", "torchtune phi3 (separate q/k/v, w1/w3)",
+                "HF Phi3ForCausalLM (fused qkv_proj, gate_up_proj)",
+                "torchtune.models.phi3._convert_weights.phi3_tune_to_hf (concatenations)", _tt_phi3_tune_to_hf, tt),
     ]
     from benchmarks.accuracy.zoo_timm import timm_pairs
 

@@ -284,8 +284,8 @@ _HF = [
     ("hf_llava", "LlavaConfig", "LlavaForConditionalGeneration",
      {"text_config": dict(_LM, model_type="llama"), "image_token_index": 95, "tie_word_embeddings": False,
       "vision_config": dict(_VIT, model_type="clip_vision_model", intermediate_size=64, projection_dim=16)},
-     "`language_model.model.*` -> `model.language_model.*`, `language_model.lm_head` -> `lm_head`, "
-     "`vision_tower` -> `model.vision_tower` (two towers of the same width)"),
+     ("`language_model.model.*` -> `model.language_model.*`, `language_model.lm_head` -> `lm_head`, "
+      "`vision_tower` -> `model.vision_tower` (two towers of the same width)")),
 ]
 
 

@@ -204,6 +204,63 @@ def _dinov2_extra(model) -> dict[str, torch.Tensor]:
     return {"mask_token": torch.zeros(1, model.embed_dim)}
 
 
+# --------------------------------------------------------------------------- DaViT (dingmyu/davit, Microsoft)
+def _davit_invert(key: str, shape: tuple[int, ...]):
+    k = key
+    m = re.fullmatch(r"stem\.(conv|norm)\.(.*)", k)
+    if m:
+        return f"patch_embeds.0.{'proj' if m.group(1) == 'conv' else 'norm'}.{m.group(2)}", shape
+    m = re.fullmatch(r"stages\.(\d+)\.downsample\.(conv|norm)\.(.*)", k)
+    if m:
+        return f"patch_embeds.{m.group(1)}.{'proj' if m.group(2) == 'conv' else 'norm'}.{m.group(3)}", shape
+    k = re.sub(r"^stages\.(\d+)\.blocks\.", r"main_blocks.\1.", k)
+    k = k.replace(".cpe1.", ".cpe.0.").replace(".cpe2.", ".cpe.1.")
+    if k.startswith("head.fc."):
+        return "head." + k[len("head.fc."):], shape
+    if k.startswith("head.norm."):
+        return "norms." + k[len("head.norm."):], shape
+    return k, shape
+
+
+# --------------------------------------------------------------------------- EfficientFormer (snap-research)
+def _efficientformer_invert(key: str, shape: tuple[int, ...]):
+    """Flat ``network.N`` (stage blocks and downsamplings interleaved), ``patch_embed.0/1/3/4`` stem."""
+    k = key
+    m = re.fullmatch(r"stem\.(conv|norm)(\d)\.(.*)", k)
+    if m:
+        index = {("conv", "1"): 0, ("norm", "1"): 1, ("conv", "2"): 3, ("norm", "2"): 4}[(m.group(1), m.group(2))]
+        return f"patch_embed.{index}.{m.group(3)}", shape
+    m = re.fullmatch(r"stages\.(\d+)\.downsample\.(conv|norm)\.(.*)", k)
+    if m:
+        return f"network.{2 * int(m.group(1)) - 1}.{'proj' if m.group(2) == 'conv' else 'norm'}.{m.group(3)}", shape
+    m = re.fullmatch(r"stages\.(\d+)\.blocks\.(\d+)\.(.*)", k)
+    if m:
+        rest = re.sub(r"^ls(\d)\.gamma$", r"layer_scale_\1", m.group(3))
+        return f"network.{2 * int(m.group(1))}.{m.group(2)}.{rest}", shape
+    if k.startswith("head_dist."):
+        return "dist_head." + k[len("head_dist."):], shape
+    return k, shape
+
+
+# --------------------------------------------------------------------------- EdgeNeXt (mmaaz60/EdgeNeXt)
+def _edgenext_invert(key: str, shape: tuple[int, ...]):
+    k = key
+    if k.startswith("stem."):
+        return "downsample_layers.0." + k[len("stem."):], shape
+    m = re.fullmatch(r"stages\.(\d+)\.downsample\.(.*)", k)
+    if m:
+        return f"downsample_layers.{m.group(1)}.{m.group(2)}", shape
+    m = re.fullmatch(r"stages\.(\d+)\.blocks\.(\d+)\.(.*)", k)
+    if m:
+        rest = m.group(3).replace("conv_dw", "dwconv").replace("mlp.fc", "pwconv")
+        return f"stages.{m.group(1)}.{m.group(2)}.{rest}", shape
+    if k.startswith("head.fc."):
+        return "head." + k[len("head.fc."):], shape
+    if k.startswith("head.norm."):
+        return "norm." + k[len("head.norm."):], shape
+    return k, shape
+
+
 _VIT = {"embed_dim": 48, "depth": 2, "num_heads": 3}
 
 TIMM: tuple[TimmSpec, ...] = (
@@ -239,6 +296,16 @@ TIMM: tuple[TimmSpec, ...] = (
              "vit_huge_patch14_gap_224", dict(_VIT, img_size=56),
              "timm.models.vision_transformer:checkpoint_filter_fn", lambda k, s: ("module." + k, s),
              wrap=lambda sd: {"encoder": sd}),
+    # added after the matcher was tuned (not tuned on)
+    TimmSpec("timm_davit_ms", "dingmyu/davit (`patch_embeds.S.proj/norm`, `main_blocks.S.B.N`, `cpe.0/1`, `norms`)",
+             "davit_tiny", {"embed_dims": (16, 32, 64, 128), "num_heads": (1, 2, 4, 8), "depths": (1, 1, 2, 1)},
+             "timm.models.davit:checkpoint_filter_fn", _davit_invert),
+    TimmSpec("timm_efficientformer_snap", "snap-research/EfficientFormer (flat `network.N`, `patch_embed.0/1/3/4`, "
+             "`layer_scale_1/2`, `dist_head`)", "efficientformer_l1",
+             {"depths": (1, 1, 2, 2), "embed_dims": (16, 32, 48, 64), "num_vit": 1},
+             "timm.models.efficientformer:checkpoint_filter_fn", _efficientformer_invert),
+    TimmSpec("timm_edgenext_orig", "mmaaz60/EdgeNeXt (`downsample_layers`, `dwconv`, `pwconv1/2`, `norm` -> `head.norm`)",
+             "edgenext_xx_small", {}, "timm.models.edgenext:checkpoint_filter_fn", _edgenext_invert),
 )
 
 

@@ -489,6 +489,63 @@ def _tt_phi3_tune_to_hf() -> ZooCase:
     return ZooCase(dict(tune.state_dict()), hf, lambda sd: phi3_tune_to_hf(dict(sd)), tune)
 
 
+_FLUX_RESNET = {"main.0": "norm1", "main.2": "conv1", "main.3": "norm2", "main.5": "conv2", "shortcut": "nin_shortcut"}
+_FLUX_ATTN = {"attn.q_proj": "q", "attn.k_proj": "k", "attn.v_proj": "v", "attn.output_proj": "proj_out", "norm": "norm"}
+
+
+def _flux_bfl_key(key: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+    """A torchtune Flux autoencoder key -> the key and shape Black Forest Labs' ``ae.safetensors`` holds.
+
+    Only a way to *build* the source layout (the BFL model is not installed): the zoo's truth is
+    what ``flux_ae_hf_to_tune`` does with it, and the zoo reports any key or shape it produces that
+    the torchtune model lacks. BFL's attention projections are 1x1 convs ([C, C, 1, 1]); its ``up``
+    blocks are numbered in the reverse of torchtune's order.
+    """
+    side, section, rest = key.split(".", 2)
+    if section == "end":
+        index, leaf = rest.split(".", 1)
+        return f"{side}.{'norm_out' if index == '0' else 'conv_out'}.{leaf}", shape
+    if section == "conv_in":
+        return key, shape
+
+    def layer(part: str) -> tuple[str, tuple[int, ...]]:
+        for table in (_FLUX_RESNET, _FLUX_ATTN):
+            for ours, theirs in table.items():
+                if part.startswith(ours + "."):
+                    leaf = part[len(ours) + 1:]
+                    conv = table is _FLUX_ATTN and ours != "norm" and leaf == "weight"
+                    return f"{theirs}.{leaf}", (*shape, 1, 1) if conv else shape
+        raise ValueError(f"no BFL name for {key}")
+
+    if section == "mid":
+        index, part = rest.split(".", 1)
+        name, shp = layer(part)
+        return f"{side}.mid.{('block_1', 'attn_1', 'block_2')[int(index)]}.{name}", shp
+    level, part = rest.split(".", 1)
+    if section == "up":
+        level = str(3 - int(level))
+    if part.startswith("layers."):
+        _, j, inner = part.split(".", 2)
+        name, shp = layer(inner)
+        return f"{side}.{section}.{level}.block.{j}.{name}", shp
+    return f"{side}.{section}.{level}.{part}", shape  # downsample / upsample: unchanged
+
+
+def _tt_flux_ae() -> ZooCase:
+    """Black Forest Labs' Flux autoencoder layout -> torchtune's ``flux_1_autoencoder`` (no source model)."""
+    from torchtune.models.flux import flux_1_autoencoder
+    from torchtune.models.flux._convert_weights import flux_ae_hf_to_tune
+
+    torch.manual_seed(0)
+    target = flux_1_autoencoder(resolution=32, ch_base=32, ch_mults=[1, 1, 2, 2], ch_z=4,
+                                n_layers_per_resample_block=1).eval()
+    source_sd = {}
+    for key, value in target.state_dict().items():
+        name, shape = _flux_bfl_key(key, tuple(value.shape))
+        source_sd[name] = torch.randn(shape)
+    return ZooCase(source_sd, target, lambda sd: flux_ae_hf_to_tune(dict(sd)), None)
+
+
 def _tt_clip_text() -> ZooCase:
     """A whole HF CLIP (text and vision towers, projections) -> torchtune's CLIP text encoder."""
     import transformers
@@ -589,6 +646,12 @@ def zoo_pairs() -> list[ZooPair]:
         ZooPair("tt_phi3_tune_to_hf", "torchtune", "torchtune phi3 (separate q/k/v, w1/w3)",
                 "HF Phi3ForCausalLM (fused qkv_proj, gate_up_proj)",
                 "torchtune.models.phi3._convert_weights.phi3_tune_to_hf (concatenations)", _tt_phi3_tune_to_hf, tt),
+        ZooPair("tt_flux_ae", "torchtune",
+                "Black Forest Labs Flux autoencoder (`down.I.block.J.norm1/conv1`, `mid.attn_1.q` 1x1 convs, "
+                "`up` numbered in reverse; layout built by inverting the converter)",
+                "torchtune flux_1_autoencoder (`layers.J.main.0/2/3/5`, `attn.q_proj` Linear, `end.0/2`)",
+                "torchtune.models.flux._convert_weights.flux_ae_hf_to_tune (squeezes 1x1 convs)", _tt_flux_ae,
+                ("torchtune",)),
     ]
     from benchmarks.accuracy.zoo_timm import timm_pairs
 

@@ -546,6 +546,61 @@ def _tt_flux_ae() -> ZooCase:
     return ZooCase(source_sd, target, lambda sd: flux_ae_hf_to_tune(dict(sd)), None)
 
 
+def _tt_llama3_2_vision() -> ZooCase:
+    """HF Mllama, in the on-disk layout its hub checkpoints have (``language_model.model.*``,
+    ``vision_model.*``, ``multi_modal_projector``: what transformers 5 writes back with
+    ``revert_weight_conversion``), -> torchtune's Llama 3.2 Vision (a ``DeepFusionModel``).
+
+    The converter interleaves: HF's separate cross-attention layers (1 and 4 of 6) become the
+    ``fusion_layer`` of torchtune's layers 1 and 3; it splits the embedding into the text
+    vocabulary and 8 learned ``fusion_embedding`` rows, permutes q / k for the rotary embedding,
+    and scatters the precomputed tile position embeddings (one row per aspect ratio) into a
+    [tiles, tiles, ...] grid with zeros where no ratio fits. No source model: the legacy names are
+    not the model's.
+    """
+    import transformers
+    from torchtune.models.llama3_2_vision._component_builders import (
+        llama3_2_vision_decoder,
+        llama3_2_vision_encoder,
+    )
+    from torchtune.models.llama3_2_vision._convert_weights import (
+        llama3_vision_hf_to_tune,
+    )
+    from torchtune.modules.model_fusion import DeepFusionModel
+    from transformers.core_model_loading import revert_weight_conversion
+
+    ratios = [[1, 1], [1, 2], [2, 1]]
+    cross = [1, 4]
+    text = {"vocab_size": _TT["vocab_size"], "hidden_size": _TT["embed_dim"], "intermediate_size": 48,
+            "num_hidden_layers": 6, "cross_attention_layers": cross, "num_attention_heads": _TT["num_heads"],
+            "num_key_value_heads": _TT["num_kv_heads"], "tie_word_embeddings": False, "pad_token_id": 0,
+            "bos_token_id": 1, "eos_token_id": 2}
+    vision = {"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 2, "num_global_layers": 1,
+              "num_attention_heads": 4, "image_size": 16, "patch_size": 8, "max_num_tiles": 2,
+              "intermediate_layers_indices": [0], "supported_aspect_ratios": ratios, "vision_output_dim": 64}
+    torch.manual_seed(0)
+    hf = transformers.MllamaForConditionalGeneration(transformers.MllamaConfig(text_config=text, vision_config=vision))
+    legacy = revert_weight_conversion(hf.eval(), dict(hf.state_dict()))
+    source_sd = {k: v.detach().clone().contiguous() for k, v in legacy.items()}
+    torch.manual_seed(0)
+    encoder = llama3_2_vision_encoder(patch_size=8, num_heads=4, clip_embed_dim=32, clip_num_layers=2,
+                                      clip_hidden_states=[0], num_layers_projection=1,
+                                      decoder_embed_dim=_TT["embed_dim"], tile_size=16, max_num_tiles=2)
+    decoder = llama3_2_vision_decoder(vocab_size=_TT["vocab_size"], num_layers=4, fusion_interval=2,
+                                      num_special_tokens=8, num_heads=_TT["num_heads"],
+                                      num_kv_heads=_TT["num_kv_heads"], embed_dim=_TT["embed_dim"], max_seq_len=64,
+                                      encoder_max_seq_len=10, intermediate_dim=48)
+    target = DeepFusionModel(decoder=decoder, encoder=encoder, decoder_trainable=True, encoder_trainable=True,
+                             fusion_trainable=True).eval()
+
+    def convert(sd):
+        return llama3_vision_hf_to_tune(dict(sd), vocab_size=_TT["vocab_size"], cross_attention_layers=cross,
+                                        encoder_dim=32, tile_size=16, num_tiles=2, supported_aspect_ratios=ratios,
+                                        **_HEADS)
+
+    return ZooCase(source_sd, target, convert, None)
+
+
 def _tt_clip_text() -> ZooCase:
     """A whole HF CLIP (text and vision towers, projections) -> torchtune's CLIP text encoder."""
     import transformers
@@ -646,6 +701,12 @@ def zoo_pairs() -> list[ZooPair]:
         ZooPair("tt_phi3_tune_to_hf", "torchtune", "torchtune phi3 (separate q/k/v, w1/w3)",
                 "HF Phi3ForCausalLM (fused qkv_proj, gate_up_proj)",
                 "torchtune.models.phi3._convert_weights.phi3_tune_to_hf (concatenations)", _tt_phi3_tune_to_hf, tt),
+        ZooPair("tt_llama3_2_vision_hf_to_tune", "torchtune",
+                "HF Mllama on-disk layout (`language_model.model.layers.N` with separate cross-attention layers, "
+                "`vision_model.*`, `multi_modal_projector`)",
+                "torchtune Llama 3.2 Vision (DeepFusionModel: `decoder.layers.N.fusion_layer`, `encoder.clip`...)",
+                "torchtune.models.llama3_2_vision._convert_weights.llama3_vision_hf_to_tune (layers interleaved, "
+                "embedding split, q/k permuted, tile position embeddings scattered)", _tt_llama3_2_vision, tt),
         ZooPair("tt_flux_ae", "torchtune",
                 "Black Forest Labs Flux autoencoder (`down.I.block.J.norm1/conv1`, `mid.attn_1.q` 1x1 convs, "
                 "`up` numbered in reverse; layout built by inverting the converter)",

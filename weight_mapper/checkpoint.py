@@ -92,6 +92,19 @@ _ITEMSIZES = {name: dtype.itemsize for name, dtype in _SAFETENSORS_DTYPES.items(
 _MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 _ALIASES_KEY = "weight_mapper.aliases"  # safetensors metadata: {"dropped name": "kept name"}
 _SAFETENSORS_SUFFIX = ".safetensors"
+
+
+def output_format(path: str | Path) -> str:
+    """What a converted checkpoint written at ``path`` is, by its name: the one rule saving follows.
+
+    No suffix: a sharded safetensors folder; ``.safetensors``: one safetensors file; any other
+    suffix (``.pt``, ``.bin``, ``.ckpt``): a torch file.
+
+    >>> output_format("out"), output_format("out.safetensors"), output_format("out.pt")
+    ('sharded-safetensors', 'safetensors', 'torch')
+    """
+    suffix = Path(path).suffix
+    return "sharded-safetensors" if suffix == "" else "safetensors" if suffix == _SAFETENSORS_SUFFIX else "torch"
 _TORCH_SHARD_SUFFIXES = (".bin", ".pt", ".pth")
 # Files Hugging Face / Lightning training folders hold next to the weights; never shards.
 _NOT_WEIGHT_FILES = re.compile(r"^(training_args\.bin|(optimizer|scheduler|scaler)\.pt|rng_state.*\.pth)$")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from weight_mapper.apply import ValidationReport
+from weight_mapper.checkpoint import output_format
 from weight_mapper.errors import ConversionError
 from weight_mapper.plan import MappingPlan
 from weight_mapper.renamer import WeightRenamer
@@ -27,13 +28,11 @@ if TYPE_CHECKING:
 
 __all__ = ["ConversionResult", "convert_checkpoint", "saved_format"]
 
-_SAFETENSORS_SUFFIX = ".safetensors"
 
 
 def saved_format(path: Path) -> str:
     """What :meth:`WeightRenamer.save` wrote at ``path``: ``"sharded-safetensors"``, ``"safetensors"`` or ``"torch"``."""
-    return ("sharded-safetensors" if path.is_dir() else
-            "safetensors" if path.suffix == _SAFETENSORS_SUFFIX else "torch")
+    return output_format(path)
 
 
 @dataclass(frozen=True)
@@ -136,7 +135,7 @@ def convert_checkpoint(
     if verification is not None and not verification.ok and strict:
         return result
     training = None
-    if not weights_only and output.suffix not in ("", _SAFETENSORS_SUFFIX) and has_training_state(renamer.envelope):
+    if not weights_only and output_format(output) == "torch" and has_training_state(renamer.envelope):
         # A torch file keeps the envelope: its optimizer state follows the plan, or is left out.
         training = renamer.convert_training_state(target_model, source_model=source_model)
     written = renamer.save(output, keep_envelope=True, progress=progress,

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from weight_mapper.apply import ConvertedTensors, ValidationReport, apply_plan, validate_state_dict
-from weight_mapper.checkpoint import (clean_stale_temporaries, load_checkpoint, save_checkpoint, temporary_path_for,
-                                     unwrap_state_dict)
+from weight_mapper.checkpoint import (clean_stale_temporaries, load_checkpoint, output_format, save_checkpoint,
+                                     temporary_path_for, unwrap_state_dict)
 from weight_mapper.errors import CheckpointError, ConversionError, PlanError
 from weight_mapper.plan import MappingPlan, PlanEntry
 from weight_mapper.training_state import (TrainingStateReport, drop_training_state, has_training_state,
@@ -187,7 +187,7 @@ class WeightRenamer:
             raise ConversionError(f"training_state={training_state!r}; expected 'convert' or 'drop'")
         if training_state == "drop":
             return drop_training_state(self.envelope)
-        if path.suffix == ".safetensors" or not has_training_state(self.envelope):
+        if output_format(path) != "torch" or not has_training_state(self.envelope):
             return self.envelope
         if self._training_envelope is None and self.renamed is None:  # tensors converted by the caller
             return refuse_training_state(self.envelope, "no plan was applied with rename_keys")[0]
@@ -236,7 +236,7 @@ class WeightRenamer:
         # Never the source, nor the plan being applied.
         protected = [*self.source_files, *([converted.plan.path] if converted.plan.path is not None else [])]
         source = self.tensors if progress is None else _CountedReads(self.tensors, converted.plan, progress)
-        if path.suffix == "":
+        if output_format(path) == "sharded-safetensors":
             return self._save_sharded(path, converted, source)
         tensors = apply_plan(converted.plan, source, source=self.source_name)
         if keep_envelope:  # a safetensors output warns that it cannot hold the envelope

@@ -7,7 +7,7 @@ concatenates the per-head q / k / v kernels into ``qkv``.
 
 Where the source model is installed (torchvision's RegNets, which timm's ``regnet._filter_fn``
 converts), its own state dict is the source. Otherwise the original models (Facebook's ConvNeXt, Microsoft's Swin, OpenAI's CLIP, Meta's DINOv2 and
-I-JEPA, the PVT-v2 and PoolFormer repositories) are not installed, so the source checkpoint is
+I-JEPA, the PVT-v2, PoolFormer, DaViT, EfficientFormer and EdgeNeXt repositories) are not installed, so the source checkpoint is
 built by *inverting* the filter: for each target key of the timm model, :data:`TIMM` names the
 source key (and, where the filter reshapes, the source shape) the original repository uses,
 plus the tensors the filter drops (``mask_token``, ``relative_position_index`` buffers, a CLIP

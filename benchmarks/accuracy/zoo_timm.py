@@ -7,7 +7,7 @@ concatenates the per-head q / k / v kernels into ``qkv``.
 
 Where the source model is installed (torchvision's RegNets, which timm's ``regnet._filter_fn``
 converts), its own state dict is the source. Otherwise the original models (Facebook's ConvNeXt, Microsoft's Swin, OpenAI's CLIP, Meta's DINOv2 and
-I-JEPA, the PVT-v2, PoolFormer, DaViT, EfficientFormer and EdgeNeXt repositories) are not installed, so the source checkpoint is
+I-JEPA, the PVT-v2, PoolFormer, DaViT, EfficientFormer, EdgeNeXt and MViTv2 repositories) are not installed, so the source checkpoint is
 built by *inverting* the filter: for each target key of the timm model, :data:`TIMM` names the
 source key (and, where the filter reshapes, the source shape) the original repository uses,
 plus the tensors the filter drops (``mask_token``, ``relative_position_index`` buffers, a CLIP
@@ -261,6 +261,23 @@ def _edgenext_invert(key: str, shape: tuple[int, ...]):
     return k, shape
 
 
+# --------------------------------------------------------------------------- MViTv2 (facebookresearch/mvit)
+_MVIT_DEPTHS = (1, 2, 5, 2)  # mvitv2_tiny
+
+
+def _mvitv2_invert(key: str, shape: tuple[int, ...]):
+    """One flat ``blocks.N`` across the stages; the attention-expanding shortcut is ``blocks.N.proj``."""
+    m = re.fullmatch(r"stages\.(\d+)\.blocks\.(\d+)\.(.*)", key)
+    if m:
+        index = sum(_MVIT_DEPTHS[:int(m.group(1))]) + int(m.group(2))
+        rest = "proj." + m.group(3)[len("shortcut_proj_attn."):] if m.group(3).startswith("shortcut_proj_attn.") \
+            else m.group(3)
+        return f"blocks.{index}.{rest}", shape
+    if key.startswith("head.fc."):
+        return "head.projection." + key[len("head.fc."):], shape
+    return key, shape
+
+
 _VIT = {"embed_dim": 48, "depth": 2, "num_heads": 3}
 
 TIMM: tuple[TimmSpec, ...] = (
@@ -306,6 +323,9 @@ TIMM: tuple[TimmSpec, ...] = (
              "timm.models.efficientformer:checkpoint_filter_fn", _efficientformer_invert),
     TimmSpec("timm_edgenext_orig", "mmaaz60/EdgeNeXt (`downsample_layers`, `dwconv`, `pwconv1/2`, `norm` -> `head.norm`)",
              "edgenext_xx_small", {}, "timm.models.edgenext:checkpoint_filter_fn", _edgenext_invert),
+    TimmSpec("timm_mvitv2_fb", "facebookresearch/mvit MViTv2 (flat `blocks.N` across stages, `proj` shortcut, "
+             "`head.projection`)", "mvitv2_tiny", {"img_size": 64},
+             "timm.models.mvitv2:checkpoint_filter_fn", _mvitv2_invert),
 )
 
 

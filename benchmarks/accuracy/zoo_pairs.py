@@ -478,6 +478,24 @@ def _tt_mistral() -> ZooCase:
     return ZooCase(dict(hf.state_dict()), target, lambda sd: hf_to_tune(dict(sd), **_HEADS), hf)
 
 
+def _tt_llama3_2() -> ZooCase:
+    """HF Llama 3.2 1B/3B-style checkpoint (tied embedding: no ``lm_head.weight`` on disk) -> torchtune llama3_2."""
+    import transformers
+    from torchtune.models.convert_weights import hf_to_tune
+    from torchtune.models.llama3_2._component_builders import llama3_2
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=_TT["vocab_size"], hidden_size=_TT["embed_dim"], intermediate_size=48,
+        num_hidden_layers=_TT["num_layers"], num_attention_heads=_TT["num_heads"],
+        num_key_value_heads=_TT["num_kv_heads"], tie_word_embeddings=True)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    torch.manual_seed(0)
+    target = llama3_2(intermediate_dim=48, tie_word_embeddings=True, **_TT).eval()
+    source_sd = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    return ZooCase(source_sd, target, lambda sd: hf_to_tune(dict(sd), **_HEADS), hf)
+
+
 def _tt_phi3_tune_to_hf() -> ZooCase:
     """torchtune phi3 (separate q / k / v, w1 / w3) -> HF Phi3 (fused ``qkv_proj``, ``gate_up_proj``): merges."""
     import transformers
@@ -702,6 +720,10 @@ def zoo_pairs() -> list[ZooPair]:
         ZooPair("tt_gemma_hf_to_tune", "torchtune", "HF GemmaForCausalLM (tied embedding, head_dim 16 != dim / heads)",
                 "torchtune gemma", "torchtune.models.convert_weights.hf_to_tune(head_dim=16) (q/k rotary permutation)",
                 _tt_gemma, tt),
+        ZooPair("tt_llama3_2_hf_to_tune", "torchtune",
+                "HF LlamaForCausalLM, Llama 3.2 1B/3B style (tied embedding: no lm_head.weight in the checkpoint)",
+                "torchtune llama3_2 (tied output)", "torchtune.models.convert_weights.hf_to_tune (q/k rotary permutation)",
+                _tt_llama3_2, tt),
         ZooPair("tt_mistral_hf_to_tune", "torchtune", "HF MistralForCausalLM", "torchtune mistral",
                 "torchtune.models.convert_weights.hf_to_tune (q/k rotary permutation)", _tt_mistral, tt),
         ZooPair("tt_phi3_tune_to_hf", "torchtune", "torchtune phi3 (separate q/k/v, w1/w3)",

@@ -51,6 +51,18 @@ def test_ordinal_rank_reads_bare_letters_and_reaches_one_level_down():
         assert rank[path] != rank[path]  # NaN
 
 
+def test_a_lone_word_of_a_two_word_family_ranks_by_itself():
+    names = ["visual.ln_pre.weight", "visual.ln_post.weight", "norm_pre.weight", "norm.weight",
+             "head.conv_a.weight", "head.conv.weight", "attn.out_proj.weight"]
+    tree = ModuleTree(TensorTable.from_state_dict({n: (1,) for n in names}))
+    rank = dict(zip(tree.paths, tree.ordinal_rank.tolist()))
+    assert rank["visual.ln_pre"] == 0.0 and rank["visual.ln_post"] == 1.0  # a series
+    assert rank["norm_pre"] == 0.0  # alone, "pre" still says first (CLIP's ln_pre -> timm's norm_pre)
+    assert rank["attn.out_proj"] == 1.0  # "in" / "out" are a pair too
+    for path in ("norm", "head.conv_a", "head.conv"):  # a lone "a" says nothing; no word, no rank
+        assert rank[path] != rank[path]
+
+
 def test_a_tables_tree_is_built_once():
     table, other = TensorTable.from_module(OldModel()), TensorTable.from_module(OldModel())
     tree = ModuleTree.of(table)

@@ -665,10 +665,11 @@ def _swap_partners(level: Level, edges: np.ndarray, margin: np.ndarray, total: n
     # pair's runner-up can be a third pair, while the swap that matters is with a fourth.
     bucket = np.searchsorted(level.offsets, edges, side="right") - 1
     by_bucket: dict[int, np.ndarray] = {}
-    for b in np.unique(bucket).tolist():
-        members = np.flatnonzero(bucket == b)
-        if 2 < len(members) <= _SWAP_BUCKET_MAX:
-            by_bucket[b] = members
+    order_b = np.argsort(bucket, kind="stable")
+    ids, starts, counts = np.unique(bucket[order_b], return_index=True, return_counts=True)
+    for b, start, count in zip(ids.tolist(), starts.tolist(), counts.tolist()):
+        if 2 < count <= _SWAP_BUCKET_MAX:
+            by_bucket[b] = order_b[start:start + count]
     doubtful = (margin < AMBIGUITY_MARGIN) | np.array([bool(f) for f in flags], dtype=bool)
     can_flag = ~pinned[edges]
     marked = np.zeros(len(edges), dtype=bool)

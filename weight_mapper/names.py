@@ -21,6 +21,7 @@ __all__ = [
     "ORDINALS",
     "VOCABULARY",
     "CONTESTED",
+    "POLAR_FAMILIES",
     "contested_rows",
     "component_ordinal",
     "repeat_key",
@@ -69,6 +70,12 @@ ORDINALS: dict[str, tuple[int, int]] = {
     for family, entry in enumerate(VOCABULARY["ordinals"], start=1)
     for rank, word in enumerate(entry["family"])
 }
+
+#: Ordinal families of exactly two words (``before``/``after``, ``pre``/``post``, ``in``/``out``):
+#: one of them says "first" or "last" without a sibling to compare with.
+POLAR_FAMILIES: frozenset[int] = frozenset(
+    family for family, entry in enumerate(VOCABULARY["ordinals"], start=1) if len(entry["family"]) == 2
+)
 
 _CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 _SPLIT = re.compile(r"[._\-/:\s]+")
@@ -240,12 +247,20 @@ def contested_rows(modules: Sequence[str]) -> set[int]:
     ...                        "l.1.post_attention_layernorm"]))
     [0]
     """
-    present = set(modules)
-    out = set()
+    out: set[int] = set()
+    ends = tuple(CONTESTED)
+    if not ends:
+        return out
+    present: set[str] | None = None
     for row, module in enumerate(modules):
+        if not module.endswith(ends):  # the common case, decided in C
+            continue
         parent, _, component = module.rpartition(".")
         beside = CONTESTED.get(component)
-        if beside and any((f"{parent}.{b}" if parent else b) in present for b in beside):
+        if not beside:
+            continue
+        present = set(modules) if present is None else present
+        if any((f"{parent}.{b}" if parent else b) in present for b in beside):
             out.add(row)
     return out
 

@@ -16,7 +16,7 @@ import networkx as nx
 import numpy as np
 
 from weight_mapper.errors import MappingError
-from weight_mapper.names import ORDINALS, component_ordinal, natural_key, repeat_key
+from weight_mapper.names import ORDINALS, POLAR_FAMILIES, component_ordinal, natural_key, repeat_key
 from weight_mapper.table import TensorTable
 
 __all__ = ["ModuleTree", "GroupTable", "ROOT"]
@@ -150,9 +150,14 @@ class ModuleTree:
                     found = ("", *ORDINALS[last.lower()])
                 if found is not None:
                     series.setdefault(found[:2], []).append((found[2], child))
-            for members in series.values():
+            for (_, family), members in series.items():
                 values = sorted({v for v, _ in members})
                 if len(values) < 2:
+                    # A lone word of a two-word family says where it stands by itself: ``norm_pre``
+                    # beside a plain ``norm`` is the first (CLIP's ``ln_pre`` / ``ln_post``).
+                    if family in POLAR_FAMILIES:
+                        for v, child in members:
+                            own[self.path2id[child]] = float(v)
                     continue
                 for v, child in members:
                     own[self.path2id[child]] = values.index(v) / (len(values) - 1)

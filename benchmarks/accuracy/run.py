@@ -12,6 +12,7 @@ import datetime as _dt
 import json
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,19 +36,21 @@ __all__ = ["main", "run_pair", "STRATEGIES"]
 
 # label -> (weight_mapper strategy or None for the positional baseline, what the mapper is given:
 # "module" both models, "dummy" both models and dummy_input, "state_dict" the source's state
-# dict and the target model, as `weight-mapper map CHECKPOINT FACTORY` does)
+# dict and the target model, as `weight-mapper map CHECKPOINT FACTORY` does, "sorted" the
+# source saved as a safetensors file (its header lists the keys sorted) and the target model)
 STRATEGIES: dict[str, tuple[str | None, str]] = {
     "positional": (None, "module"),
     "greedy": ("greedy", "module"),
     "best_match": ("best_match", "module"),
     "best_match+dummy": ("best_match", "dummy"),
     "best_match+sd": ("best_match", "state_dict"),
+    "best_match+sorted": ("best_match", "sorted"),
     # not run by default; pick them with --strategies
     "shape_only": ("shape_only", "module"),
     "conservative": ("conservative", "module"),
     "greedy+dummy": ("greedy", "dummy"),
 }
-DEFAULT_STRATEGIES = ("positional", "greedy", "best_match", "best_match+dummy", "best_match+sd")
+DEFAULT_STRATEGIES = ("positional", "greedy", "best_match", "best_match+dummy", "best_match+sd", "best_match+sorted")
 DEFAULT_JSON = REPO_ROOT / "benchmarks" / "results" / "accuracy.json"
 README = REPO_ROOT / "benchmarks" / "README.md"
 _BEGIN, _END = "<!-- accuracy-table:begin -->", "<!-- accuracy-table:end -->"
@@ -124,10 +127,17 @@ def run_pair(pair: Pair, strategies: Sequence[str], *, seed: int = 0) -> dict[st
     }
 
     mappers: dict[str, Any] = {}
+    tmp = tempfile.TemporaryDirectory(prefix="accuracy_")
     for given in sorted({STRATEGIES[s][1] for s in strategies if STRATEGIES[s][0] is not None}):
         start = time.perf_counter()
         if given == "state_dict":
             mapper = WeightMapper(src_sd, tgt)
+        elif given == "sorted":
+            from safetensors.torch import save_file
+
+            path = Path(tmp.name) / "source.safetensors"
+            save_file({k: v.detach().clone().contiguous() for k, v in sorted(src_sd.items())}, str(path))
+            mapper = WeightMapper.from_checkpoint(path, tgt)
         else:
             mapper = WeightMapper(src, tgt, dummy_input=x if given == "dummy" else None)
         mappers[given] = (mapper, time.perf_counter() - start)
@@ -147,6 +157,7 @@ def run_pair(pair: Pair, strategies: Sequence[str], *, seed: int = 0) -> dict[st
         tgt.load_state_dict(fresh)
         verified = _verify(plan, mapper, src, tgt, x)
         tgt.load_state_dict(fresh)
+        flagged = {e.target: e.flagged for e in plan.entries}
         record["results"].append({
             "strategy": label,
             "precision": score.precision, "recall": score.recall, "f1": score.f1,
@@ -158,7 +169,10 @@ def run_pair(pair: Pair, strategies: Sequence[str], *, seed: int = 0) -> dict[st
             "wrong": [{"target": t, "predicted": [list(ps), pt], "truth": None if ws is None else [list(ws), wt]}
                       for t, ps, pt, ws, wt in score.wrong],
             "missed": [{"target": t, "truth": [list(ws), wt]} for t, ws, wt in score.missed],
+            # wrong entries that carry no flag (not ambiguous, no review flag): what a user would trust
+            "unflagged_wrong": sum(not flagged.get(t, True) for t, *_ in score.wrong),
         })
+    tmp.cleanup()
     record["total_s"] = time.perf_counter() - t0
     return record
 
@@ -210,15 +224,16 @@ def proof_table(pairs: Sequence[dict]) -> str:
 
 def results_table(pairs: Sequence[dict]) -> str:
     lines = [
-        "| pair | strategy | precision | recall | F1 | wrong | target filled | max abs diff | outputs match "
-        "| verify() | inverse exact | setup s | suggest s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pair | strategy | precision | recall | F1 | wrong | unflagged wrong | target filled | max abs diff "
+        "| outputs match | verify() | inverse exact | setup s | suggest s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in pairs:
         for r in p.get("results", ()):
             lines.append(
                 f"| {p['name']} | {r['strategy']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} "
-                f"| {r['n_predicted'] - r['n_correct']} | {r['filled']:.1%} | {_fmt_diff(r['max_abs_diff'])} "
+                f"| {r['n_predicted'] - r['n_correct']} | {r.get('unflagged_wrong', '-')} | {r['filled']:.1%} "
+                f"| {_fmt_diff(r['max_abs_diff'])} "
                 f"| {'yes' if r['functional_ok'] else 'no'} | {_fmt_verify(r['verify'])} | {_fmt_inverse(r['inverse'])} "
                 f"| {r['setup_s']:.2f} | {r['suggest_s']:.2f} |"
             )
@@ -288,7 +303,10 @@ def render(report: dict) -> str:
         proof_table(report["pairs"]),
         "",
         "Strategies (precision/recall/F1 over the ground-truth entries, an entry correct only if its target, its source"
-        " keys in order and its transform all agree; `wrong` = predicted entries that differ from the truth;"
+        " keys in order and its transform all agree; `wrong` = predicted entries that differ from the truth,"
+        " `unflagged wrong` = those of them the plan does not flag for review (the positional baseline flags nothing);"
+        " `+sd` = from the source's state dict, `+sorted` = from the source saved as a safetensors file, whose"
+        " header lists the keys sorted;"
         " `max abs diff` = outputs of the source vs a fresh target loaded with `apply_plan(plan, source_state_dict)`,"
         " `strict=False`; `verify()` = `mapper.verify(source, target, x)` passes; `inverse exact` ="
         " `apply_plan(plan.inverse(), apply_plan(plan, sd))` gives back every source tensor exactly):",

@@ -186,3 +186,49 @@ def test_head_counts_look_past_a_holder_without_the_key_value_count():
 
     assert _head_counts(Decoder()) == (4, 2)
     assert _head_counts(NoKv()) == (4, None)  # then kv_heads_from_shapes decides, or the entries are flagged
+
+
+def _hf_tied():
+    config = transformers.LlamaConfig(
+        vocab_size=_VOCAB, hidden_size=_DIM, intermediate_size=_HIDDEN, num_hidden_layers=_LAYERS,
+        num_attention_heads=_HEADS, num_key_value_heads=_KV_HEADS, max_position_embeddings=64,
+        rms_norm_eps=1e-6, tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_a_tied_hf_checkpoint_without_lm_head_still_reads_as_hugging_face(tmp_path):
+    """Llama 3.2 / Gemma checkpoints tie the head to the embedding and save no lm_head.weight, so
+    every key starts with "model.", which the matcher strips as a wrapper; the rotary rule must
+    still read the names as Hugging Face's (the zoo's tt_gemma_hf_to_tune, tt_llama3_2_hf_to_tune)."""
+    from weight_mapper.matching import match
+    from weight_mapper.table import TensorTable
+
+    hf = _hf_tied()
+    sd = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    assert all(k.startswith("model.") for k in sd)
+    # both sides as checkpoints (names and shapes): the names alone must tell the two layouts
+    plan = match(TensorTable.from_state_dict(sd), TensorTable.from_state_dict(_tune().state_dict()))
+    assert plan.source_prefix == "model."
+    qk_rows = [i for i, e in enumerate(plan.entries) if e.target.endswith(("q_proj.weight", "k_proj.weight"))]
+    # read as two layouts (half-split -> interleaved): with no module to count the heads, flagged,
+    # where before the stripped "model." hid the source's layout and the copies went unflagged
+    flagged, notes = apply_conventions(plan)
+    assert len(qk_rows) == 2 * _LAYERS and all(ROTARY_FLAG in flagged.entries[i].flags for i in qk_rows), notes
+    assert "head counts are unknown" in notes[0]
+
+
+def test_a_tied_checkpoint_saved_under_one_name_accepts_its_model(tmp_path):
+    """safetensors keeps one name of a tied group; source_model= must not refuse the file for the other."""
+    from safetensors.torch import save_model
+
+    hf = _hf_tied()
+    path = tmp_path / "model.safetensors"
+    save_model(hf, str(path))
+    mapper = WeightMapper.from_checkpoint(path, _tune(), source_model=hf)  # refused before: "missing"
+    mapper.suggest_mapping()
+    plan = mapper.get_plan()
+    assert set(plan.unmatched_target) <= {"output.weight"}  # untied in the target: one tensor fills one
+    qk = [e for e in plan.entries if e.target.endswith(("q_proj.weight", "k_proj.weight"))]
+    # the source's code is Hugging Face's (half-split); the reference decoder's is not one we know
+    assert len(qk) == 2 * _LAYERS and all(ROTARY_FLAG in e.flags for e in qk)
+

@@ -411,3 +411,39 @@ def test_sorted_regnet_keeps_f_a_and_f_c_apart():
     assert not [k for k in wrong if ".f." in k], wrong
     # what no name shows (proj vs f.a) is at least flagged
     assert all(e.flagged for e in plan.entries if e.source[0] in wrong)
+
+
+def test_a_sorted_sequential_keeps_its_numeric_order():
+    """A sorted header has no definition order, but ``block.0.1`` / ``block.1.1`` (two norms of one
+    shape, an MBConv's) still say which comes first: their names differ only in digits."""
+    src, tgt = {}, {}
+    for b in range(2):
+        p, q = f"features.{b}.block.", f"blocks.{b}."
+        src[p + "0.0.weight"], tgt[q + "conv_pw.weight"] = (24, 8, 1, 1), (24, 8, 1, 1)
+        src[p + "1.0.weight"], tgt[q + "conv_dw.weight"] = (24, 1, 3, 3), (24, 1, 3, 3)
+        for leaf in ("weight", "bias"):
+            src[p + f"0.1.{leaf}"], tgt[q + f"bn1.{leaf}"] = (24,), (24,)
+            src[p + f"1.1.{leaf}"], tgt[q + f"bn2.{leaf}"] = (24,), (24,)
+    table = TensorTable.from_state_dict({k: torch.empty(src[k], device="meta") for k in sorted(src)})
+    assert not table.ordered
+    mapper = WeightMapper(table, _Meta(tgt))
+    mapper.suggest_mapping()
+    filled = {e.target: e.source[0] for e in mapper.get_plan().entries}
+    for b in range(2):
+        assert filled[f"blocks.{b}.bn1.weight"] == f"features.{b}.block.0.1.weight"
+        assert filled[f"blocks.{b}.bn2.weight"] == f"features.{b}.block.1.1.weight"
+
+
+class _Meta(nn.Module):
+    """A module holding the given {name: shape} as meta parameters, in the given order."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        for name, shape in shapes.items():
+            owner = self
+            *path, leaf = name.split(".")
+            for part in path:
+                if not hasattr(owner, part):
+                    owner.add_module(part, nn.Module())
+                owner = getattr(owner, part)
+            owner.register_parameter(leaf, nn.Parameter(torch.empty(shape, device="meta")))

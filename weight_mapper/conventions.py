@@ -238,8 +238,10 @@ def apply_conventions(
     candidates = convention_candidates(plan)
     if not candidates:
         return plan, []
-    src_names = [n[len(plan.source_prefix):] if n.startswith(plan.source_prefix) else n
-                 for e in plan.entries for n in e.source] + list(plan.unmatched_source)
+    # The source's own names, wrapper prefix included: the name rules allow any prefix, and the
+    # prefix the matcher stripped can be part of the format's names (a tied Hugging Face
+    # checkpoint has no lm_head.weight, so every key starts with "model.", read as a wrapper).
+    src_names = [n for e in plan.entries for n in e.source] + list(plan.unmatched_source)
     tgt_names = [e.target for e in plan.entries] + list(plan.unmatched_target)
     entries = list(plan.entries)
     notes: list[str] = []

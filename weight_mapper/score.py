@@ -11,6 +11,7 @@ here loops over source x target pairs in Python.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -23,7 +24,7 @@ from rapidfuzz.distance import LCSseq, Levenshtein
 from scipy import sparse
 
 from weight_mapper.errors import MappingError
-from weight_mapper.names import contested_rows, pad_indices, semantic_chunks
+from weight_mapper.names import contested_rows, natural_key, pad_indices, semantic_chunks
 from weight_mapper.table import TensorTable
 from weight_mapper.transforms import (  # noqa: F401  (re-exported)
     FLATTEN_SCORE,
@@ -116,6 +117,9 @@ class Items:
             (:attr:`~weight_mapper.tree.ModuleTree.repeat_ranks`).
         order_rank, exec_rank: Rank by definition / execution order within the candidate's
             bucket, in [0, 1] (set by :meth:`with_ranks`; NaN until then or when unknown).
+        digit_rank: On a side without definition order (a sorted header), the rank its digits
+            give within a bucket whose names differ only in digits (NaN elsewhere); None on a
+            side with definition order.
         ordinal: The owning module's rank in its series of ordinal siblings (``conv_a``..``c``,
             ``norm1``/``norm2``), in [0, 1]; NaN outside a series
             (:attr:`~weight_mapper.tree.ModuleTree.ordinal_rank`).
@@ -142,6 +146,7 @@ class Items:
     positions: tuple[tuple[int, ...], ...] = ()
     order_rank: np.ndarray | None = None
     exec_rank: np.ndarray | None = None
+    digit_rank: np.ndarray | None = None
     ordinal: np.ndarray | None = None
     path_indices: tuple[tuple[int, ...], ...] = ()
 
@@ -165,9 +170,32 @@ class Items:
         exec_rank = rank_within(bucket_of, np.nan_to_num(self.exec_pos, nan=0.0))
         exec_rank[np.isnan(self.exec_pos)] = np.nan
         order_rank = rank_within(bucket_of, self.order.astype(float))
+        digit_rank = self._numeric_ranks(bucket_of) if len(self) and np.isnan(self.global_pos).all() else None
         if unbalanced is not None:
             order_rank[unbalanced] = np.nan
-        return replace(self, order_rank=order_rank, exec_rank=exec_rank)
+            if digit_rank is not None:
+                digit_rank[unbalanced] = np.nan
+        return replace(self, order_rank=order_rank, exec_rank=exec_rank, digit_rank=digit_rank)
+
+    def _numeric_ranks(self, bucket_of: np.ndarray) -> np.ndarray:
+        """Ranks a side without definition order (a sorted header) still has: within a bucket whose
+        names differ only in their digits (``block.0.1`` / ``block.1.1``), numeric order is
+        definition order (a Sequential, a ModuleList); elsewhere NaN."""
+        out = np.full(len(self), np.nan)
+        # Names equal once their digit runs are blanked (not the skeletons: those drop ordinal
+        # words too, and ``ln_post`` sorts before ``ln_pre``).
+        blanked, _ = _ids([_DIGIT_RUNS.sub("#", label) for label in self.labels])
+        pairs = np.unique(np.stack([bucket_of, blanked], 1), axis=0)
+        buckets, n_skeletons = np.unique(pairs[:, 0], return_counts=True)
+        one_skeleton = np.isin(bucket_of, buckets[n_skeletons == 1]) & (bucket_of >= 0)
+        if not one_skeleton.any():
+            return out
+        rows = np.flatnonzero(one_skeleton)
+        by_name = sorted(rows.tolist(), key=lambda r: natural_key(self.labels[r]))
+        position = np.empty(len(self))
+        position[by_name] = np.arange(len(by_name))
+        out[rows] = rank_within(bucket_of[rows], position[rows])
+        return out
 
     # Derived columns for vectorised scoring, computed once per side.
     @cached_property
@@ -282,6 +310,9 @@ def _with_leaf_index(module_indices: tuple[int, ...], name: str) -> tuple[int, .
     """A tensor's numeric path components: its module's, and its leaf's if that is a number."""
     leaf = name.rpartition(".")[2]
     return (*module_indices, int(leaf)) if leaf.isdecimal() else module_indices
+
+
+_DIGIT_RUNS = re.compile(r"\d+")
 
 
 def _ids(values: Sequence[Any]) -> tuple[np.ndarray, list[Any]]:
@@ -559,10 +590,18 @@ def sibling_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray) -> np.
 def order_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray) -> np.ndarray | None:
     """Closeness of relative definition order: rank within the bucket and place in the model.
 
-    None when either side's order is unknown (a safetensors file keeps no definition order).
+    A side whose order is unknown (a safetensors file keeps no definition order) still has the
+    ranks its digits give (:meth:`Items.with_ranks`): where both candidates have one, the rank
+    decides alone; elsewhere NaN (the hierarchy is then scored without order for that pair, as
+    for a side with no rank at all, which gives None).
     """
     if not _known(src.global_pos, tgt.global_pos):
-        return None
+        s_rank = src.digit_rank if src.digit_rank is not None else src.order_rank
+        t_rank = tgt.digit_rank if tgt.digit_rank is not None else tgt.order_rank
+        if not len(si) or (src.digit_rank is None and tgt.digit_rank is None):
+            return None
+        rank = _closeness(s_rank[si], t_rank[ti])
+        return None if np.isnan(rank).all() else rank
     place = _closeness(src.global_pos[si], tgt.global_pos[ti])
     rank = _closeness(src.order_rank[si], tgt.order_rank[ti])
     # A rank is only comparable between buckets of equal size (see Items.with_ranks).
@@ -694,7 +733,7 @@ def mean_of_known(scores: Mapping[str, np.ndarray], shares: Mapping[str, float],
 
 
 def share_weighted_sum(scores: Mapping[str, np.ndarray], shares: Mapping[str, float], n: int) -> np.ndarray:
-    """The sub-scores weighted by their shares, rescaled to sum to 1 (every edge has every sub-score).
+    """The sub-scores weighted by their shares, rescaled to sum to 1 (per edge, over the sub-scores it has).
 
     Not :func:`mean_of_known` with no NaN: the two round differently, and each component keeps
     the arithmetic its scores were tuned with.
@@ -702,6 +741,15 @@ def share_weighted_sum(scores: Mapping[str, np.ndarray], shares: Mapping[str, fl
     >>> share_weighted_sum({"a": np.array([1.0]), "b": np.array([0.0])}, {"a": 0.3, "b": 0.1}, 1).round(3).tolist()
     [0.75]
     """
+    if any(np.isnan(scores[key]).any() for key in shares):
+        # An edge without one of them (a sorted side's order where its digits give no rank) is
+        # scored on the others, rescaled, as if that sub-score did not exist for it.
+        out, weight = np.zeros(n), np.zeros(n)
+        for key, w in shares.items():
+            known = ~np.isnan(scores[key])
+            out = out + np.where(known, w * np.nan_to_num(scores[key]), 0.0)
+            weight = weight + np.where(known, w, 0.0)
+        return out / np.maximum(weight, 1e-12)
     out, total = np.zeros(n), sum(shares.values())
     for key, w in shares.items():
         out = out + w / total * scores[key]  # 0 + x is x: the same floats as a plain sum

@@ -107,7 +107,9 @@ class TensorTable:
         tensor's module type (GPT-2's ``Conv1D`` stores weights transposed), parameter or
         buffer, definition order (a safetensors header is sorted by name), and with
         ``exec_order`` the data-flow positions. Rows are put in the model's order. A wrapper
-        prefix on the table's names (``module.``) is allowed. Meta-device models work.
+        prefix on the table's names (``module.``) is allowed, and a tied weight saved under one
+        of its names only (``lm_head.weight`` beside ``model.embed_tokens.weight``). Meta-device
+        models work.
 
         Raises:
             MappingError: If the table does not hold exactly the model's tensors and shapes.
@@ -121,10 +123,17 @@ class TensorTable:
 
         model = TensorTable.from_module(module)
         prefix = detect_wrapper_prefix(self.names)
-        if set(self.names) == set(model.names):
+        if set(self.names) <= set(model.names):  # a file of a model whose names all start alike
             prefix = ""
         local = [n[len(prefix):] for n in self.names]
-        missing = [n for n in model.names if n not in set(local)]
+        present = set(local)
+        # A tied weight is saved once (safetensors keeps one name of the group): any name of its
+        # group in the file stands for all of them.
+        group: dict[int, list[str]] = {}
+        for r, n in enumerate(model.names):
+            group.setdefault(r if model.alias_of[r] == _CANONICAL else int(model.alias_of[r]), []).append(n)
+        held = {n for names in group.values() if present.intersection(names) for n in names}
+        missing = [n for n in model.names if n not in held]
         unexpected = [self.names[r] for r, n in enumerate(local) if n not in model.name2row]
         conflicts = [f"{self.names[r]} {list(self.shapes[r])} vs {list(model.shapes[model.name2row[n]])}"
                      for r, n in enumerate(local) if n in model.name2row and model.shapes[model.name2row[n]] != self.shapes[r]]

@@ -7,7 +7,7 @@ concatenates the per-head q / k / v kernels into ``qkv``.
 
 Where the source model is installed (torchvision's RegNets, which timm's ``regnet._filter_fn``
 converts), its own state dict is the source. Otherwise the original models (Facebook's ConvNeXt, Microsoft's Swin, OpenAI's CLIP, Meta's DINOv2 and
-I-JEPA, the PVT-v2 and PoolFormer repositories) are not installed, so the source checkpoint is
+I-JEPA, the PVT-v2, PoolFormer, DaViT, EfficientFormer, EdgeNeXt and MViTv2 repositories) are not installed, so the source checkpoint is
 built by *inverting* the filter: for each target key of the timm model, :data:`TIMM` names the
 source key (and, where the filter reshapes, the source shape) the original repository uses,
 plus the tensors the filter drops (``mask_token``, ``relative_position_index`` buffers, a CLIP
@@ -204,6 +204,80 @@ def _dinov2_extra(model) -> dict[str, torch.Tensor]:
     return {"mask_token": torch.zeros(1, model.embed_dim)}
 
 
+# --------------------------------------------------------------------------- DaViT (dingmyu/davit, Microsoft)
+def _davit_invert(key: str, shape: tuple[int, ...]):
+    k = key
+    m = re.fullmatch(r"stem\.(conv|norm)\.(.*)", k)
+    if m:
+        return f"patch_embeds.0.{'proj' if m.group(1) == 'conv' else 'norm'}.{m.group(2)}", shape
+    m = re.fullmatch(r"stages\.(\d+)\.downsample\.(conv|norm)\.(.*)", k)
+    if m:
+        return f"patch_embeds.{m.group(1)}.{'proj' if m.group(2) == 'conv' else 'norm'}.{m.group(3)}", shape
+    k = re.sub(r"^stages\.(\d+)\.blocks\.", r"main_blocks.\1.", k)
+    k = k.replace(".cpe1.", ".cpe.0.").replace(".cpe2.", ".cpe.1.")
+    if k.startswith("head.fc."):
+        return "head." + k[len("head.fc."):], shape
+    if k.startswith("head.norm."):
+        return "norms." + k[len("head.norm."):], shape
+    return k, shape
+
+
+# --------------------------------------------------------------------------- EfficientFormer (snap-research)
+def _efficientformer_invert(key: str, shape: tuple[int, ...]):
+    """Flat ``network.N`` (stage blocks and downsamplings interleaved), ``patch_embed.0/1/3/4`` stem."""
+    k = key
+    m = re.fullmatch(r"stem\.(conv|norm)(\d)\.(.*)", k)
+    if m:
+        index = {("conv", "1"): 0, ("norm", "1"): 1, ("conv", "2"): 3, ("norm", "2"): 4}[(m.group(1), m.group(2))]
+        return f"patch_embed.{index}.{m.group(3)}", shape
+    m = re.fullmatch(r"stages\.(\d+)\.downsample\.(conv|norm)\.(.*)", k)
+    if m:
+        return f"network.{2 * int(m.group(1)) - 1}.{'proj' if m.group(2) == 'conv' else 'norm'}.{m.group(3)}", shape
+    m = re.fullmatch(r"stages\.(\d+)\.blocks\.(\d+)\.(.*)", k)
+    if m:
+        rest = re.sub(r"^ls(\d)\.gamma$", r"layer_scale_\1", m.group(3))
+        return f"network.{2 * int(m.group(1))}.{m.group(2)}.{rest}", shape
+    if k.startswith("head_dist."):
+        return "dist_head." + k[len("head_dist."):], shape
+    return k, shape
+
+
+# --------------------------------------------------------------------------- EdgeNeXt (mmaaz60/EdgeNeXt)
+def _edgenext_invert(key: str, shape: tuple[int, ...]):
+    k = key
+    if k.startswith("stem."):
+        return "downsample_layers.0." + k[len("stem."):], shape
+    m = re.fullmatch(r"stages\.(\d+)\.downsample\.(.*)", k)
+    if m:
+        return f"downsample_layers.{m.group(1)}.{m.group(2)}", shape
+    m = re.fullmatch(r"stages\.(\d+)\.blocks\.(\d+)\.(.*)", k)
+    if m:
+        rest = m.group(3).replace("conv_dw", "dwconv").replace("mlp.fc", "pwconv")
+        return f"stages.{m.group(1)}.{m.group(2)}.{rest}", shape
+    if k.startswith("head.fc."):
+        return "head." + k[len("head.fc."):], shape
+    if k.startswith("head.norm."):
+        return "norm." + k[len("head.norm."):], shape
+    return k, shape
+
+
+# --------------------------------------------------------------------------- MViTv2 (facebookresearch/mvit)
+_MVIT_DEPTHS = (1, 2, 5, 2)  # mvitv2_tiny
+
+
+def _mvitv2_invert(key: str, shape: tuple[int, ...]):
+    """One flat ``blocks.N`` across the stages; the attention-expanding shortcut is ``blocks.N.proj``."""
+    m = re.fullmatch(r"stages\.(\d+)\.blocks\.(\d+)\.(.*)", key)
+    if m:
+        index = sum(_MVIT_DEPTHS[:int(m.group(1))]) + int(m.group(2))
+        rest = "proj." + m.group(3)[len("shortcut_proj_attn."):] if m.group(3).startswith("shortcut_proj_attn.") \
+            else m.group(3)
+        return f"blocks.{index}.{rest}", shape
+    if key.startswith("head.fc."):
+        return "head.projection." + key[len("head.fc."):], shape
+    return key, shape
+
+
 _VIT = {"embed_dim": 48, "depth": 2, "num_heads": 3}
 
 TIMM: tuple[TimmSpec, ...] = (
@@ -239,6 +313,19 @@ TIMM: tuple[TimmSpec, ...] = (
              "vit_huge_patch14_gap_224", dict(_VIT, img_size=56),
              "timm.models.vision_transformer:checkpoint_filter_fn", lambda k, s: ("module." + k, s),
              wrap=lambda sd: {"encoder": sd}),
+    # added after the matcher was tuned (not tuned on)
+    TimmSpec("timm_davit_ms", "dingmyu/davit (`patch_embeds.S.proj/norm`, `main_blocks.S.B.N`, `cpe.0/1`, `norms`)",
+             "davit_tiny", {"embed_dims": (16, 32, 64, 128), "num_heads": (1, 2, 4, 8), "depths": (1, 1, 2, 1)},
+             "timm.models.davit:checkpoint_filter_fn", _davit_invert),
+    TimmSpec("timm_efficientformer_snap", "snap-research/EfficientFormer (flat `network.N`, `patch_embed.0/1/3/4`, "
+             "`layer_scale_1/2`, `dist_head`)", "efficientformer_l1",
+             {"depths": (1, 1, 2, 2), "embed_dims": (16, 32, 48, 64), "num_vit": 1},
+             "timm.models.efficientformer:checkpoint_filter_fn", _efficientformer_invert),
+    TimmSpec("timm_edgenext_orig", "mmaaz60/EdgeNeXt (`downsample_layers`, `dwconv`, `pwconv1/2`, `norm` -> `head.norm`)",
+             "edgenext_xx_small", {}, "timm.models.edgenext:checkpoint_filter_fn", _edgenext_invert),
+    TimmSpec("timm_mvitv2_fb", "facebookresearch/mvit MViTv2 (flat `blocks.N` across stages, `proj` shortcut, "
+             "`head.projection`)", "mvitv2_tiny", {"img_size": 64},
+             "timm.models.mvitv2:checkpoint_filter_fn", _mvitv2_invert),
 )
 
 

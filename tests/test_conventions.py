@@ -232,3 +232,18 @@ def test_a_tied_checkpoint_saved_under_one_name_accepts_its_model(tmp_path):
     # the source's code is Hugging Face's (half-split); the reference decoder's is not one we know
     assert len(qk) == 2 * _LAYERS and all(ROTARY_FLAG in e.flags for e in qk)
 
+
+
+@pytest.mark.parametrize(("cls", "where", "kind"), [
+    ("RotaryPositionalEmbeddings", "torchtune.modules.position_embeddings", "interleaved"),
+    ("Llama3ScaledRoPE", "torchtune.models.llama3_1._position_embeddings", "interleaved"),
+    ("Qwen2RotaryPositionalEmbeddings", "torchtune.models.qwen2._positional_embeddings", "half"),
+    ("Phi3RotaryPositionalEmbeddings", "torchtune.models.phi3._position_embeddings", "half"),
+    ("Llama3ScaledRoPE", "somewhere_else", "unknown"),  # a look-alike outside torchtune is not trusted
+])
+def test_torchtune_rotary_modules_say_their_layout(cls, where, kind):
+    rope = type(cls, (torch.nn.Module,), {"__module__": where})
+    model = torch.nn.Module()
+    model.rope = rope()
+    names = ["tok_embeddings.weight", "layers.0.attn.q_proj.weight"]
+    assert rotary_layout(names, model).kind == kind

@@ -659,7 +659,7 @@ def _solve_level(
 
 
 def _swap_partners(level: Level, edges: np.ndarray, margin: np.ndarray, total: np.ndarray, allowed: np.ndarray,
-                   pinned: np.ndarray, flags: np.ndarray) -> np.ndarray:
+                   pinned: np.ndarray | None, flags: np.ndarray) -> np.ndarray:
     """``flags`` with ``swap_partner`` added to the chosen pairs a doubtful pair could be swapped with.
 
     Wrong matches come in swaps: two norms exchanged, or a cycle of three. When a chosen pair
@@ -708,9 +708,9 @@ def _swap_partners(level: Level, edges: np.ndarray, margin: np.ndarray, total: n
         if 2 < count <= _SWAP_BUCKET_MAX:
             by_bucket[b] = order_b[start:start + count]
     doubtful = (margin < AMBIGUITY_MARGIN) | np.array([bool(f) for f in flags], dtype=bool)
-    can_flag = ~pinned[edges]
+    can_flag = ~pinned[edges] if pinned is not None else np.ones(len(edges), dtype=bool)
     marked = np.zeros(len(edges), dtype=bool)
-    frontier = np.flatnonzero(doubtful)
+    frontier: np.ndarray = np.flatnonzero(doubtful)
     chosen_score = total[edges]
     while len(frontier):
         ks, ps = [np.repeat(frontier, 2)], [partners[frontier].ravel()]
@@ -728,8 +728,8 @@ def _swap_partners(level: Level, edges: np.ndarray, margin: np.ndarray, total: n
         marked[hit] = True
         frontier = hit
     out = flags.copy()
-    for k in np.flatnonzero(marked):
-        out[k] = (*flags[k], "swap_partner")
+    for row in np.flatnonzero(marked).tolist():
+        out[row] = (*flags[row], "swap_partner")
     return out
 
 

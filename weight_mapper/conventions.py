@@ -15,7 +15,8 @@ forward pass can tell (then ``verify(..., repair=True)`` settles it).
 | side's evidence | layout |
 |---|---|
 | a ``transformers`` model of a Llama-family ``config.model_type`` (rotary module ``rotary_emb``) | half-split |
-| a module of type ``RotaryPositionalEmbeddings`` from ``torchtune`` | interleaved |
+| a module of type ``RotaryPositionalEmbeddings`` or ``Llama3ScaledRoPE`` from ``torchtune`` | interleaved |
+| a module of type ``Qwen2RotaryPositionalEmbeddings`` or ``Phi3RotaryPositionalEmbeddings`` from ``torchtune`` | half-split |
 | a complex ``freqs_cis`` attribute (Meta's reference ``Transformer``) | interleaved |
 | checkpoint names ``model.layers.N.self_attn.q_proj`` + ``model.embed_tokens`` (no model) | half-split |
 | checkpoint names ``layers.N.attention.wq`` + ``tok_embeddings`` (Meta reference) | interleaved |
@@ -55,6 +56,16 @@ _NAME_RULES: tuple[tuple[str, re.Pattern, re.Pattern, str], ...] = (
     ("half", re.compile(r"(?:^|\.)model\.layers\.\d+\.self_attn\.q_proj\.weight$"), re.compile(r"(?:^|\.)embed_tokens\."),
      "Hugging Face Llama-family names (model.layers.N.self_attn.q_proj, model.embed_tokens)"),
 )
+# torchtune's rotary modules by class name -> the q/k row layout their forward rotates
+# (torchtune 0.6.1: modules/position_embeddings.py and models/llama3_1/_position_embeddings.py
+# pair adjacent features, ``x.reshape(..., -1, 2)``; the Phi-3 and Qwen2 classes rotate halves as
+# Hugging Face does, "not numerically equivalent to the RoPE Embedding module").
+_TORCHTUNE_ROTARY: dict[str, str] = {
+    "RotaryPositionalEmbeddings": "interleaved",
+    "Llama3ScaledRoPE": "interleaved",
+    "Phi3RotaryPositionalEmbeddings": "half",
+    "Qwen2RotaryPositionalEmbeddings": "half",
+}
 _HEAD_ATTRS = ("num_attention_heads", "n_heads", "num_heads", "n_local_heads", "n_head")
 _KV_HEAD_ATTRS = ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "n_local_kv_heads")
 
@@ -116,8 +127,9 @@ def rotary_layout(names: Iterable[str], module: nn.Module | None = None) -> Layo
             return Layout("half", f"transformers {type(module).__name__} (model_type {model_type!r}, rotate_half)",
                           n_heads, n_kv)
         for _, sub in module.named_modules():
-            if type(sub).__name__ == "RotaryPositionalEmbeddings" and type(sub).__module__.startswith("torchtune"):
-                return Layout("interleaved", "torchtune RotaryPositionalEmbeddings", n_heads, n_kv)
+            known = _TORCHTUNE_ROTARY.get(type(sub).__name__)
+            if known is not None and type(sub).__module__.startswith("torchtune"):
+                return Layout(known, f"torchtune {type(sub).__name__}", n_heads, n_kv)
             freqs = getattr(sub, "freqs_cis", None)
             if getattr(freqs, "is_complex", lambda: False)():
                 return Layout("interleaved", f"complex freqs_cis of {type(sub).__name__} (Meta reference rotary)",

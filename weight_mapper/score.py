@@ -598,7 +598,7 @@ def order_score(src: Items, tgt: Items, si: np.ndarray, ti: np.ndarray) -> np.nd
     if not _known(src.global_pos, tgt.global_pos):
         s_rank = src.digit_rank if src.digit_rank is not None else src.order_rank
         t_rank = tgt.digit_rank if tgt.digit_rank is not None else tgt.order_rank
-        if not len(si) or (src.digit_rank is None and tgt.digit_rank is None):
+        if not len(si) or s_rank is None or t_rank is None or (src.digit_rank is None and tgt.digit_rank is None):
             return None
         rank = _closeness(s_rank[si], t_rank[ti])
         return None if np.isnan(rank).all() else rank

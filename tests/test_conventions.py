@@ -247,3 +247,32 @@ def test_torchtune_rotary_modules_say_their_layout(cls, where, kind):
     model.rope = rope()
     names = ["tok_embeddings.weight", "layers.0.attn.q_proj.weight"]
     assert rotary_layout(names, model).kind == kind
+
+
+def test_attention_without_rotary_keeps_its_q_and_k_as_they_are():
+    """torchtune's MultiHeadAttention(pos_embeddings=None) (cross-attention, CLIP's vision layers)
+    rotates nothing: of Llama 3.2 Vision's q / k only the self-attention ones are permuted."""
+    tt = "torchtune.modules.attention"
+    rope_cls = type("RotaryPositionalEmbeddings", (torch.nn.Module,), {"__module__": "torchtune.modules.position_embeddings"})
+    attn_cls = type("MultiHeadAttention", (torch.nn.Module,), {"__module__": tt})
+
+    def attention(rope):
+        a = attn_cls()
+        a.pos_embeddings = rope
+        a.num_heads, a.num_kv_heads = 2, 2
+        a.q_proj, a.k_proj = torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 8, bias=False)
+        return a
+
+    target = torch.nn.Module()
+    target.tok_embeddings = torch.nn.Embedding(4, 8)
+    target.layers = torch.nn.ModuleList([torch.nn.Module(), torch.nn.Module()])
+    target.layers[0].attn = attention(rope_cls())
+    target.layers[1].attn = attention(None)  # a cross-attention layer
+    entries = tuple(PlanEntry((f"model.layers.{i}.self_attn.{r}_proj.weight",), f"layers.{i}.attn.{r}_proj.weight",
+                              None, 1.0, 1.0, "tensor", (8, 8), (8, 8)) for i in (0, 1) for r in "qk")
+    plan = MappingPlan(entries, unmatched_source=("model.embed_tokens.weight",))
+    converted, _ = apply_conventions(plan, target_module=target)
+    by_target = {e.target: e.transform for e in converted.entries}
+    assert by_target["layers.0.attn.q_proj.weight"] == by_target["layers.0.attn.k_proj.weight"] == "rotary_interleave"
+    assert by_target["layers.1.attn.q_proj.weight"] is None and by_target["layers.1.attn.k_proj.weight"] is None
+    assert not any(e.flags for e in converted.entries)

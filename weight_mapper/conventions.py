@@ -22,6 +22,9 @@ forward pass can tell (then ``verify(..., repair=True)`` settles it).
 | checkpoint names ``layers.N.attention.wq`` + ``tok_embeddings`` (Meta reference) | interleaved |
 | checkpoint names ``layers.N.attn.q_proj`` + ``tok_embeddings`` (torchtune, no model) | interleaved |
 | any of these names on a model whose code is none of the above | unknown: flag |
+
+q / k under a torchtune attention module with ``pos_embeddings=None`` (no rotary) are never
+candidates.
 """
 
 from __future__ import annotations
@@ -192,6 +195,23 @@ def convention_candidates(plan: MappingPlan) -> list[int]:
     return out
 
 
+def _attention_of(name: str) -> str:
+    """The module a q / k projection's tensor belongs under (``layers.0.attn`` for
+    ``layers.0.attn.q_proj.weight``)."""
+    return name.rsplit(".", 2)[0] if name.count(".") >= 2 else ""
+
+
+def _no_rotary(module: nn.Module | None, prefix: str) -> set[str]:
+    """Attention modules that rotate nothing: torchtune's ``MultiHeadAttention`` built with
+    ``pos_embeddings=None`` (cross-attention, CLIP's vision layers). Their q / k are copied as
+    they are whatever the model's other attention does (Llama 3.2 Vision's fusion layers)."""
+    if module is None:
+        return set()
+    return {prefix + path for path, sub in module.named_modules()
+            if type(sub).__module__.startswith("torchtune") and hasattr(sub, "pos_embeddings")
+            and sub.pos_embeddings is None}
+
+
 def rotary_entry(entry: PlanEntry, transform: str | None, n_heads: int | None, n_kv_heads: int | None) -> PlanEntry:
     """``entry`` with the rotary reordering ``transform`` (None: a plain copy) for its q or k rows."""
     if transform is None:
@@ -247,7 +267,10 @@ def apply_conventions(
         ``"convention:<name>"`` (when one side may follow it but nothing confirms it); the
         notes say what was done and why. A ``conservative`` plan withholds flagged entries.
     """
-    candidates = convention_candidates(plan)
+    without = _no_rotary(source_module, plan.source_prefix) | _no_rotary(target_module, "")
+    candidates = [i for i in convention_candidates(plan)
+                  if not ({_attention_of(n) for n in plan.entries[i].source} | {_attention_of(plan.entries[i].target)})
+                  & without]
     if not candidates:
         return plan, []
     # The source's own names, wrapper prefix included: the name rules allow any prefix, and the

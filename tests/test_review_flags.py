@@ -176,3 +176,14 @@ def test_without_the_contested_entry_the_vocabulary_swaps_the_norms(monkeypatch)
     plan = WeightMapper(_Decoder(_GemmaLayer), _Decoder(_TuneLayer)).suggest_mapping().plan
     filled = {e.target: e.source[0] for e in plan.entries}
     assert filled["layers.0.mlp_norm.scale"] == "layers.0.post_attention_layernorm.weight"
+
+
+def test_names_that_differ_only_by_spelling_noise_leave_the_decision_to_order():
+    """Position-free block names (``oak``, ``ash``) against numbered ones: the name scores differ by
+    a few thousandths of edit distance, which is no evidence; the match is order's and says so."""
+    shape = (4, 4)
+    src = TensorTable.from_state_dict({f"layers.{i}.fc.weight": torch.empty(shape, device="meta") for i in range(3)})
+    tgt = TensorTable.from_state_dict({f"blocks.{n}.proj.weight": torch.empty(shape, device="meta")
+                                       for n in ("oak", "ash", "fir")})
+    plan = match(src, tgt)
+    assert len(plan.entries) == 3 and all("order_only" in e.flags for e in plan.entries)

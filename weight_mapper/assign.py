@@ -52,6 +52,9 @@ _UNMATCHED = -1
 MAX_ROUNDS = 10  # bound on hierarchy-context rounds
 _TIE_EPS = 1e-7  # breaks exact ties by relative order, never outweighs a real difference
 _NAME_DISAGREES = 0.05  # an alternative whose name score is this much better flags the match
+# An alternative whose name score is within this of the chosen one's (or better) leaves the
+# names undecided: spelling noise between position-free names (``oak`` / ``ash``) is no evidence.
+_NAME_TIE = 0.02
 #: A match that a doubtful match could be exchanged with, losing less than this of their summed
 #: score, is itself doubtful (:func:`_swap_partners`).
 SWAP_PARTNER_MARGIN = 0.05
@@ -763,7 +766,7 @@ def _edge_flags(level: Level, edges: np.ndarray, allowed: np.ndarray, pinned: np
     alt = np.maximum(row_alt, col_alt)
     free = ~pinned[edges]
     flow = "exec" in level.scores and not np.isnan(level.scores["exec"][edges]).any()
-    order_only = free & (np.abs(alt - chosen) <= 1e-9) & (not flow)
+    order_only = free & (alt >= chosen - _NAME_TIE) & (not flow)
     if level.by_order is not None:  # the order alignment decided it (names said nothing)
         order_only |= free & level.by_order[edges]
     # An alternative that went to a pair whose name fits at least as well explains itself.

@@ -250,7 +250,7 @@ MAPPING_AMBIGUOUS = """\
 Matches, riskiest first
 source                 target                 score  margin  transform  level  shape    review
 ────────────────────────────────────────────────────────────────────────────────────────────────────
-layers.0.in_norm.weig  layers.0.sa_norm.weig  0.932  -0.016  exact      GROUP  [8]      ⚠
+layers.0.in_norm.weig  layers.0.sa_norm.weig  0.932  -0.016  exact      GROUP  [8]      ⚠ order_only
 ht                     ht
 layers.0.post_norm.we  layers.0.mlp_norm.wei  0.948   0.000  exact      GROUP  [8]      ⚠ order_only
 ight                   ght
@@ -284,7 +284,7 @@ score: green > 0.8, yellow 0.6-0.8, red < 0.6; margin: score minus the runner-up
 Withheld as ambiguous (not in the plan), riskiest first
 source                  target                  score  margin  transform  level  shape  review
 ────────────────────────────────────────────────────────────────────────────────────────────────────
-layers.0.in_norm.weigh  layers.0.sa_norm.weigh  0.932  -0.016  exact      GROUP  [8]    ⚠
+layers.0.in_norm.weigh  layers.0.sa_norm.weigh  0.932  -0.016  exact      GROUP  [8]    ⚠ order_only
 t                       t
 layers.0.post_norm.wei  layers.0.mlp_norm.weig  0.948   0.000  exact      GROUP  [8]    ⚠ order_only
 ght                     ht

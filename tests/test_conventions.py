@@ -20,11 +20,11 @@ def _seed():
     torch.manual_seed(0)
 
 
-def _hf():
+def _hf(tied=False):
     config = transformers.LlamaConfig(
         vocab_size=_VOCAB, hidden_size=_DIM, intermediate_size=_HIDDEN, num_hidden_layers=_LAYERS,
         num_attention_heads=_HEADS, num_key_value_heads=_KV_HEADS, max_position_embeddings=64,
-        rms_norm_eps=1e-6, tie_word_embeddings=False)
+        rms_norm_eps=1e-6, tie_word_embeddings=tied)
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -188,14 +188,6 @@ def test_head_counts_look_past_a_holder_without_the_key_value_count():
     assert _head_counts(NoKv()) == (4, None)  # then kv_heads_from_shapes decides, or the entries are flagged
 
 
-def _hf_tied():
-    config = transformers.LlamaConfig(
-        vocab_size=_VOCAB, hidden_size=_DIM, intermediate_size=_HIDDEN, num_hidden_layers=_LAYERS,
-        num_attention_heads=_HEADS, num_key_value_heads=_KV_HEADS, max_position_embeddings=64,
-        rms_norm_eps=1e-6, tie_word_embeddings=True)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
 def test_a_tied_hf_checkpoint_without_lm_head_still_reads_as_hugging_face(tmp_path):
     """Llama 3.2 / Gemma checkpoints tie the head to the embedding and save no lm_head.weight, so
     every key starts with "model.", which the matcher strips as a wrapper; the rotary rule must
@@ -203,7 +195,7 @@ def test_a_tied_hf_checkpoint_without_lm_head_still_reads_as_hugging_face(tmp_pa
     from weight_mapper.matching import match
     from weight_mapper.table import TensorTable
 
-    hf = _hf_tied()
+    hf = _hf(tied=True)
     sd = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
     assert all(k.startswith("model.") for k in sd)
     # both sides as checkpoints (names and shapes): the names alone must tell the two layouts
@@ -221,7 +213,7 @@ def test_a_tied_checkpoint_saved_under_one_name_accepts_its_model(tmp_path):
     """safetensors keeps one name of a tied group; source_model= must not refuse the file for the other."""
     from safetensors.torch import save_model
 
-    hf = _hf_tied()
+    hf = _hf(tied=True)
     path = tmp_path / "model.safetensors"
     save_model(hf, str(path))
     mapper = WeightMapper.from_checkpoint(path, _tune(), source_model=hf)  # refused before: "missing"

@@ -696,10 +696,9 @@ def _swap_partners(level: Level, edges: np.ndarray, margin: np.ndarray, total: n
     def crossed(a: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Score of ``a -> y`` where admissible, else -inf."""
         want = a * n_tgt + y
-        at = np.minimum(np.searchsorted(sorted_keys, want), len(sorted_keys) - 1)
-        e = order[at] if len(order) else np.zeros(len(want), np.int64)
-        ok = (len(order) > 0) & (sorted_keys[at] == want) if len(order) else np.zeros(len(want), bool)
-        return np.where(ok & allowed[e], total[e], -np.inf)
+        at = np.minimum(np.searchsorted(sorted_keys, want), len(sorted_keys) - 1)  # edges exist: chosen ones
+        e = order[at]
+        return np.where((sorted_keys[at] == want) & allowed[e], total[e], -np.inf)
 
     # Every other chosen pair of the same (small) bucket is a possible partner too: a doubtful
     # pair's runner-up can be a third pair, while the swap that matters is with a fourth.

@@ -22,7 +22,7 @@ This runs on the tables and one assignment only: no tensor data.
 from __future__ import annotations
 
 import functools
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,12 +96,9 @@ def tower_exclusions(src: TensorTable, tgt: TensorTable, assigned_src: np.ndarra
         return None
     towers = source_towers(src.names)
     needed = Counter(_shape_key(tgt.shapes[r]) for r in canon_t)
-    by_tower: dict[str, Counter] = {}
+    by_tower: defaultdict[str, Counter] = defaultdict(Counter)
     for r in canon_s.tolist():
-        counts = by_tower.get(towers[r])
-        if counts is None:  # one Counter per tower, not one per row
-            counts = by_tower[towers[r]] = Counter()
-        counts[_shape_key(src.shapes[r])] += 1
+        by_tower[towers[r]][_shape_key(src.shapes[r])] += 1
     size = sum(needed.values())
     cover = {t: sum((c & needed).values()) for t, c in by_tower.items() if t.endswith(".")}
     suppliers = [t for t, n in cover.items() if n >= SUPPLY_SHARE * size]
@@ -115,6 +112,6 @@ def tower_exclusions(src: TensorTable, tgt: TensorTable, assigned_src: np.ndarra
     best, second = ranked[0], ranked[1]
     if key[best] == key[second]:
         return None
-    excluded = tuple(t for t in ranked[1:])
+    excluded = tuple(ranked[1:])
     rows = np.array([r for r in canon_s.tolist() if towers[r] in excluded], dtype=np.int64)
     return TowerChoice(best, excluded, {t: drawn[t] for t in ranked}, rows)

@@ -361,17 +361,23 @@ def _tt_qwen2() -> ZooCase:
     return ZooCase(dict(hf.state_dict()), target, lambda sd: qwen2_hf_to_tune(dict(sd), **_HEADS), hf)
 
 
-def _tt_phi3() -> ZooCase:
+def _hf_phi3() -> nn.Module:
+    """A small HF Phi3ForCausalLM of the torchtune pairs' sizes (fused ``qkv_proj``, ``gate_up_proj``)."""
     import transformers
-    from torchtune.models.phi3 import phi3
-    from torchtune.models.phi3._convert_weights import phi3_hf_to_tune
 
     cfg = transformers.Phi3Config(
         vocab_size=_TT["vocab_size"], hidden_size=_TT["embed_dim"], intermediate_size=48,
         num_hidden_layers=_TT["num_layers"], num_attention_heads=_TT["num_heads"],
         num_key_value_heads=_TT["num_kv_heads"], tie_word_embeddings=False, pad_token_id=0)
     torch.manual_seed(0)
-    hf = transformers.Phi3ForCausalLM(cfg).eval()
+    return transformers.Phi3ForCausalLM(cfg).eval()
+
+
+def _tt_phi3() -> ZooCase:
+    from torchtune.models.phi3 import phi3
+    from torchtune.models.phi3._convert_weights import phi3_hf_to_tune
+
+    hf = _hf_phi3()
     torch.manual_seed(0)
     target = phi3(intermediate_dim=48, **_TT).eval()
     return ZooCase(dict(hf.state_dict()), target, lambda sd: phi3_hf_to_tune(dict(sd), **_HEADS), hf)
@@ -498,16 +504,10 @@ def _tt_llama3_2() -> ZooCase:
 
 def _tt_phi3_tune_to_hf() -> ZooCase:
     """torchtune phi3 (separate q / k / v, w1 / w3) -> HF Phi3 (fused ``qkv_proj``, ``gate_up_proj``): merges."""
-    import transformers
     from torchtune.models.phi3 import phi3
     from torchtune.models.phi3._convert_weights import phi3_tune_to_hf
 
-    cfg = transformers.Phi3Config(
-        vocab_size=_TT["vocab_size"], hidden_size=_TT["embed_dim"], intermediate_size=48,
-        num_hidden_layers=_TT["num_layers"], num_attention_heads=_TT["num_heads"],
-        num_key_value_heads=_TT["num_kv_heads"], tie_word_embeddings=False, pad_token_id=0)
-    torch.manual_seed(0)
-    hf = transformers.Phi3ForCausalLM(cfg).eval()
+    hf = _hf_phi3()
     torch.manual_seed(0)
     tune = phi3(intermediate_dim=48, **_TT).eval()
     return ZooCase(dict(tune.state_dict()), hf, lambda sd: phi3_tune_to_hf(dict(sd)), tune)
